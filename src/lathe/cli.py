@@ -1,0 +1,85 @@
+"""`lathe <command>`: train, demo, keys.
+
+A user's mistake (a `LatheError`) prints one line and exits with code 2; `--debug`
+or LATHE_DEBUG=1 shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lathe",
+        description="Fine-tune language models end to end from one YAML file.",
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="<command>")
+
+    t = sub.add_parser("train", help="train from a YAML/JSON config (key=value overrides win)")
+    t.add_argument("config", help="path to a YAML or JSON config (e.g. examples/sft_lora.yaml)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    d = sub.add_parser("demo", help="build the tiny demo model and teach it who it is")
+    d.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    sub.add_parser("keys", help="list every config key with its default and meaning")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("LATHE_DEBUG", "0") not in ("0", "")
+    if args.command is None:
+        _parser().print_help()
+        return EXIT_USER_ERROR
+    from lathe.errors import LatheError
+
+    try:
+        if args.command == "train":
+            from lathe.api import train
+
+            train(args.config, args.overrides)
+        elif args.command == "demo":
+            from lathe.demo.run import run_demo
+
+            run_demo(args.output_dir)
+        elif args.command == "keys":
+            print_keys()
+        return 0
+    except LatheError as e:
+        if debug:
+            raise
+        print(str(e), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+
+
+def print_keys() -> None:
+    import dataclasses
+
+    from lathe.config.schema import SECTIONS
+
+    for section, cls in SECTIONS.items():
+        print(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            help_text = textwrap.shorten(f.metadata.get("help", ""), 90)
+            print(f"  {f.name:<28} {str(default):<12} {help_text}")
+    print("Any other transformers.TrainingArguments field is passed through as is.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

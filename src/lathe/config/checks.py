@@ -1,0 +1,178 @@
+"""Cross-field rules, each a small named function registered in order.
+
+A check receives the whole config and raises `ConfigError` with one line that says
+what conflicts and how to fix it. Checks that need the model or the data live with
+the model or data code; these need only the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from lathe.config.schema import STAGES, FinetuneConfig, LatheConfig
+from lathe.errors import ConfigError, did_you_mean
+
+Check = Callable[[LatheConfig], None]
+CHECKS: list[tuple[str, Check]] = []
+
+
+def check(fn: Check) -> Check:
+    CHECKS.append((fn.__name__, fn))
+    return fn
+
+
+def run_checks(cfg: LatheConfig) -> None:
+    for _name, fn in CHECKS:
+        fn(cfg)
+
+
+def _changed(section: object, prefix: str) -> list[str]:
+    """Fields starting with `prefix` whose value differs from the default."""
+    out = []
+    for f in dataclasses.fields(section):
+        if not f.name.startswith(prefix):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if getattr(section, f.name) != default:
+            out.append(f.name)
+    return out
+
+
+def _verb(keys: list[str]) -> str:
+    return "applies" if len(keys) == 1 else "apply"
+
+
+@check
+def stage_is_known(cfg: LatheConfig) -> None:
+    stage = cfg.finetune.stage
+    if stage not in STAGES:
+        raise ConfigError(
+            f"stage: {stage} is not a known stage{did_you_mean(stage, STAGES)}; "
+            f"known: {', '.join(STAGES)}"
+        )
+
+
+@check
+def lora_keys_need_lora(cfg: LatheConfig) -> None:
+    ft: FinetuneConfig = cfg.finetune
+    if ft.finetuning_type != "lora":
+        keys = _changed(ft, "lora_")
+        if keys:
+            raise ConfigError(
+                f"{', '.join(keys)} {_verb(keys)} only to finetuning_type: lora, but finetuning_type is "
+                f"{ft.finetuning_type}; remove them or set finetuning_type: lora"
+            )
+        if cfg.model.adapter_name_or_path:
+            raise ConfigError(
+                "adapter_name_or_path needs finetuning_type: lora (to train on an exported "
+                "model, point model_name_or_path at the export instead)"
+            )
+
+
+@check
+def freeze_keys_need_freeze(cfg: LatheConfig) -> None:
+    ft = cfg.finetune
+    if ft.finetuning_type != "freeze":
+        keys = _changed(ft, "freeze_")
+        if keys:
+            raise ConfigError(
+                f"{', '.join(keys)} {_verb(keys)} only to finetuning_type: freeze, but finetuning_type "
+                f"is {ft.finetuning_type}; remove them or set finetuning_type: freeze"
+            )
+    elif ft.freeze_trainable_layers == 0:
+        raise ConfigError(
+            "freeze_trainable_layers: 0 trains nothing; use N > 0 for the last N blocks "
+            "or -N for the first N"
+        )
+
+
+@check
+def lora_values_in_range(cfg: LatheConfig) -> None:
+    ft = cfg.finetune
+    if ft.lora_rank < 1:
+        raise ConfigError(f"lora_rank={ft.lora_rank} must be at least 1")
+    if not 0.0 <= ft.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout={ft.lora_dropout} must be in [0, 1)")
+    if not ft.lora_target:
+        raise ConfigError("lora_target is empty; use `all` or module names such as q_proj,v_proj")
+
+
+@check
+def model_is_given(cfg: LatheConfig) -> None:
+    if not cfg.model.model_name_or_path:
+        raise ConfigError(
+            "model_name_or_path is missing; give a local folder, a hub id such as "
+            "Qwen/Qwen2.5-0.5B-Instruct, or lathe:demo for the embedded tiny model"
+        )
+
+
+@check
+def dataset_is_given(cfg: LatheConfig) -> None:
+    if cfg.train.do_train and not cfg.data.dataset:
+        raise ConfigError("dataset is missing; name one or more entries of dataset_info.json")
+
+
+@check
+def output_dir_is_given(cfg: LatheConfig) -> None:
+    if not cfg.train.output_dir:
+        raise ConfigError("output_dir is missing; say where the run directory goes, e.g. runs/my-sft")
+
+
+@check
+def one_mixed_precision(cfg: LatheConfig) -> None:
+    if cfg.train.bf16 and cfg.train.fp16:
+        raise ConfigError("bf16 and fp16 are both true; choose one")
+
+
+@check
+def sizes_are_positive(cfg: LatheConfig) -> None:
+    t, d = cfg.train, cfg.data
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "save_steps"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"{key}={getattr(t, key)} must be at least 1")
+    if d.cutoff_len < 2:
+        raise ConfigError(f"cutoff_len={d.cutoff_len} must be at least 2")
+    if d.max_samples is not None and d.max_samples < 1:
+        raise ConfigError(f"max_samples={d.max_samples} must be at least 1 (or null for all)")
+    if t.learning_rate <= 0:
+        raise ConfigError(f"learning_rate={t.learning_rate} must be positive")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        raise ConfigError("num_train_epochs must be positive (or set max_steps)")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+
+
+@check
+def val_size_is_fraction_or_count(cfg: LatheConfig) -> None:
+    v = cfg.data.val_size
+    if v < 0 or (1.0 <= v and not float(v).is_integer()):
+        raise ConfigError(
+            f"val_size={v} must be a fraction in (0, 1) or a whole number of rows (>= 1)"
+        )
+
+
+@check
+def resume_or_overwrite(cfg: LatheConfig) -> None:
+    if cfg.train.resume_from_checkpoint and cfg.train.overwrite_output_dir:
+        raise ConfigError(
+            "resume_from_checkpoint and overwrite_output_dir ask for opposite things "
+            "(continue the run vs. replace it); keep one"
+        )
+
+
+@check
+def something_to_do(cfg: LatheConfig) -> None:
+    if not cfg.train.do_train and not cfg.train.do_eval:
+        raise ConfigError("do_train and do_eval are both false; nothing to do")
+
+
+@check
+def eval_needs_a_split(cfg: LatheConfig) -> None:
+    t = cfg.train
+    if (t.do_eval or t.eval_strategy not in (None, "no")) and cfg.data.val_size == 0:
+        raise ConfigError(
+            "evaluation is asked for (do_eval / eval_strategy) but val_size is 0; "
+            "set val_size, e.g. val_size: 0.1"
+        )

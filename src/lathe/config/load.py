@@ -1,0 +1,202 @@
+"""Load a config: defaults < YAML/JSON file < `key=value` overrides, then validate.
+
+Unknown keys are errors that name the closest valid key. Keys that are not Lathe's
+own but are fields of `transformers.TrainingArguments` are passed through; only then
+is transformers imported (it takes seconds), so common mistakes are reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lathe.config.checks import run_checks
+from lathe.config.coerce import coerce
+from lathe.config.schema import SECTIONS, LatheConfig
+from lathe.errors import ConfigError, did_you_mean
+
+# key -> (section name, declared type); schema uses postponed annotations, so resolve them.
+_FIELDS: dict[str, tuple[str, Any]] = {
+    f.name: (section, typing.get_type_hints(cls)[f.name])
+    for section, cls in SECTIONS.items()
+    for f in dataclasses.fields(cls)
+    if f.name != "extra"
+}
+
+# Keys that older transformers / LLaMA-Factory versions used, with what to write now.
+RENAMED = {
+    "evaluation_strategy": "eval_strategy (renamed in transformers 5)",
+    "no_cuda": "use_cpu (renamed in transformers 5)",
+    "max_seq_length": "cutoff_len",
+    "max_length": "cutoff_len",
+    "lora_rank_": "lora_rank",
+    "logging_dir": "report_to: tensorboard (logs go to output_dir/runs)",
+    "save_safetensors": "nothing: weights are always saved as safetensors",
+}
+
+# Keys other tools use for the same thing.
+ALIASES = {"per_device_batch_size": "per_device_train_batch_size", "lora_r": "lora_rank"}
+
+
+def known_keys() -> list[str]:
+    return sorted(_FIELDS)
+
+
+def load_config(
+    source: str | os.PathLike | Mapping[str, Any] | None = None,
+    overrides: Iterable[str] | Mapping[str, Any] | None = None,
+) -> LatheConfig:
+    """Build a validated `LatheConfig` from a file path or a dict plus overrides."""
+    path: str | None = None
+    if source is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        path = str(source)
+        raw = read_config_file(path)
+    raw.update(parse_overrides(overrides))
+    return build_config(raw, source=path)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        hint = " (it is a folder; pass the config.yaml inside it)" if p.is_dir() else ""
+        raise ConfigError(f"config file {path} does not exist{hint}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "could not be parsed"
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of key: value lines")
+    return data
+
+
+def parse_overrides(overrides: Iterable[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """`["lr=1e-4", "bf16=true"]` -> {"lr": "1e-4", "bf16": True}; dicts pass through."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"command-line override {item!r} must look like key=value")
+        key = key.strip().lstrip("-").replace("-", "_")
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+def build_config(raw: Mapping[str, Any], source: str | None = None) -> LatheConfig:
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    extra: dict[str, Any] = {}
+    passthrough: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r} must be a string")
+        key = ALIASES.get(key, key)
+        if key in _FIELDS:
+            section, tp = _FIELDS[key]
+            sections[section][key] = coerce(key, value, tp)
+        else:
+            passthrough[key] = value
+    if passthrough:
+        extra = _check_passthrough(passthrough)
+    sections["train"]["extra"] = extra
+    built = {name: cls(**sections[name]) for name, cls in SECTIONS.items()}
+    explicit = frozenset(ALIASES.get(k, k) for k in raw)
+    cfg = LatheConfig(**built, explicit=explicit, source=source)
+    run_checks(cfg)
+    return cfg
+
+
+def _check_passthrough(values: dict[str, Any]) -> dict[str, Any]:
+    """Validate keys that are not Lathe's own against TrainingArguments' fields."""
+    ta_fields = training_arguments_fields()
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in RENAMED:
+            raise ConfigError(f"{key} is not a known key; write {RENAMED[key]}")
+        if key not in ta_fields:
+            candidates = list(_FIELDS) + list(ta_fields)
+            raise ConfigError(
+                f"{key} is not a known key{did_you_mean(key, candidates)}; "
+                "see `lathe keys` for the keys Lathe accepts"
+            )
+        if key in _NOT_PASSED:
+            raise ConfigError(f"{key} is set by Lathe itself and cannot be given: {_NOT_PASSED[key]}")
+        out[key] = coerce(key, value, ta_fields[key])
+    return out
+
+
+_NOT_PASSED = {
+    "local_rank": "launch with torchrun or accelerate instead",
+    "do_predict": "prediction is not part of this stage yet",
+}
+
+
+def training_arguments_fields() -> dict[str, Any]:
+    from transformers import TrainingArguments  # slow import: only when needed
+
+    return {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def to_flat_dict(cfg: LatheConfig) -> dict[str, Any]:
+    """The resolved config as the flat mapping users write (saved as config.yaml)."""
+    flat: dict[str, Any] = {}
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if f.name == "extra":
+                flat.update({k: _plain(v) for k, v in value.items()})
+            else:
+                flat[f.name] = _plain(value)
+    return flat
+
+
+def _plain(value: Any) -> Any:
+    """Make enum members and tuples YAML-friendly."""
+    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def save_config(cfg: LatheConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    header = "# Resolved Lathe config: `lathe train <this file>` repeats the run.\n"
+    tmp.write_text(header + yaml.safe_dump(to_flat_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def replace(cfg: LatheConfig, **changes: Any) -> LatheConfig:
+    """A copy of `cfg` with flat keys changed (validated like any other input)."""
+    flat = {k: v for k, v in to_flat_dict(cfg).items()}
+    flat.update(changes)
+    new = build_config(flat, source=cfg.source)
+    return dataclasses.replace(new, explicit=cfg.explicit | frozenset(changes))
+

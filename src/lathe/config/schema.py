@@ -1,0 +1,131 @@
+"""The typed config tree.
+
+Users write one flat YAML file with the key names they know from LLaMA-Factory and
+`transformers.TrainingArguments`; each key belongs to exactly one section below.
+Keys that are not Lathe's own but are `TrainingArguments` fields land in
+`TrainConfig.extra` and are passed through unchanged (typed against transformers'
+own field types when the config is loaded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def _f(default: Any, help: str) -> Any:
+    """A field with a help text (used by `lathe train --help-keys` and the README)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_name_or_path: str | None = _f(
+        None, "Local folder or hub id of the base model; `lathe:demo` is the embedded tiny model."
+    )
+    adapter_name_or_path: list[str] | None = _f(
+        None, "Adapter folder(s) to load on top of the base model (comma-separated)."
+    )
+    trust_remote_code: bool = _f(False, "Allow code shipped with a hub model to run.")
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
+        "auto", "Weight dtype: auto picks float32 on CPU, bfloat16/float16 for LoRA on GPU."
+    )
+    cache_dir: str | None = _f(None, "Where hub downloads are cached.")
+    model_revision: str = _f("main", "Hub revision (branch, tag or commit) of the model.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: list[str] | None = _f(None, "Dataset name(s) from dataset_info.json (comma-separated).")
+    dataset_dir: str = _f("data", "Folder holding dataset_info.json and the data files.")
+    template: str = _f("default", "Chat template used to render conversations.")
+    cutoff_len: int = _f(1024, "Maximum tokens per example after rendering.")
+    max_samples: int | None = _f(None, "Keep at most this many rows of each dataset.")
+    val_size: float = _f(0.0, "Validation split: a fraction in (0, 1) or a row count >= 1.")
+    preprocessing_num_workers: int | None = _f(None, "Processes for tokenization.")
+    train_on_prompt: bool = _f(False, "Also train on prompt tokens (normally masked).")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    stage: str = _f("sft", "Training stage: sft (more stages plug in by name).")
+    finetuning_type: Literal["lora", "full", "freeze"] = _f("lora", "What is trained.")
+    lora_rank: int = _f(8, "LoRA rank r.")
+    lora_alpha: float | None = _f(None, "LoRA scaling alpha (default 2 x lora_rank).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA path.")
+    lora_target: list[str] = _f(
+        ["all"], "Modules that get LoRA: `all` (every linear layer but the head) or names."
+    )
+    freeze_trainable_layers: int = _f(
+        2, "freeze: train the last N blocks (negative: the first N)."
+    )
+    freeze_trainable_modules: list[str] = _f(
+        ["all"], "freeze: which modules inside the trainable blocks (e.g. mlp,self_attn)."
+    )
+    freeze_extra_modules: list[str] | None = _f(
+        None, "freeze: modules outside the blocks that also train (e.g. embed_tokens,norm)."
+    )
+    plot_loss: bool = _f(False, "Save training_loss.png (and training_eval_loss.png).")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str | None = _f(None, "Run directory for weights, logs and the resolved config.")
+    overwrite_output_dir: bool = _f(False, "Replace an existing, non-empty output_dir.")
+    resume_from_checkpoint: bool | str | None = _f(
+        None, "true: resume from the latest checkpoint in output_dir; or a checkpoint path."
+    )
+    do_train: bool = _f(True, "Train.")
+    do_eval: bool = _f(False, "Evaluate on the validation split after training.")
+    per_device_train_batch_size: int = _f(8, "Batch size per device for training.")
+    per_device_eval_batch_size: int = _f(8, "Batch size per device for evaluation.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    learning_rate: float = _f(5e-5, "Peak learning rate.")
+    num_train_epochs: float = _f(3.0, "Epochs over the training set.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (overrides epochs).")
+    lr_scheduler_type: str = _f("linear", "linear, cosine, constant, constant_with_warmup, ...")
+    warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up the learning rate.")
+    warmup_steps: int = _f(0, "Warm-up steps (wins over warmup_ratio when > 0).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    bf16: bool = _f(False, "bfloat16 mixed precision.")
+    fp16: bool = _f(False, "float16 mixed precision.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations to save memory.")
+    seed: int = _f(42, "Random seed.")
+    logging_steps: int = _f(10, "Log every N optimizer steps.")
+    save_steps: int = _f(500, "Checkpoint every N optimizer steps.")
+    save_total_limit: int | None = _f(None, "Keep at most N checkpoints.")
+    eval_strategy: Literal["no", "steps", "epoch"] | None = _f(
+        None, "When to evaluate (default: every save_steps when there is a validation split)."
+    )
+    eval_steps: int | None = _f(None, "Evaluate every N steps (default: save_steps).")
+    report_to: list[str] = _f(["none"], "none, tensorboard, wandb, ... (comma-separated).")
+    extra: dict[str, Any] = _f({}, "Other transformers.TrainingArguments fields, passed through.")
+
+
+# Stage names; each has a recipe module `lathe.train.<name>` (a test keeps them in step).
+STAGES: tuple[str, ...] = ("sft",)
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "finetune": FinetuneConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass(frozen=True)
+class LatheConfig:
+    """The resolved config: defaults < file < command line, validated."""
+
+    model: ModelConfig
+    data: DataConfig
+    finetune: FinetuneConfig
+    train: TrainConfig
+    explicit: frozenset[str] = frozenset()  # keys the user set (file or command line)
+    source: str | None = None  # the file it came from, if any
+
+    def is_set(self, key: str) -> bool:
+        return key in self.explicit

@@ -1,0 +1,1 @@
+"""Model: tokenizer and model loading, and what is trained. Never touches data files."""

@@ -1,0 +1,116 @@
+"""Tokenizer and model loading: local folders, hub ids, the embedded demo model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lathe.config.schema import LatheConfig, ModelConfig
+from lathe.errors import ModelError
+
+DEMO_MODEL = "lathe:demo"
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder (checked), the demo model (built once), or a hub id (left as is)."""
+    if name == DEMO_MODEL:
+        from lathe.demo.build import ensure_demo_model
+
+        return str(ensure_demo_model())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model_name_or_path {name} is a file; point it at the model's folder")
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model_name_or_path {name} has no config.json; it is not a saved model folder "
+                "(an adapter folder goes in adapter_name_or_path)"
+            )
+        return str(path)
+    if _looks_like_path(name):
+        raise ModelError(f"model_name_or_path {name} does not exist; check the path")
+    return name
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
+
+
+def _hub_error(name: str, err: Exception) -> ModelError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    reason = "HF_HUB_OFFLINE is set" if offline else f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    return ModelError(
+        f"cannot load {name!r}: it is not a local folder and the hub could not provide it "
+        f"({reason}); download it where you are online and set model_name_or_path to that folder"
+    )
+
+
+def load_tokenizer(model_cfg: ModelConfig, path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            path,
+            trust_remote_code=model_cfg.trust_remote_code,
+            cache_dir=model_cfg.cache_dir,
+            revision=model_cfg.model_revision,
+        )
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"{path} ships its own code; set trust_remote_code: true if you trust it") from None
+        if Path(path).is_dir():
+            raise ModelError(f"{path}: the tokenizer could not be loaded ({str(e).splitlines()[0][:160]})") from None
+        raise _hub_error(path, e) from None
+    tok.padding_side = "right"
+    return tok
+
+
+def fix_pad_token(tokenizer: Any) -> str | None:
+    """Give the tokenizer a pad token if it has none; returns a note for the summary."""
+    if tokenizer.pad_token is not None:
+        return None
+    if tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        return f"pad token set to eos ({tokenizer.eos_token!r}); padding is masked from the loss"
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return "pad token <|pad|> added (the tokenizer had neither pad nor eos)"
+
+
+def pick_dtype(cfg: LatheConfig) -> Any:
+    """auto: float32 on CPU and for full/freeze; half precision for LoRA on a GPU."""
+    import torch
+
+    requested = cfg.model.torch_dtype
+    if requested != "auto":
+        return getattr(torch, requested)
+    if not torch.cuda.is_available() or cfg.finetune.finetuning_type != "lora":
+        return torch.float32
+    if cfg.train.fp16 or not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def load_model(cfg: LatheConfig, path: str, tokenizer: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=pick_dtype(cfg),
+            trust_remote_code=cfg.model.trust_remote_code,
+            cache_dir=cfg.model.cache_dir,
+            revision=cfg.model.model_revision,
+        )
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"{path} ships its own code; set trust_remote_code: true if you trust it") from None
+        if Path(path).is_dir():
+            raise ModelError(f"{path}: the model could not be loaded ({str(e).splitlines()[0][:200]})") from None
+        raise _hub_error(path, e) from None
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -1,0 +1,15 @@
+"""Training recipes, one module per stage, each with `run(cfg) -> RunResult`."""
+
+from __future__ import annotations
+
+import importlib
+
+from lathe.config.schema import STAGES, LatheConfig
+from lathe.train.common import RunResult
+
+
+def run(cfg: LatheConfig) -> RunResult:
+    """Dispatch to `lathe.train.<stage>.run` (the config already checked the name)."""
+    assert cfg.finetune.stage in STAGES
+    recipe = importlib.import_module(f"lathe.train.{cfg.finetune.stage}")
+    return recipe.run(cfg)

@@ -1,0 +1,265 @@
+"""What every recipe shares: the run directory, TrainingArguments, callbacks, summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lathe.config.load import save_config
+from lathe.config.schema import LatheConfig
+from lathe.errors import ConfigError, OutputError
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (works before and after the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(msg: str) -> None:
+    if is_main_process():
+        print(msg, flush=True)
+
+
+@dataclass
+class RunResult:
+    output_dir: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    model: Any = None
+    tokenizer: Any = None
+
+
+# --- the run directory --------------------------------------------------------------
+
+def check_output_dir(cfg: LatheConfig) -> str | None:
+    """Refuse to clobber a run; return the checkpoint to resume from, if any.
+
+    Runs on every rank before anything is written, so all ranks decide alike.
+    """
+    out = Path(cfg.train.output_dir)
+    resume = cfg.train.resume_from_checkpoint
+    if resume:
+        if isinstance(resume, str) and resume.lower() not in ("true", "1"):
+            if not Path(resume).is_dir():
+                raise OutputError(f"resume_from_checkpoint {resume} does not exist")
+            return resume
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise OutputError(
+                f"resume_from_checkpoint: true, but {out} holds no checkpoint-N folder; "
+                "nothing to resume (drop the key to start a fresh run)"
+            )
+        return last
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output_dir {out} is a file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not cfg.train.overwrite_output_dir:
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise OutputError(
+            f"output_dir {out} already holds a run ({held}, ...); choose another output_dir, "
+            "or set overwrite_output_dir=true to replace it, or resume_from_checkpoint=true to continue it"
+        )
+    return None
+
+
+def prepare_output_dir(cfg: LatheConfig, resuming: bool) -> None:
+    """Rank 0 only: empty the folder when asked to overwrite, then save the config."""
+    out = Path(cfg.train.output_dir)
+    if not is_main_process():
+        return
+    if cfg.train.overwrite_output_dir and out.is_dir() and not resuming:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+
+def repeat_target(cfg: LatheConfig, cli_keys: set[str]) -> LatheConfig:
+    """`lathe train RUN/config.yaml` repeats a run into a fresh sibling, never over it."""
+    from lathe.config.load import replace
+
+    if cfg.source is None or "output_dir" in cli_keys:
+        return cfg
+    if cfg.train.overwrite_output_dir or cfg.train.resume_from_checkpoint:
+        return cfg
+    out = Path(cfg.train.output_dir)
+    if Path(cfg.source).resolve().parent != out.resolve() or not out.is_dir():
+        return cfg
+    n = 1
+    while Path(f"{out}-repeat{n}").exists():
+        n += 1
+    new = f"{out}-repeat{n}"
+    log(f"Repeating the run in {out} into {new} (the original is left untouched; "
+        "give output_dir=... to choose the folder)")
+    return replace(cfg, output_dir=new)
+
+
+# --- TrainingArguments ---------------------------------------------------------------
+
+def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any) -> Any:
+    """Lathe's training keys + passthrough fields -> transformers.TrainingArguments."""
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    eval_strategy = t.eval_strategy or ("steps" if has_eval else "no")
+    kwargs: dict[str, Any] = dict(
+        output_dir=t.output_dir,
+        do_train=t.do_train,
+        do_eval=has_eval,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy=eval_strategy if has_eval else "no",
+        eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
+        report_to=[] if t.report_to == ["none"] else t.report_to,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+    )
+    kwargs.update(stage_overrides)
+    kwargs.update(t.extra)
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"the training keys do not fit together: {first}") from None
+
+
+# --- callbacks -------------------------------------------------------------------------
+
+def make_callbacks(output_dir: str) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class ProgressBar(TrainerCallback):
+        """One bar with loss, learning rate and tokens/s; eval results printed above it."""
+
+        def __init__(self) -> None:
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if not state.is_world_process_zero:
+                return
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train",
+                            unit="step", dynamic_ncols=True)
+            self.t0, self.tokens0 = time.time(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.bar is None or not logs:
+                return
+            if "loss" in logs:
+                elapsed = max(time.time() - self.t0, 1e-9)
+                tok_s = (state.num_input_tokens_seen - self.tokens0) / elapsed
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}",
+                                     lr=f"{logs.get('learning_rate', 0):.2e}",
+                                     tok_s=f"{tok_s:,.0f}")
+            if "eval_loss" in logs:
+                self.bar.write(f"eval @ step {state.global_step}: loss {logs['eval_loss']:.4f}, "
+                               f"perplexity {_ppl(logs['eval_loss']):.2f}")
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    class JsonlLog(TrainerCallback):
+        """Every log line, as JSON, in output_dir/trainer_log.jsonl (rank 0)."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            record = {"step": state.global_step, "max_steps": state.max_steps,
+                      "epoch": round(state.epoch or 0.0, 4),
+                      "elapsed_s": round(time.time() - self.t0, 2), **logs}
+            with open(Path(output_dir) / "trainer_log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    return [ProgressBar(), JsonlLog()]
+
+
+def install_callbacks(trainer: Any, output_dir: str) -> None:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    for cb in make_callbacks(output_dir):
+        trainer.add_callback(cb)
+
+
+def _ppl(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+# --- the summary at start ---------------------------------------------------------------
+
+def print_summary(cfg: LatheConfig, model: Any, model_path: str, data: Any, example: str,
+                  notes: list[str]) -> None:
+    if not is_main_process():
+        return
+    from lathe.model.adapters import count_parameters
+
+    trainable, total = count_parameters(model)
+    param = next(model.parameters())
+    st = data.stats
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rows = ", ".join(f"{k}: {v}" for k, v in st.rows_read.items())
+    lines = [
+        f"Lathe | stage {cfg.finetune.stage} | {cfg.finetune.finetuning_type}",
+        f"  model      {model_path} ({type(model).__name__})",
+        f"  weights    {param.dtype} on {param.device}, {world} process(es)",
+        f"  params     {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.4f}%)",
+        f"  data       {rows} rows -> train {st.train_rows}, eval {st.eval_rows}; "
+        f"{st.dropped_empty_response} dropped (no response left within cutoff_len={cfg.data.cutoff_len})",
+        f"  tokens     {st.train_tokens:,} in training rows, {st.trained_tokens:,} trained",
+        f"  output     {cfg.train.output_dir}",
+    ]
+    lines += [f"  note       {n}" for n in notes]
+    lines += ["  example    (trained tokens marked)", _indent(example, "    ")]
+    print("\n".join(lines), flush=True)
+
+
+def _indent(text: str, pad: str) -> str:
+    return "\n".join(pad + line for line in text.splitlines())
+
+
+def save_run_outputs(trainer: Any, cfg: LatheConfig, train_metrics: dict[str, Any],
+                     eval_metrics: dict[str, Any] | None) -> None:
+    """trainer_state.json, train/eval/all_results.json and, if asked, the loss plots."""
+    trainer.save_metrics("train", train_metrics)
+    if eval_metrics:
+        trainer.save_metrics("eval", eval_metrics)
+    trainer.save_state()
+    if cfg.finetune.plot_loss and trainer.is_world_process_zero():
+        from lathe.train.plots import plot_losses
+
+        for path in plot_losses(cfg.train.output_dir, trainer.state.log_history):
+            log(f"Saved {path}")

@@ -1,0 +1,86 @@
+"""Supervised fine-tuning: tokenizer -> data -> model -> trainer -> save."""
+
+from __future__ import annotations
+
+import math
+
+from lathe.config.schema import LatheConfig
+from lathe.data.inspect import mark_trained
+from lathe.data.loader import load_sft_data
+from lathe.data.templates import get_template
+from lathe.model.adapters import apply_finetuning
+from lathe.model.load import fix_pad_token, load_model, load_tokenizer, resolve_model_path
+from lathe.train.common import (
+    RunResult,
+    build_training_args,
+    check_output_dir,
+    install_callbacks,
+    log,
+    prepare_output_dir,
+    print_summary,
+    save_run_outputs,
+)
+
+
+def run(cfg: LatheConfig) -> RunResult:
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    resume_from = check_output_dir(cfg)
+    template = get_template(cfg.data.template)
+    model_path = resolve_model_path(cfg.model.model_name_or_path)
+
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    notes = [n for n in [fix_pad_token(tokenizer)] if n]
+    data = load_sft_data(cfg.data, tokenizer, template, seed=cfg.train.seed)
+
+    model = load_model(cfg, model_path, tokenizer)
+    model = apply_finetuning(model, cfg.finetune, cfg.model)
+    if cfg.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # adapters need grads flowing into checkpointed blocks
+
+    args = build_training_args(cfg, has_eval=data.eval is not None)
+    prepare_output_dir(cfg, resuming=resume_from is not None)
+    args_state = args.distributed_state
+    if args_state is not None:
+        args_state.wait_for_everyone()
+
+    example = data.train[0]
+    print_summary(cfg, model, model_path, data,
+                  mark_trained(example["input_ids"], example["labels"], tokenizer, color=False),
+                  notes)
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
+                                             pad_to_multiple_of=8),
+    )
+    install_callbacks(trainer, cfg.train.output_dir)
+
+    metrics: dict[str, float] = {}
+    train_metrics = {}
+    if cfg.train.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        train_metrics = dict(result.metrics)
+        _set_stop_tokens(trainer.model, template.stop_token_ids(tokenizer))
+        trainer.save_model()
+    eval_metrics = None
+    if data.eval is not None:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
+        log(f"Eval loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['eval_perplexity']:.2f}")
+    save_run_outputs(trainer, cfg, train_metrics, eval_metrics)
+    metrics.update(train_metrics)
+    metrics.update(eval_metrics or {})
+    log(f"Saved {cfg.finetune.finetuning_type} weights, tokenizer and config to {cfg.train.output_dir}")
+    return RunResult(cfg.train.output_dir, metrics, trainer.model, tokenizer)
+
+
+def _set_stop_tokens(model, stop_ids: list[int]) -> None:
+    """Generation stops at the template's stop words, not only at eos."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and stop_ids:
+        gen.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
