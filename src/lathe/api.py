@@ -16,8 +16,8 @@ def train(config: str | os.PathLike | Mapping[str, Any] | None = None,
     Returns a `RunResult` with the output directory, metrics, the trained model and
     the tokenizer.
     """
-    from lathe.train import run
-    from lathe.train.common import repeat_target
+    from lathe.recipes import run
+    from lathe.recipes.common import repeat_target
 
     extra = parse_overrides(overrides)
     extra.update(keys)

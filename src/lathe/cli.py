@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     from lathe.errors import LatheError
 
+    if not debug:
+        _quiet_library_warnings()
+
     try:
         if args.command == "train":
             from lathe.api import train
@@ -63,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+
+
+def _quiet_library_warnings() -> None:
+    """Library deprecation chatter is for developers (`--debug` shows it), not users."""
+    import warnings
+
+    for module in ("transformers", "peft", "torch", "accelerate", "datasets"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
 def print_keys() -> None:

@@ -105,7 +105,7 @@ class TrainConfig:
     extra: dict[str, Any] = _f({}, "Other transformers.TrainingArguments fields, passed through.")
 
 
-# Stage names; each has a recipe module `lathe.train.<name>` (a test keeps them in step).
+# Stage names; each has a recipe module `lathe.recipes.<name>` (a test keeps them in step).
 STAGES: tuple[str, ...] = ("sft",)
 
 SECTIONS: dict[str, type] = {

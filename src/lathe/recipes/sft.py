@@ -10,7 +10,7 @@ from lathe.data.loader import load_sft_data
 from lathe.data.templates import get_template
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import fix_pad_token, load_model, load_tokenizer, resolve_model_path
-from lathe.train.common import (
+from lathe.recipes.common import (
     RunResult,
     build_training_args,
     check_output_dir,
@@ -76,7 +76,8 @@ def run(cfg: LatheConfig) -> RunResult:
     metrics.update(train_metrics)
     metrics.update(eval_metrics or {})
     log(f"Saved {cfg.finetune.finetuning_type} weights, tokenizer and config to {cfg.train.output_dir}")
-    return RunResult(cfg.train.output_dir, metrics, trainer.model, tokenizer)
+    return RunResult(cfg.train.output_dir, metrics, trainer.model, tokenizer,
+                     list(trainer.state.log_history))
 
 
 def _set_stop_tokens(model, stop_ids: list[int]) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib
 
 from lathe.config.schema import STAGES, LatheConfig
-from lathe.train.common import RunResult
+from lathe.recipes.common import RunResult
 
 
 def run(cfg: LatheConfig) -> RunResult:
-    """Dispatch to `lathe.train.<stage>.run` (the config already checked the name)."""
+    """Dispatch to `lathe.recipes.<stage>.run` (the config already checked the name)."""
     assert cfg.finetune.stage in STAGES
-    recipe = importlib.import_module(f"lathe.train.{cfg.finetune.stage}")
+    recipe = importlib.import_module(f"lathe.recipes.{cfg.finetune.stage}")
     return recipe.run(cfg)

@@ -32,6 +32,11 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     model: Any = None
     tokenizer: Any = None
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def losses(self) -> list[float]:
+        """Training losses in the order they were logged."""
+        return [h["loss"] for h in self.log_history if "loss" in h]
 
 
 # --- the run directory --------------------------------------------------------------
@@ -123,7 +128,8 @@ def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any
         max_grad_norm=t.max_grad_norm,
         bf16=t.bf16,
         fp16=t.fp16,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
+        dataloader_pin_memory=_has_cuda(),
         seed=t.seed,
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
@@ -141,6 +147,12 @@ def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any
     except (ValueError, TypeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"the training keys do not fit together: {first}") from None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # --- callbacks -------------------------------------------------------------------------
@@ -259,7 +271,7 @@ def save_run_outputs(trainer: Any, cfg: LatheConfig, train_metrics: dict[str, An
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()
     if cfg.finetune.plot_loss and trainer.is_world_process_zero():
-        from lathe.train.plots import plot_losses
+        from lathe.recipes.plots import plot_losses
 
         for path in plot_losses(cfg.train.output_dir, trainer.state.log_history):
             log(f"Saved {path}")
