@@ -23,9 +23,10 @@ from lathe.recipes.common import (
 
 
 def run(cfg: LatheConfig) -> RunResult:
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     resume_from = check_output_dir(cfg)
+    set_seed(cfg.train.seed)  # before adapters are created: their init is random too
     template = get_template(cfg.data.template)
     model_path = resolve_model_path(cfg.model.model_name_or_path)
 

@@ -1,0 +1,88 @@
+"""Offline, tiny, hermetic: every test builds its models locally and never downloads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_HOME = tempfile.mkdtemp(prefix="lathe-tests-")
+os.environ.update({
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HOME": os.path.join(_HOME, "hf"),
+    "HF_DATASETS_CACHE": os.path.join(_HOME, "datasets"),
+    "LATHE_HOME": os.path.join(_HOME, "lathe"),
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+})
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+IDENTITY = REPO / "src" / "lathe" / "demo" / "data" / "identity.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 32) with a BPE tokenizer trained on the bundled text."""
+    from lathe.demo.build import TinySpec, build_tiny_model
+
+    spec = TinySpec(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", spec)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """dataset_info.json with the identity set (JSON) and a copy of it as JSONL."""
+    d = tmp_path_factory.mktemp("data")
+    rows = json.loads(IDENTITY.read_text(encoding="utf-8"))
+    (d / "identity.json").write_text(json.dumps(rows), encoding="utf-8")
+    (d / "identity.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    info = {"identity": {"file_name": "identity.json"}, "identity_jsonl": {"file_name": "identity.jsonl"}}
+    (d / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return d
+
+
+@pytest.fixture()
+def base_args(tiny_model, data_dir, tmp_path) -> dict:
+    """A fast, valid training config on the tiny model."""
+    return {
+        "model_name_or_path": str(tiny_model),
+        "dataset": "identity",
+        "dataset_dir": str(data_dir),
+        "template": "chatml",
+        "cutoff_len": 128,
+        "max_samples": 32,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 5e-3,
+        "max_steps": 12,
+        "logging_steps": 2,
+        "save_steps": 1000,
+        "output_dir": str(tmp_path / "run"),
+        "seed": 0,
+    }
+
+
+def as_overrides(args: dict) -> list[str]:
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def run_cli(*argv: str, cwd: Path | None = None, launcher: list[str] | None = None,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real `lathe` command line in a fresh process."""
+    cmd = (launcher or [sys.executable, "-m", "lathe"]) + list(argv)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env=dict(os.environ))
+
+
+def write_yaml(path: Path, args: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(args), encoding="utf-8")
+    return path
