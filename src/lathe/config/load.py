@@ -132,11 +132,18 @@ def build_config(raw: Mapping[str, Any], source: str | None = None) -> LatheConf
 
 def _check_passthrough(values: dict[str, Any]) -> dict[str, Any]:
     """Validate keys that are not Lathe's own against TrainingArguments' fields."""
+    names = training_arguments_names()  # cached: a typo is reported without importing transformers
+    for key in values:
+        if key in RENAMED:
+            raise ConfigError(f"{key} is not a known key; write {RENAMED[key]}")
+        if key not in names:
+            raise ConfigError(
+                f"{key} is not a known key{did_you_mean(key, list(_FIELDS) + names)}; "
+                "see `lathe keys` for the keys Lathe accepts"
+            )
     ta_fields = training_arguments_fields()
     out: dict[str, Any] = {}
     for key, value in values.items():
-        if key in RENAMED:
-            raise ConfigError(f"{key} is not a known key; write {RENAMED[key]}")
         if key not in ta_fields:
             candidates = list(_FIELDS) + list(ta_fields)
             raise ConfigError(
@@ -153,6 +160,27 @@ _NOT_PASSED = {
     "local_rank": "launch with torchrun or accelerate instead",
     "do_predict": "prediction is not part of this stage yet",
 }
+
+
+def training_arguments_names() -> list[str]:
+    """TrainingArguments field names, cached per transformers version (importing it takes seconds)."""
+    from importlib.metadata import version
+
+    cache = Path(os.environ.get("LATHE_HOME", Path.home() / ".cache" / "lathe"))
+    path = cache / f"training-arguments-{version('transformers')}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    names = sorted(training_arguments_fields())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(names), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs speed
+    return names
 
 
 def training_arguments_fields() -> dict[str, Any]:

@@ -45,10 +45,12 @@ def load_conversations(data: DataConfig) -> tuple[list[dict], DataStats]:
     return rows, stats
 
 
-def load_sft_data(data: DataConfig, tokenizer: Any, template: Template, seed: int) -> SplitData:
+def load_sft_data(data: DataConfig, tokenizer: Any, template: Template, seed: int,
+                  conversations: tuple[list[dict], DataStats] | None = None) -> SplitData:
+    """Tokenize and split; `conversations` (from `load_conversations`) saves a second read."""
     from datasets import Dataset  # heavy import, only when data is really loaded
 
-    rows, stats = load_conversations(data)
+    rows, stats = conversations or load_conversations(data)
     ds = Dataset.from_list(rows)
     preprocess = make_sft_preprocess(template, tokenizer, data.cutoff_len, data.train_on_prompt)
     ds = ds.map(

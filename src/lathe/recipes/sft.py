@@ -6,7 +6,7 @@ import math
 
 from lathe.config.schema import LatheConfig
 from lathe.data.inspect import mark_trained
-from lathe.data.loader import load_sft_data
+from lathe.data.loader import load_conversations, load_sft_data
 from lathe.data.templates import get_template
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import fix_pad_token, load_model, load_tokenizer, resolve_model_path
@@ -23,16 +23,19 @@ from lathe.recipes.common import (
 
 
 def run(cfg: LatheConfig) -> RunResult:
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
-
-    resume_from = check_output_dir(cfg)
-    set_seed(cfg.train.seed)  # before adapters are created: their init is random too
     template = get_template(cfg.data.template)
+    resume_from = check_output_dir(cfg)
     model_path = resolve_model_path(cfg.model.model_name_or_path)
+    conversations = load_conversations(cfg.data)  # bad rows are reported before slow imports
+
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed  # slow: after cheap checks
+
+    set_seed(cfg.train.seed)  # before adapters are created: their init is random too
 
     tokenizer = load_tokenizer(cfg.model, model_path)
     notes = [n for n in [fix_pad_token(tokenizer)] if n]
-    data = load_sft_data(cfg.data, tokenizer, template, seed=cfg.train.seed)
+    data = load_sft_data(cfg.data, tokenizer, template, seed=cfg.train.seed,
+                         conversations=conversations)
 
     model = load_model(cfg, model_path, tokenizer)
     model = apply_finetuning(model, cfg.finetune, cfg.model)
