@@ -421,11 +421,6 @@ def test_round_trip_freeze(tmp_path):
     assert again.finetune.freeze_extra_modules == ["norm"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: load._plain returns str-subclass enum members unchanged; remove once fixed",
-)
 def test_flat_dict_values_are_plain_types():
     """Values must be plain YAML types, not transformers' str-enum members."""
     cfg = load("optim=adamw_torch")
@@ -434,12 +429,6 @@ def test_flat_dict_values_are_plain_types():
     assert flat["optim"] == "adamw_torch"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=yaml.representer.RepresenterError,
-    reason="BUG: load._plain skips str-subclass enums (transformers.OptimizerNames), so "
-    "yaml.safe_dump raises RepresenterError; remove this marker once fixed",
-)
 def test_round_trip_passthrough(tmp_path):
     cfg = load("optim=adamw_torch")
     again = _round_trip(tmp_path, cfg)

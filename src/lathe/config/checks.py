@@ -43,6 +43,10 @@ def _verb(keys: list[str]) -> str:
     return "applies" if len(keys) == 1 else "apply"
 
 
+def _pronoun(keys: list[str]) -> str:
+    return "it" if len(keys) == 1 else "them"
+
+
 @check
 def stage_is_known(cfg: LatheConfig) -> None:
     stage = cfg.finetune.stage
@@ -61,7 +65,7 @@ def lora_keys_need_lora(cfg: LatheConfig) -> None:
         if keys:
             raise ConfigError(
                 f"{', '.join(keys)} {_verb(keys)} only to finetuning_type: lora, but finetuning_type is "
-                f"{ft.finetuning_type}; remove them or set finetuning_type: lora"
+                f"{ft.finetuning_type}; remove {_pronoun(keys)} or set finetuning_type: lora"
             )
         if cfg.model.adapter_name_or_path:
             raise ConfigError(
@@ -78,7 +82,7 @@ def freeze_keys_need_freeze(cfg: LatheConfig) -> None:
         if keys:
             raise ConfigError(
                 f"{', '.join(keys)} {_verb(keys)} only to finetuning_type: freeze, but finetuning_type "
-                f"is {ft.finetuning_type}; remove them or set finetuning_type: freeze"
+                f"is {ft.finetuning_type}; remove {_pronoun(keys)} or set finetuning_type: freeze"
             )
     elif ft.freeze_trainable_layers == 0:
         raise ConfigError(

@@ -8,6 +8,7 @@ is transformers imported (it takes seconds), so common mistakes are reported at 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 import typing
@@ -205,7 +206,7 @@ def to_flat_dict(cfg: LatheConfig) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     """Make enum members and tuples YAML-friendly."""
-    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
+    if isinstance(value, enum.Enum):  # transformers' str-valued enums (OptimizerNames, ...)
         return value.value
     if isinstance(value, tuple):
         return list(value)

@@ -140,6 +140,10 @@ def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
     )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_cuda():
+        # Several CPU processes: only use_cpu makes accelerate wrap the model in DDP (gloo);
+        # without it each rank silently trains its own copy.
+        kwargs["use_cpu"] = True
     kwargs.update(stage_overrides)
     kwargs.update(t.extra)
     try:

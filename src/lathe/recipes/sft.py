@@ -73,7 +73,7 @@ def run(cfg: LatheConfig) -> RunResult:
         trainer.save_model()
     eval_metrics = None
     if data.eval is not None:
-        eval_metrics = trainer.evaluate()
+        eval_metrics = _final_eval(trainer) or trainer.evaluate()
         eval_metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
         log(f"Eval loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['eval_perplexity']:.2f}")
     save_run_outputs(trainer, cfg, train_metrics, eval_metrics)
@@ -82,6 +82,15 @@ def run(cfg: LatheConfig) -> RunResult:
     log(f"Saved {cfg.finetune.finetuning_type} weights, tokenizer and config to {cfg.train.output_dir}")
     return RunResult(cfg.train.output_dir, metrics, trainer.model, tokenizer,
                      list(trainer.state.log_history))
+
+
+def _final_eval(trainer) -> dict[str, float] | None:
+    """The evaluation the trainer already ran at the last step, if any (no second pass)."""
+    state = trainer.state
+    last = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
+    if last is None or last.get("step") != state.global_step:
+        return None
+    return {k: v for k, v in last.items() if k.startswith("eval_") or k == "epoch"}
 
 
 def _set_stop_tokens(model, stop_ids: list[int]) -> None:
