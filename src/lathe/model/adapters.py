@@ -86,7 +86,7 @@ def apply_freeze(model: Any, ft: FinetuneConfig) -> Any:
     if abs(k) > n:
         raise ConfigError(f"freeze_trainable_layers={k}, but {type(model).__name__} has only {n} blocks")
     layer_ids = range(n - k, n) if k > 0 else range(0, -k)
-    block_children = sorted({name.split(".")[0] for name, _ in getattr(model.get_submodule(prefix), "0").named_children()})
+    block_children = sorted({name.split(".")[0] for name, _ in model.get_submodule(prefix)[0].named_children()})
     wanted = ft.freeze_trainable_modules
     if wanted != ["all"]:
         for m in wanted:

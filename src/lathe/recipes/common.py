@@ -53,9 +53,7 @@ def check_output_dir(cfg: LatheConfig) -> str | None:
             if not Path(resume).is_dir():
                 raise OutputError(f"resume_from_checkpoint {resume} does not exist")
             return resume
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        last = last_checkpoint(out)
         if last is None:
             raise OutputError(
                 f"resume_from_checkpoint: true, but {out} holds no checkpoint-N folder; "
@@ -71,6 +69,15 @@ def check_output_dir(cfg: LatheConfig) -> str | None:
             "or set overwrite_output_dir=true to replace it, or resume_from_checkpoint=true to continue it"
         )
     return None
+
+
+def last_checkpoint(out: Path) -> str | None:
+    """The checkpoint-N folder with the highest N that holds a trainer_state.json."""
+    if not out.is_dir():
+        return None
+    done = [p for p in out.glob("checkpoint-*")
+            if p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-", 1)[1]))) if done else None
 
 
 def prepare_output_dir(cfg: LatheConfig, resuming: bool) -> None:

@@ -1,0 +1,88 @@
+"""What gets trained, per architecture: LoRA targets, freeze blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lathe.config import load_config
+from lathe.errors import ConfigError
+from lathe.model.adapters import apply_finetuning, count_parameters, linear_module_names
+
+
+def _tiny(arch: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                             num_attention_heads=2, num_key_value_heads=1)
+        return tf.LlamaForCausalLM(cfg)
+    if arch == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=16, n_layer=3, n_head=2))
+    if arch == "bloom":
+        return tf.BloomForCausalLM(tf.BloomConfig(vocab_size=64, hidden_size=16, n_layer=3, n_head=2))
+    raise ValueError(arch)
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ("llama", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ("gpt2", ["c_attn", "c_fc", "c_proj"]),  # Conv1D layers count as linear
+    ("bloom", ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]),
+])
+def test_all_linear_modules_but_the_head(arch, expected):
+    assert linear_module_names(_tiny(arch)) == expected
+
+
+def _cfg(**keys):
+    return load_config({"model_name_or_path": "x", "dataset": "d", "output_dir": "o", **keys})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom"])
+def test_lora_all_wraps_every_linear_layer(arch):
+    cfg = _cfg(finetuning_type="lora", lora_rank=2)
+    model = apply_finetuning(_tiny(arch), cfg.finetune, cfg.model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("lm_head" in n for n in trainable)
+
+
+def test_lora_target_by_name_and_a_missing_name():
+    cfg = _cfg(lora_target="query_key_value")
+    model = apply_finetuning(_tiny("bloom"), cfg.finetune, cfg.model)
+    assert all("query_key_value.lora" in n for n, p in model.named_parameters() if p.requires_grad)
+    bad = _cfg(lora_target="q_proj")
+    with pytest.raises(ConfigError, match="its linear modules are: dense, dense_4h_to_h"):
+        apply_finetuning(_tiny("bloom"), bad.finetune, bad.model)
+
+
+@pytest.mark.parametrize("arch,prefix", [("llama", "model.layers."), ("gpt2", "transformer.h.")])
+@pytest.mark.parametrize("k,ids", [(1, {2}), (2, {1, 2}), (-1, {0})])
+def test_freeze_trains_only_the_chosen_blocks(arch, prefix, k, ids):
+    cfg = _cfg(finetuning_type="freeze", freeze_trainable_layers=k)
+    model = apply_finetuning(_tiny(arch), cfg.finetune, cfg.model)
+    for name, p in model.named_parameters():
+        in_ids = name.startswith(prefix) and int(name[len(prefix):].split(".")[0]) in ids
+        assert p.requires_grad == in_ids, name
+
+
+def test_freeze_modules_and_extra_modules():
+    cfg = _cfg(finetuning_type="freeze", freeze_trainable_layers=1, freeze_trainable_modules="mlp",
+               freeze_extra_modules="norm")
+    model = apply_finetuning(_tiny("llama"), cfg.finetune, cfg.model)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["model.layers.2.mlp.down_proj.weight", "model.layers.2.mlp.gate_proj.weight",
+                         "model.layers.2.mlp.up_proj.weight", "model.norm.weight"]
+    with pytest.raises(ConfigError, match="freeze_trainable_layers=5"):
+        bad = _cfg(finetuning_type="freeze", freeze_trainable_layers=5)
+        apply_finetuning(_tiny("llama"), bad.finetune, bad.model)
+    with pytest.raises(ConfigError, match="did you mean mlp"):
+        bad = _cfg(finetuning_type="freeze", freeze_trainable_modules="mpl")
+        apply_finetuning(_tiny("llama"), bad.finetune, bad.model)
+
+
+def test_full_trains_everything():
+    cfg = _cfg(finetuning_type="full")
+    model = apply_finetuning(_tiny("llama"), cfg.finetune, cfg.model)
+    trainable, total = count_parameters(model)
+    assert trainable == total > 0
