@@ -112,3 +112,11 @@ def test_debug_flag_shows_the_traceback(tmp_path, base_args):
     cfg = write_yaml(tmp_path / "cfg.yaml", {**base_args, "dataset": "identty"})
     proc = run_cli("--debug", "train", str(cfg))
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_overwrite_never_empties_the_working_directory(tmp_path, base_args):
+    (tmp_path / "notes.txt").write_text("mine")
+    cfg = write_yaml(tmp_path / "cfg.yaml", {**base_args, "output_dir": ".", "overwrite_output_dir": True})
+    proc = run_cli("train", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 2 and "would empty" in proc.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -62,6 +62,8 @@ def check_output_dir(cfg: LatheConfig) -> str | None:
         return last
     if out.exists() and not out.is_dir():
         raise OutputError(f"output_dir {out} is a file; choose a folder path")
+    if cfg.train.overwrite_output_dir and out.is_dir():
+        _refuse_to_empty(out)
     if out.is_dir() and any(out.iterdir()) and not cfg.train.overwrite_output_dir:
         held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
         raise OutputError(
@@ -69,6 +71,17 @@ def check_output_dir(cfg: LatheConfig) -> str | None:
             "or set overwrite_output_dir=true to replace it, or resume_from_checkpoint=true to continue it"
         )
     return None
+
+
+def _refuse_to_empty(out: Path) -> None:
+    """overwrite_output_dir empties the folder: never the working dir, home, or a parent of them."""
+    target = out.resolve()
+    protected = {Path.cwd().resolve(), Path.home().resolve(), Path(target.anchor)}
+    if target in protected or any(target in p.parents for p in protected):
+        raise OutputError(
+            f"overwrite_output_dir would empty {out}, which holds your working directory or home; "
+            "choose a dedicated run folder such as runs/my-sft"
+        )
 
 
 def last_checkpoint(out: Path) -> str | None:
