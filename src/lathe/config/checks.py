@@ -175,8 +175,46 @@ def something_to_do(cfg: LatheConfig) -> None:
 @check
 def eval_needs_a_split(cfg: LatheConfig) -> None:
     t = cfg.train
-    if (t.do_eval or t.eval_strategy not in (None, "no")) and cfg.data.val_size == 0:
+    if (t.do_eval or t.eval_strategy not in (None, "no")) and cfg.data.val_size == 0 \
+            and not cfg.data.eval_dataset:
         raise ConfigError(
             "evaluation is asked for (do_eval / eval_strategy) but val_size is 0; "
-            "set val_size, e.g. val_size: 0.1"
+            "set val_size (e.g. val_size: 0.1) or eval_dataset"
         )
+
+
+@check
+def streaming_needs_max_steps(cfg: LatheConfig) -> None:
+    if cfg.data.streaming and cfg.train.max_steps <= 0:
+        raise ConfigError(
+            "streaming: true needs max_steps (a stream has no known length, so epochs cannot "
+            "be counted); set e.g. max_steps: 1000"
+        )
+    if cfg.data.streaming and 0 < cfg.data.val_size < 1:
+        raise ConfigError(
+            f"val_size={cfg.data.val_size} is a fraction, but a stream has no known length; "
+            "give a row count (val_size: 500) or an eval_dataset"
+        )
+
+
+@check
+def interleave_probs_fit(cfg: LatheConfig) -> None:
+    d = cfg.data
+    if d.interleave_probs is None:
+        return
+    if d.mix_strategy == "concat":
+        raise ConfigError("interleave_probs needs mix_strategy: interleave_under or interleave_over")
+    n = len(d.dataset or [])
+    if len(d.interleave_probs) != n:
+        raise ConfigError(
+            f"interleave_probs has {len(d.interleave_probs)} values but dataset names {n}; "
+            "give one probability per dataset"
+        )
+    if any(p < 0 for p in d.interleave_probs) or abs(sum(d.interleave_probs) - 1.0) > 1e-6:
+        raise ConfigError(f"interleave_probs {d.interleave_probs} must be >= 0 and sum to 1")
+
+
+@check
+def eval_source_is_single(cfg: LatheConfig) -> None:
+    if cfg.data.eval_dataset and cfg.data.val_size:
+        raise ConfigError("give either val_size (split off the training data) or eval_dataset, not both")

@@ -44,8 +44,28 @@ class DataConfig:
     cutoff_len: int = _f(1024, "Maximum tokens per example after rendering.")
     max_samples: int | None = _f(None, "Keep at most this many rows of each dataset.")
     val_size: float = _f(0.0, "Validation split: a fraction in (0, 1) or a row count >= 1.")
+    eval_dataset: list[str] | None = _f(None, "Dataset name(s) used only for evaluation.")
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = _f(
+        "concat", "How several datasets mix: concatenated, or interleaved until the first "
+        "(under) or last (over) runs out."
+    )
+    interleave_probs: list[float] | None = _f(
+        None, "Sampling probability of each dataset when interleaving (comma-separated)."
+    )
+    streaming: bool = _f(False, "Read data lazily (larger than memory); needs max_steps.")
     preprocessing_num_workers: int | None = _f(None, "Processes for tokenization.")
+    preprocessing_batch_size: int = _f(1000, "Rows per batch in tokenization.")
+    overwrite_cache: bool = _f(False, "Redo tokenization instead of using the cached result.")
     train_on_prompt: bool = _f(False, "Also train on prompt tokens (normally masked).")
+    train_on_last_turn_only: bool = _f(False, "Train only the last assistant turn.")
+    packing: bool = _f(
+        False, "Pack examples into rows of cutoff_len; attention never crosses examples."
+    )
+    strip_html: bool = _f(False, "Cleaning: remove HTML tags from text.")
+    strip_urls: bool = _f(False, "Cleaning: remove URLs from text.")
+    normalize_whitespace: bool = _f(False, "Cleaning: collapse runs of spaces and blank lines.")
+    min_response_chars: int = _f(0, "Cleaning: drop rows whose response is shorter than this.")
+    dedup: bool = _f(False, "Cleaning: drop exact duplicate rows.")
 
 
 @dataclass(frozen=True)

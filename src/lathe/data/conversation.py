@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["user", "assistant"]
+Role = Literal["user", "assistant", "observation", "function"]
+PROMPT_ROLES = ("user", "observation")  # what the model reads (never trained)
+RESPONSE_ROLES = ("assistant", "function")  # what the model writes (trained)
 
 
 @dataclass(frozen=True)
@@ -16,24 +18,37 @@ class Message:
 
 @dataclass(frozen=True)
 class Conversation:
-    """Alternating user/assistant messages (user first), plus an optional system prompt."""
+    """Prompt-side and response-side messages alternating, prompt side first.
+
+    `observation` is a tool result (prompt side); `function` is the model's tool call
+    (response side). `system` and `tools` (a JSON string of tool schemas) are optional.
+    The converters in formats.py guarantee the alternation.
+    """
 
     messages: tuple[Message, ...]
     system: str | None = None
+    tools: str | None = None
     origin: str = ""  # "file row N", for error messages downstream
 
-    def turns(self) -> list[tuple[str, str]]:
-        """(user, assistant) pairs; the conversion guarantees strict alternation."""
+    def turns(self) -> list[tuple[Message, Message]]:
+        """(prompt message, response message) pairs."""
         m = self.messages
-        return [(m[i].content, m[i + 1].content) for i in range(0, len(m) - 1, 2)]
+        return [(m[i], m[i + 1]) for i in range(0, len(m) - 1, 2)]
 
     def to_row(self) -> dict:
         return {
             "roles": [x.role for x in self.messages],
             "contents": [x.content for x in self.messages],
             "system": self.system or "",
+            "tools": self.tools or "",
             "origin": self.origin,
         }
+
+    @staticmethod
+    def from_row(row: dict) -> Conversation:
+        msgs = tuple(Message(r, c) for r, c in zip(row["roles"], row["contents"]))
+        return Conversation(msgs, system=row.get("system") or None, tools=row.get("tools") or None,
+                            origin=row.get("origin", ""))
 
 
 @dataclass(frozen=True)
@@ -41,4 +56,4 @@ class Rendered:
     """Token ids with a per-token trained flag (True = counted in the loss)."""
 
     input_ids: list[int]
-    trained: list[bool] = field(default_factory=list)
+    trained: list[bool]

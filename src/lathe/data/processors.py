@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lathe.data.conversation import Conversation, Message
+from lathe.data.conversation import Conversation
 from lathe.data.templates import Template
 
 IGNORE_INDEX = -100
@@ -53,13 +53,8 @@ def tokenize_conversation(
 
 
 def rows_to_conversations(batch: dict[str, list]) -> list[Conversation]:
-    out = []
-    for roles, contents, system, origin in zip(
-        batch["roles"], batch["contents"], batch["system"], batch["origin"]
-    ):
-        msgs = tuple(Message(r, c) for r, c in zip(roles, contents))
-        out.append(Conversation(msgs, system=system or None, origin=origin))
-    return out
+    keys = list(batch)
+    return [Conversation.from_row({k: batch[k][i] for k in keys}) for i in range(len(batch[keys[0]]))]
 
 
 def make_sft_preprocess(template: Template, tokenizer: Any, cutoff_len: int, train_on_prompt: bool):

@@ -28,6 +28,9 @@ class Template:
     user: str = "{content}"  # a user turn, including the assistant header that follows it
     assistant: str = "{content}{eos}"  # an assistant turn: everything here is trained
     separator: str = ""  # between an assistant turn and the next user turn (not trained)
+    observation: str | None = None  # a tool result turn (default: like a user turn)
+    function: str | None = None  # the model's tool call (default: like an assistant turn)
+    tools: str = "{content}\n\nYou can call these tools:\n{tools}"  # system text + tool schemas
     default_system: str = ""
     stop_words: tuple[str, ...] = ()  # extra tokens that end generation besides eos
 
@@ -41,8 +44,10 @@ class Template:
     def turn_pieces(self, conv: Conversation, tokenizer) -> list[tuple[str, str]]:
         """(prompt text, response text) for each turn, ready to tokenize."""
         system = conv.system if conv.system else self.default_system
+        if conv.tools:
+            system = self.tools.replace("{tools}", conv.tools).replace("{content}", system or "")
         pieces = []
-        for i, (user, assistant) in enumerate(conv.turns()):
+        for i, (asked, answered) in enumerate(conv.turns()):
             prompt = ""
             if i == 0:
                 prompt += self.fill(self.prefix, tokenizer)
@@ -50,8 +55,10 @@ class Template:
                     prompt += self.fill(self.system, tokenizer, system)
             else:
                 prompt += self.fill(self.separator, tokenizer)
-            prompt += self.fill(self.user, tokenizer, user)
-            pieces.append((prompt, self.fill(self.assistant, tokenizer, assistant)))
+            ask_fmt = self.observation if asked.role == "observation" and self.observation else self.user
+            answer_fmt = self.function if answered.role == "function" and self.function else self.assistant
+            prompt += self.fill(ask_fmt, tokenizer, asked.content)
+            pieces.append((prompt, self.fill(answer_fmt, tokenizer, answered.content)))
         return pieces
 
     def encode_turns(self, conv: Conversation, tokenizer) -> list[tuple[list[int], list[int]]]:
