@@ -7,7 +7,7 @@ import pytest
 from lathe.data.conversation import Conversation, Message
 from lathe.data.formats import alpaca_to_conversation
 from lathe.data.processors import IGNORE_INDEX, split_budget, tokenize_conversation
-from lathe.data.registry import ALPACA_COLUMNS, DatasetSpec
+from lathe.data.registry import DEFAULT_COLUMNS, DatasetSpec
 from lathe.data.sources import Row
 from lathe.data.templates import TEMPLATES, get_template
 from lathe.errors import ConfigError, DataError
@@ -75,7 +75,7 @@ def test_unknown_template_names_close_ones():
     assert {"default", "alpaca", "chatml", "qwen", "llama3", "empty"} <= set(TEMPLATES.names())
 
 
-SPEC = DatasetSpec(name="t", path=None, columns=dict(ALPACA_COLUMNS, history="history", system="system"))
+SPEC = DatasetSpec(name="t", path=None, columns=dict(DEFAULT_COLUMNS["alpaca"], history="history", system="system"))
 
 
 def test_alpaca_joins_instruction_and_input_and_keeps_history_and_system():

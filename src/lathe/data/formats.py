@@ -1,44 +1,223 @@
-"""Dataset formats -> `Conversation`. Each converter names the row and key it rejects."""
+"""Dataset rows -> one conversation model. Each converter names the row and key it rejects.
+
+Formats (how a row is laid out): alpaca, sharegpt, openai. Kinds (what a stage needs):
+  sft       a conversation ending with a reply                   (sft)
+  pairwise  a prompt + chosen and rejected replies               (rm, dpo, orpo, simpo)
+  kto       a conversation + kto_tag (desirable or not)          (kto)
+  prompt    a prompt only (a final reply, if any, is dropped)    (ppo)
+  text      plain text                                           (pt)
+  cls       text + label                                         (classification)
+Every converter returns a plain dict (a `datasets` row) or raises DataError.
+"""
 
 from __future__ import annotations
 
-from lathe.data.conversation import Conversation, Message
+import json
+from typing import Any
+
+from lathe.data.conversation import PROMPT_ROLES, RESPONSE_ROLES, Conversation, Message
 from lathe.data.registry import DatasetSpec
 from lathe.data.sources import Row
 from lathe.errors import DataError
 
+KINDS = ("sft", "pairwise", "kto", "prompt", "text", "cls")
+STAGE_KIND = {"sft": "sft", "pt": "text", "rm": "pairwise", "dpo": "pairwise", "kto": "kto",
+              "ppo": "prompt", "cls": "cls"}
+_KIND_WANTS = {
+    "sft": "instruction data (a prompt and a response)",
+    "pairwise": "preference pairs (ranking: true with chosen and rejected)",
+    "kto": "conversations with a kto_tag column (true/false)",
+    "prompt": "prompts",
+    "text": "plain text (a text column or .txt lines)",
+    "cls": "text with a label column",
+}
 
-def alpaca_to_conversation(row: Row, spec: DatasetSpec) -> Conversation:
-    """instruction (+ input) -> user; output -> assistant; history -> earlier turns."""
-    data = row.data
-    prompt_col = spec.column("prompt")
-    response_col = spec.column("response")
-    prompt = _text(row, prompt_col, required=True, role="prompt")
+
+def convert(row: Row, spec: DatasetSpec, kind: str) -> dict[str, Any]:
+    """One source row -> the row a stage of `kind` consumes."""
+    if kind == "text":
+        return {"text": _text_field(row, spec, "text", fallback="prompt"), "origin": row.where}
+    if kind == "cls":
+        label = row.data.get(spec.column("label") or "label")
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise DataError(f"{row.where}: column {spec.column('label')!r} (label) is missing or empty")
+        if not isinstance(label, (str, int, float, bool)):
+            raise DataError(f"{row.where}: label must be a string or a number, got {type(label).__name__}")
+        return {"text": _text_field(row, spec, "text", fallback="prompt"), "label": str(label),
+                "origin": row.where}
+    if kind == "pairwise":
+        return _pairwise(row, spec)
+    if spec.ranking:
+        raise DataError(
+            f"dataset {spec.name!r} is preference data (ranking: true) but this stage wants "
+            f"{_KIND_WANTS[kind]}; use it with stage rm or dpo, or drop ranking"
+        )
+    conv = conversation(row, spec, need_response=kind in ("sft", "kto"))
+    if kind == "prompt":
+        if conv.messages[-1].role in RESPONSE_ROLES:
+            conv = Conversation(conv.messages[:-1], conv.system, conv.tools, conv.origin)
+        return conv.to_row()
+    out = conv.to_row()
+    if kind == "kto":
+        out["kto_tag"] = _kto_tag(row, spec)
+    return out
+
+
+def conversation(row: Row, spec: DatasetSpec, need_response: bool) -> Conversation:
+    """The row's messages (with system and tools), checked to alternate."""
+    if spec.formatting == "alpaca":
+        messages, system, tools = _alpaca_messages(row, spec, need_response)
+    else:
+        messages, system, tools = _sharegpt_messages(row, spec)
+    _check_alternation(messages, row, spec, ends_with_response=need_response)
+    return Conversation(tuple(messages), system=system, tools=tools, origin=row.where)
+
+
+# --- alpaca ---------------------------------------------------------------------------
+
+def _alpaca_messages(row: Row, spec: DatasetSpec, need_response: bool):
+    prompt = _text(row, spec.column("prompt"), required=True, role="prompt")
     query = _text(row, spec.column("query"), required=False, role="query")
-    response = _text(row, response_col, required=True, role="response")
-    user = "\n".join(x for x in (prompt, query) if x)
-
-    messages: list[Message] = []
-    history_col = spec.column("history")
-    if history_col and data.get(history_col) is not None:
-        history = data[history_col]
-        if not isinstance(history, list):
-            raise DataError(
-                f"{row.where}: {history_col!r} must be a list of [user, assistant] pairs, "
-                f"got {type(history).__name__}"
-            )
-        for j, pair in enumerate(history):
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                    and all(isinstance(x, str) for x in pair)):
-                raise DataError(
-                    f"{row.where}: {history_col}[{j}] must be a pair of strings "
-                    f"[user, assistant], got {pair!r:.80}"
-                )
-            messages += [Message("user", pair[0]), Message("assistant", pair[1])]
-    messages += [Message("user", user), Message("assistant", response)]
+    messages = _history(row, spec.column("history"))
+    messages.append(Message("user", "\n".join(x for x in (prompt, query) if x)))
+    response_col = spec.column("response")
+    if need_response or (response_col and row.data.get(response_col) is not None):
+        messages.append(Message("assistant", _text(row, response_col, required=True, role="response")))
     system = _text(row, spec.column("system"), required=False, role="system") or None
-    return Conversation(tuple(messages), system=system, origin=row.where)
+    return messages, system, _tools(row, spec)
 
+
+def _history(row: Row, column: str | None) -> list[Message]:
+    if not column or row.data.get(column) is None:
+        return []
+    history = row.data[column]
+    if not isinstance(history, list):
+        raise DataError(
+            f"{row.where}: {column!r} must be a list of [user, assistant] pairs, got {type(history).__name__}"
+        )
+    out: list[Message] = []
+    for j, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise DataError(
+                f"{row.where}: {column}[{j}] must be a pair of strings [user, assistant], got {pair!r:.80}"
+            )
+        out += [Message("user", pair[0]), Message("assistant", pair[1])]
+    return out
+
+
+# --- sharegpt / openai ------------------------------------------------------------------
+
+def _roles_by_tag(spec: DatasetSpec) -> dict[str, str]:
+    t = spec.tags
+    return {t["user_tag"]: "user", t["assistant_tag"]: "assistant",
+            t["observation_tag"]: "observation", t["function_tag"]: "function",
+            t["system_tag"]: "system"}
+
+
+def _sharegpt_messages(row: Row, spec: DatasetSpec):
+    column = spec.column("messages")
+    raw = row.data.get(column) if column else None
+    if raw is None:
+        have = ", ".join(sorted(row.data)) or "none"
+        raise DataError(
+            f"{row.where}: column {column!r} (messages) is missing; the row has: {have}. "
+            "Fix the row or map columns.messages in dataset_info.json"
+        )
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{row.where}: {column!r} must be a non-empty list of messages")
+    messages = [_message(m, j, row, spec, column) for j, m in enumerate(raw)]
+    system = _text(row, spec.column("system"), required=False, role="system") or None
+    if messages and messages[0].role == "system":
+        system = messages[0].content
+        messages = messages[1:]
+    for j, m in enumerate(messages):
+        if m.role == "system":
+            raise DataError(f"{row.where}: {column}[{j + 1}] is a system message; only the first may be")
+    return messages, system, _tools(row, spec)
+
+
+def _message(m: Any, j: int, row: Row, spec: DatasetSpec, column: str) -> Message:
+    t = spec.tags
+    if not isinstance(m, dict):
+        raise DataError(f"{row.where}: {column}[{j}] must be an object, got {type(m).__name__}")
+    roles = _roles_by_tag(spec)
+    tag = m.get(t["role_tag"])
+    if tag not in roles:
+        raise DataError(
+            f"{row.where}: {column}[{j}].{t['role_tag']} is {tag!r}; expected one of "
+            f"{', '.join(repr(k) for k in roles)} (set tags in dataset_info.json if yours differ)"
+        )
+    content = m.get(t["content_tag"])
+    if isinstance(content, (dict, list)) and roles[tag] == "function":
+        content = json.dumps(content, ensure_ascii=False)
+    if not isinstance(content, str):
+        raise DataError(
+            f"{row.where}: {column}[{j}].{t['content_tag']} must be a string, got {type(content).__name__}"
+        )
+    return Message(roles[tag], content)
+
+
+def _check_alternation(messages: list[Message], row: Row, spec: DatasetSpec,
+                       ends_with_response: bool) -> None:
+    where = f"{row.where}: {spec.column('messages') or 'messages'}"
+    if not messages:
+        raise DataError(f"{where} has no messages besides the system prompt")
+    for j, m in enumerate(messages):
+        want = PROMPT_ROLES if j % 2 == 0 else RESPONSE_ROLES
+        if m.role not in want:
+            raise DataError(
+                f"{where}: message {j} is {m.role!r} but roles must alternate "
+                f"(user/observation, then assistant/function, ...); expected {' or '.join(want)}"
+            )
+    if ends_with_response:
+        if messages[-1].role not in RESPONSE_ROLES:
+            raise DataError(f"{where}: the last message is from {messages[-1].role!r}; it must be a reply to train on")
+        if not messages[-1].content.strip():
+            raise DataError(f"{where}: the last reply is empty; there is nothing to train on")
+
+
+# --- preference and KTO ---------------------------------------------------------------
+
+def _pairwise(row: Row, spec: DatasetSpec) -> dict[str, Any]:
+    if not spec.ranking:
+        raise DataError(
+            f"dataset {spec.name!r} is not preference data; stages rm/dpo want "
+            f"{_KIND_WANTS['pairwise']}: set ranking: true and map chosen/rejected columns"
+        )
+    conv = conversation(row, spec, need_response=False)
+    if conv.messages[-1].role not in PROMPT_ROLES:
+        raise DataError(f"{row.where}: the prompt of a preference pair must end with a user message")
+    replies = {}
+    for which in ("chosen", "rejected"):
+        col = spec.column(which)
+        value = row.data.get(col) if col else None
+        if isinstance(value, dict):  # sharegpt style: {"from": "gpt", "value": "..."}
+            value = value.get(spec.tags.get("content_tag", "value"))
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(
+                f"{row.where}: preference data needs both chosen and rejected; column {col!r} "
+                f"({which}) is missing or empty"
+            )
+        replies[which] = value
+    out = conv.to_row()
+    out.update(replies)
+    return out
+
+
+def _kto_tag(row: Row, spec: DatasetSpec) -> bool:
+    col = spec.column("kto_tag") or "kto_tag"
+    value = row.data.get(col)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise DataError(
+            f"{row.where}: column {col!r} (kto_tag) must be true or false, got {value!r:.40}; "
+            "map columns.kto_tag in dataset_info.json"
+        )
+    return value
+
+
+# --- fields --------------------------------------------------------------------------
 
 def _text(row: Row, column: str | None, *, required: bool, role: str) -> str:
     if column is None:
@@ -59,3 +238,30 @@ def _text(row: Row, column: str | None, *, required: bool, role: str) -> str:
     if required and role == "response" and not value.strip():
         raise DataError(f"{row.where}: column {column!r} ({role}) is empty; there is nothing to train on")
     return value
+
+
+def _text_field(row: Row, spec: DatasetSpec, role: str, fallback: str) -> str:
+    col = spec.column(role)
+    if col not in row.data and spec.column(fallback) in row.data:
+        col = spec.column(fallback)
+    text = _text(row, col, required=True, role=role)
+    if not text.strip():
+        raise DataError(f"{row.where}: column {col!r} ({role}) is empty")
+    return text
+
+
+def _tools(row: Row, spec: DatasetSpec) -> str | None:
+    col = spec.column("tools")
+    value = row.data.get(col) if col else None
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    if not isinstance(value, str):
+        raise DataError(f"{row.where}: column {col!r} (tools) must be a JSON string or list")
+    return value
+
+
+def alpaca_to_conversation(row: Row, spec: DatasetSpec) -> Conversation:
+    """Kept for callers that want the typed object of an SFT row."""
+    return conversation(row, spec, need_response=True)

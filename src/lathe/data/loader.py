@@ -1,87 +1,372 @@
-"""Registry -> files -> conversations -> tokenized `datasets.Dataset` splits."""
+"""Registry -> files -> converted rows -> cleaning -> mixing -> tokenized splits.
+
+Tokenization runs through `datasets.map` (batched, `preprocessing_num_workers`
+processes). Its result is cached on disk under a key made of everything that
+shapes it (files, their sizes and times, the dataset entries, the data keys, the
+tokenizer, the template), so a second run with the same inputs loads in a moment;
+`overwrite_cache: true` redoes it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import html
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lathe.config.schema import DataConfig
-from lathe.data.formats import alpaca_to_conversation
+from lathe.data.formats import STAGE_KIND, convert
 from lathe.data.processors import make_sft_preprocess
-from lathe.data.registry import get_spec
-from lathe.data.sources import read_rows
+from lathe.data.registry import DatasetSpec, get_spec, load_hub_rows
+from lathe.data.sources import Row, data_files, iter_rows
 from lathe.data.templates import Template
 from lathe.errors import DataError
+
+CACHE_VERSION = "1"
+STREAM_CHECK_ROWS = 100  # rows of each streamed dataset validated before training starts
+
+# Processors by kind: each returns a batched `datasets.map` function. Stages add theirs.
+Processor = Callable[..., Callable[[dict[str, list]], dict[str, list]]]
+PROCESSORS: dict[str, Processor] = {"sft": make_sft_preprocess}
 
 
 @dataclass
 class DataStats:
     rows_read: dict[str, int] = field(default_factory=dict)
+    cleaning: dict[str, int] = field(default_factory=dict)
     dropped_empty_response: int = 0
     train_rows: int = 0
     eval_rows: int = 0
     train_tokens: int = 0
     trained_tokens: int = 0
+    cache: str = "off"  # "hit", "miss" or "off" (streaming)
 
 
 @dataclass
 class SplitData:
-    train: Any  # datasets.Dataset
+    train: Any  # datasets.Dataset or IterableDataset
     eval: Any | None
     stats: DataStats
 
 
-def load_conversations(data: DataConfig) -> tuple[list[dict], DataStats]:
-    """Every row of every named dataset as a conversation row (validated)."""
+# --- reading and converting -----------------------------------------------------------
+
+def _source_rows(spec: DatasetSpec, streaming: bool) -> Iterator[Row]:
+    if spec.hub is not None:
+        return load_hub_rows(spec, streaming=streaming)
+    return iter_rows(spec.path, spec.name)
+
+
+def _converted(spec: DatasetSpec, data: DataConfig, kind: str, limit: int | None) -> Iterator[dict]:
+    """Converted rows of one dataset, at most `limit` (max_samples / num_samples)."""
+    n = 0
+    for row in _source_rows(spec, data.streaming):
+        if limit is not None and n >= limit:
+            return
+        n += 1
+        try:
+            yield convert(row, spec, kind)
+        except DataError as e:
+            if data.min_response_chars > 0 and _is_empty_reply_error(e):
+                yield {"_dropped": "dropped_empty_response_rows", "origin": row.where}
+                continue
+            raise
+
+
+def _is_empty_reply_error(e: DataError) -> bool:
+    text = str(e)
+    return "is empty; there is nothing to train on" in text or "last reply is empty" in text
+
+
+def _limit(data: DataConfig, spec: DatasetSpec) -> int | None:
+    limits = [x for x in (data.max_samples, spec.num_samples) if x is not None]
+    return min(limits) if limits else None
+
+
+def load_conversations(data: DataConfig, kind: str = "sft",
+                       names: list[str] | None = None) -> tuple[list[dict], DataStats]:
+    """Every row of every named dataset, converted and cleaned (validated up front).
+
+    Rows keep the order of `dataset`; `stats.rows_read` gives each dataset's count
+    after cleaning, in order, so callers can split them again for interleaving.
+    """
     stats = DataStats()
     rows: list[dict] = []
-    for name in data.dataset or []:
+    cleaner = Cleaner(data, stats)
+    for name in names if names is not None else (data.dataset or []):
         spec = get_spec(name, data.dataset_dir)
-        raw = read_rows(spec.path, name)
-        limit = min(x for x in (data.max_samples, spec.num_samples, len(raw)) if x is not None)
-        raw = raw[:limit]
-        rows += [alpaca_to_conversation(r, spec).to_row() for r in raw]
-        stats.rows_read[name] = len(raw)
+        kept = [r for r in (cleaner(r) for r in _converted(spec, data, kind, _limit(data, spec))) if r]
+        if not kept:
+            raise DataError(f"dataset {name!r}: no row is left after cleaning; relax the cleaning keys")
+        rows += kept
+        stats.rows_read[name] = len(kept)
     return rows, stats
 
 
+def check_streamed(data: DataConfig, kind: str) -> None:
+    """For streaming: validate the first rows of each dataset before anything slow starts."""
+    for name in (data.dataset or []) + (data.eval_dataset or []):
+        spec = get_spec(name, data.dataset_dir)
+        if spec.path is not None:
+            data_files(spec.path, name)
+        for _ in zip(range(STREAM_CHECK_ROWS), _converted(spec, data, kind, STREAM_CHECK_ROWS)):
+            pass
+
+
+# --- cleaning -------------------------------------------------------------------------
+
+_TAG = re.compile(r"<(?!\|)[^<>]{1,200}>")  # HTML tags, not <|special|> tokens
+_URL = re.compile(r"(?:https?://|www\.)\S+")
+_SPACES = re.compile(r"[ \t\u00a0]+")
+_BLANKS = re.compile(r"\n{3,}")
+_TEXT_KEYS = ("contents", "system", "chosen", "rejected", "text")
+
+
+class Cleaner:
+    """The cleaning keys, applied row by row; counts what each step changed or removed."""
+
+    def __init__(self, data: DataConfig, stats: DataStats) -> None:
+        self.data, self.stats = data, stats
+        self.seen: set[str] = set()
+        self.active = any((data.strip_html, data.strip_urls, data.normalize_whitespace,
+                           data.min_response_chars, data.dedup))
+
+    def _count(self, key: str) -> None:
+        self.stats.cleaning[key] = self.stats.cleaning.get(key, 0) + 1
+
+    def _clean_text(self, text: str) -> str:
+        d = self.data
+        if d.strip_html and _TAG.search(text):
+            text = html.unescape(_TAG.sub("", text))
+        if d.strip_urls:
+            text = _URL.sub("", text)
+        if d.normalize_whitespace or d.strip_html or d.strip_urls:
+            text = _BLANKS.sub("\n\n", _SPACES.sub(" ", text)).strip()
+        return text
+
+    def __call__(self, row: dict) -> dict | None:
+        if "_dropped" in row:
+            self._count(row["_dropped"])
+            return None
+        if not self.active:
+            return row
+        d = self.data
+        if d.strip_html or d.strip_urls or d.normalize_whitespace:
+            before = json.dumps(row, sort_keys=True, ensure_ascii=False)
+            for key in _TEXT_KEYS:
+                if key not in row:
+                    continue
+                value = row[key]
+                row[key] = [self._clean_text(v) for v in value] if isinstance(value, list) \
+                    else self._clean_text(value)
+            if json.dumps(row, sort_keys=True, ensure_ascii=False) != before:
+                self._count("rows_cleaned")
+        if d.min_response_chars > 0 and min(map(len, _responses(row)), default=0) < d.min_response_chars:
+            self._count("dropped_short_rows")
+            return None
+        if d.dedup:
+            key = hashlib.sha1(json.dumps({k: v for k, v in row.items() if k != "origin"},
+                                          sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+            if key in self.seen:
+                self._count("dropped_duplicate_rows")
+                return None
+            self.seen.add(key)
+        return row
+
+
+def _responses(row: dict) -> list[str]:
+    if "chosen" in row:
+        return [row["chosen"].strip(), row["rejected"].strip()]
+    if "contents" in row and row.get("roles") and row["roles"][-1] in ("assistant", "function"):
+        return [row["contents"][-1].strip()]
+    if "text" in row:
+        return [row["text"].strip()]
+    return []
+
+
+# --- mixing ---------------------------------------------------------------------------
+
+def _per_dataset(rows: list[dict], counts: dict[str, int]) -> list[list[dict]]:
+    out, start = [], 0
+    for n in counts.values():
+        out.append(rows[start:start + n])
+        start += n
+    return out
+
+
+def _mix(parts: list[Any], data: DataConfig, seed: int) -> Any:
+    from datasets import concatenate_datasets, interleave_datasets
+
+    if len(parts) == 1:
+        return parts[0]
+    if data.mix_strategy == "concat":
+        return concatenate_datasets(parts)
+    return interleave_datasets(
+        parts,
+        probabilities=data.interleave_probs,
+        seed=seed,
+        stopping_strategy="first_exhausted" if data.mix_strategy == "interleave_under" else "all_exhausted",
+    )
+
+
+# --- tokenizing, with a cache -----------------------------------------------------------
+
 def load_sft_data(data: DataConfig, tokenizer: Any, template: Template, seed: int,
                   conversations: tuple[list[dict], DataStats] | None = None) -> SplitData:
-    """Tokenize and split; `conversations` (from `load_conversations`) saves a second read."""
-    from datasets import Dataset  # heavy import, only when data is really loaded
+    return load_tokenized(data, tokenizer, template, seed, "sft", conversations)
 
-    rows, stats = conversations or load_conversations(data)
-    ds = Dataset.from_list(rows)
-    preprocess = make_sft_preprocess(template, tokenizer, data.cutoff_len, data.train_on_prompt)
-    ds = ds.map(
-        preprocess,
-        batched=True,
-        num_proc=data.preprocessing_num_workers,
-        remove_columns=ds.column_names,
-        desc="Tokenizing",
-    )
+
+def load_tokenized(data: DataConfig, tokenizer: Any, template: Template, seed: int, kind: str,
+                   conversations: tuple[list[dict], DataStats] | None = None) -> SplitData:
+    """Tokenized train/eval splits; `conversations` (from `load_conversations`) saves a re-read."""
+    make = PROCESSORS[kind]
+    preprocess = make(template, tokenizer, data.cutoff_len, data.train_on_prompt,
+                      data.train_on_last_turn_only)
+    if data.streaming:
+        return _load_streaming(data, preprocess, kind, seed)
+
+    from datasets import Dataset, load_from_disk
+
+    key = cache_key(data, tokenizer, template, seed, kind)
+    cache_dir = cache_root() / "data" / key
+    if cache_dir.is_dir() and not data.overwrite_cache:
+        stats = DataStats(**json.loads((cache_dir / "stats.json").read_text()))
+        stats.cache = "hit"
+        train = load_from_disk(str(cache_dir / "train"))
+        ev = load_from_disk(str(cache_dir / "eval")) if (cache_dir / "eval").is_dir() else None
+        return SplitData(train, ev, stats)
+
+    rows, stats = conversations or load_conversations(data, kind)
+    parts = [Dataset.from_list(part) for part in _per_dataset(rows, stats.rows_read)]
+    train = _tokenize(_mix(parts, data, seed), preprocess, data, stats)
+    ev = None
+    if data.eval_dataset:
+        eval_rows, eval_stats = load_conversations(data, kind, names=data.eval_dataset)
+        ev = _tokenize(Dataset.from_list(eval_rows), preprocess, data, DataStats())
+    elif data.val_size:
+        train, ev = _split(train, data.val_size, seed)
+    _count(train, ev, stats)
+    stats.cache = "miss"
+    _save_cache(cache_dir, train, ev, stats)
+    return SplitData(train, ev, stats)
+
+
+def _tokenize(ds: Any, preprocess: Callable, data: DataConfig, stats: DataStats) -> Any:
+    ds = ds.map(preprocess, batched=True, batch_size=data.preprocessing_batch_size,
+                num_proc=data.preprocessing_num_workers, remove_columns=ds.column_names,
+                load_from_cache_file=False, desc="Tokenizing")
     before = len(ds)
-    ds = ds.filter(lambda ex: len(ex["input_ids"]) > 0, desc="Dropping rows with nothing to train")
-    stats.dropped_empty_response = before - len(ds)
+    ds = ds.filter(lambda ids: len(ids) > 0, input_columns="input_ids",
+                   num_proc=data.preprocessing_num_workers, desc="Dropping rows with nothing to train")
+    stats.dropped_empty_response += before - len(ds)
     if len(ds) == 0:
         raise DataError(
             f"every row of {', '.join(data.dataset or [])} was dropped: with cutoff_len="
             f"{data.cutoff_len} no response token is left to train; raise cutoff_len"
         )
+    return ds
 
-    eval_ds = None
-    if data.val_size:
-        size: float | int = int(data.val_size) if data.val_size >= 1 else data.val_size
-        if (int(size) if size >= 1 else max(1, round(size * len(ds)))) >= len(ds):
-            raise DataError(
-                f"val_size={data.val_size} leaves no training rows out of {len(ds)}; make it smaller"
-            )
-        split = ds.train_test_split(test_size=size, seed=seed)
-        ds, eval_ds = split["train"], split["test"]
 
-    stats.train_rows = len(ds)
-    stats.eval_rows = len(eval_ds) if eval_ds is not None else 0
-    lengths = [len(x) for x in ds["input_ids"]]
-    stats.train_tokens = sum(lengths)
-    stats.trained_tokens = sum(sum(1 for t in lab if t != -100) for lab in ds["labels"])
-    return SplitData(ds, eval_ds, stats)
+def _split(ds: Any, val_size: float, seed: int) -> tuple[Any, Any]:
+    size: float | int = int(val_size) if val_size >= 1 else val_size
+    n_eval = int(size) if size >= 1 else max(1, round(size * len(ds)))
+    if n_eval >= len(ds):
+        raise DataError(f"val_size={val_size} leaves no training rows out of {len(ds)}; make it smaller")
+    split = ds.train_test_split(test_size=size, seed=seed)
+    return split["train"], split["test"]
+
+
+def _count(train: Any, ev: Any | None, stats: DataStats) -> None:
+    stats.train_rows = len(train)
+    stats.eval_rows = len(ev) if ev is not None else 0
+    stats.train_tokens = sum(len(x) for x in train["input_ids"])
+    stats.trained_tokens = sum(sum(1 for t in lab if t != -100) for lab in train["labels"])
+
+
+def _load_streaming(data: DataConfig, preprocess: Callable, kind: str, seed: int) -> SplitData:
+    from datasets import IterableDataset
+
+    stats = DataStats(cache="off")
+    cleaner = Cleaner(data, stats)
+
+    def stream(names: list[str]) -> list[Any]:
+        parts = []
+        for name in names:
+            spec = get_spec(name, data.dataset_dir)
+
+            def gen(spec=spec):
+                for row in _converted(spec, data, kind, _limit(data, spec)):
+                    kept = cleaner(row)
+                    if kept:
+                        yield kept
+            parts.append(IterableDataset.from_generator(gen))
+        return parts
+
+    def tokenize(ds: Any) -> Any:
+        first = next(iter(ds.take(1)), None)
+        columns = list(first) if first else None
+        ds = ds.map(preprocess, batched=True, batch_size=data.preprocessing_batch_size,
+                    remove_columns=columns)
+        return ds.filter(lambda ids: len(ids) > 0, input_columns="input_ids")
+
+    train = tokenize(_mix(stream(data.dataset or []), data, seed))
+    ev = None
+    if data.eval_dataset:
+        ev = tokenize(_mix(stream(data.eval_dataset), data, seed))
+    elif data.val_size:
+        n = int(data.val_size)
+        ev, train = train.take(n), train.skip(n)
+    return SplitData(train, ev, stats)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LATHE_HOME", Path.home() / ".cache" / "lathe")) / "cache"
+
+
+def cache_key(data: DataConfig, tokenizer: Any, template: Template, seed: int, kind: str) -> str:
+    """A hash of everything that shapes the tokenized data."""
+    from lathe import __version__
+
+    h = hashlib.sha256()
+    h.update(f"{CACHE_VERSION}|{__version__}|{kind}|{seed}|{repr(template)}".encode())
+    h.update(json.dumps(asdict(data), sort_keys=True, default=str).encode())
+    for name in (data.dataset or []) + (data.eval_dataset or []):
+        spec = get_spec(name, data.dataset_dir)
+        h.update(repr(spec).encode())
+        if spec.path is not None:
+            for f in data_files(spec.path, name):
+                st = f.stat()
+                h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    h.update(repr(sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())).encode())
+    return h.hexdigest()[:24]
+
+
+def _save_cache(cache_dir: Path, train: Any, ev: Any | None, stats: DataStats) -> None:
+    """Write atomically: a crash or a second process never leaves a half-written cache."""
+    tmp: Path | None = None
+    try:
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir.parent))
+        train.save_to_disk(str(tmp / "train"))
+        if ev is not None:
+            ev.save_to_disk(str(tmp / "eval"))
+        (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
+        if cache_dir.exists():
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        os.replace(tmp, cache_dir)
+    except OSError:
+        if tmp is not None:  # another process won, or the disk is read-only: only speed is lost
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stage_kind(stage: str) -> str:
+    return STAGE_KIND.get(stage, "sft")

@@ -35,11 +35,13 @@ def tokenize_conversation(
     tokenizer: Any,
     cutoff_len: int,
     train_on_prompt: bool = False,
+    train_on_last_turn_only: bool = False,
 ) -> dict[str, list[int]]:
     input_ids: list[int] = []
     labels: list[int] = []
     budget = cutoff_len
-    for prompt, response in template.encode_turns(conv, tokenizer):
+    turns = template.encode_turns(conv, tokenizer)
+    for i, (prompt, response) in enumerate(turns):
         if budget <= 0:
             break  # later turns are dropped first
         keep_p, keep_r = split_budget(len(prompt), len(response), budget)
@@ -47,7 +49,9 @@ def tokenize_conversation(
         prompt = prompt[len(prompt) - keep_p:] if keep_p else []
         response = response[:keep_r]
         input_ids += prompt + response
-        labels += (prompt if train_on_prompt else [IGNORE_INDEX] * len(prompt)) + response
+        trained = not train_on_last_turn_only or i == len(turns) - 1
+        labels += (prompt if train_on_prompt and trained else [IGNORE_INDEX] * len(prompt))
+        labels += response if trained else [IGNORE_INDEX] * len(response)
         budget -= keep_p + keep_r
     return {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
 
@@ -57,13 +61,15 @@ def rows_to_conversations(batch: dict[str, list]) -> list[Conversation]:
     return [Conversation.from_row({k: batch[k][i] for k in keys}) for i in range(len(batch[keys[0]]))]
 
 
-def make_sft_preprocess(template: Template, tokenizer: Any, cutoff_len: int, train_on_prompt: bool):
+def make_sft_preprocess(template: Template, tokenizer: Any, cutoff_len: int, train_on_prompt: bool,
+                        train_on_last_turn_only: bool = False):
     """A batched `datasets.map` function; rows with no trained token get empty ids."""
 
     def preprocess(batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
         for conv in rows_to_conversations(batch):
-            enc = tokenize_conversation(conv, template, tokenizer, cutoff_len, train_on_prompt)
+            enc = tokenize_conversation(conv, template, tokenizer, cutoff_len, train_on_prompt,
+                                        train_on_last_turn_only)
             if not any(label != IGNORE_INDEX for label in enc["labels"]):
                 enc = {"input_ids": [], "labels": [], "attention_mask": []}  # filtered out later
             for key in out:

@@ -1,15 +1,23 @@
-"""Read rows from data files, remembering where each came from."""
+"""Read rows from data files, remembering where each came from.
+
+Supported: .json (an array of objects, or JSON lines), .jsonl, .csv, .parquet, .arrow
+(as written by `datasets`), .txt (one text per line, for pretraining), and folders of
+them. Each row carries `where` ("data/x.jsonl line 17", "data/x.json row 3") so that
+every later error can name the file and row.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lathe.errors import DataError
 
-SUFFIXES = (".json", ".jsonl")
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
 
 
 @dataclass(frozen=True)
@@ -18,45 +26,62 @@ class Row:
     where: str  # "data/x.jsonl line 17" or "data/x.json row 3"
 
 
-def read_rows(path: Path, dataset: str) -> list[Row]:
-    """All rows of a file, or of every .json/.jsonl file in a folder (sorted by name)."""
+def data_files(path: Path, dataset: str) -> list[Path]:
+    """The files behind a dataset entry: the file itself, or a folder's supported files."""
     if not path.exists():
-        raise DataError(f"dataset {dataset!r}: file {path} does not exist (check file_name in dataset_info.json)")
-    files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES) if path.is_dir() else [path]
-    if not files:
-        raise DataError(f"dataset {dataset!r}: folder {path} holds no {' or '.join(SUFFIXES)} files")
-    rows: list[Row] = []
-    for f in files:
-        rows += _read_file(f, dataset)
-    if not rows:
-        raise DataError(f"dataset {dataset!r}: {path} is empty; it must hold at least one row")
-    return rows
-
-
-def _read_file(path: Path, dataset: str) -> list[Row]:
+        raise DataError(
+            f"dataset {dataset!r}: file {path} does not exist (check file_name in dataset_info.json)"
+        )
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(
+                f"dataset {dataset!r}: folder {path} holds no data files ({', '.join(SUFFIXES)})"
+            )
+        return files
     if path.suffix not in SUFFIXES:
         raise DataError(
-            f"dataset {dataset!r}: {path} has an unsupported type; use {' or '.join(SUFFIXES)}"
+            f"dataset {dataset!r}: {path} has an unsupported type; use one of {', '.join(SUFFIXES)}"
         )
+    return [path]
+
+
+def iter_rows(path: Path, dataset: str) -> Iterator[Row]:
+    """Rows one at a time (used for streaming); same checks as `read_rows`."""
+    seen = False
+    for f in data_files(path, dataset):
+        for row in _READERS[f.suffix](f):
+            seen = True
+            yield row
+    if not seen:
+        raise DataError(f"dataset {dataset!r}: {path} is empty; it must hold at least one row")
+
+
+def read_rows(path: Path, dataset: str) -> list[Row]:
+    """All rows of a file, or of every supported file in a folder (sorted by name)."""
+    return list(iter_rows(path, dataset))
+
+
+def _read_json(path: Path) -> Iterator[Row]:
     text = path.read_text(encoding="utf-8")
     if not text.strip():
-        raise DataError(f"dataset {dataset!r}: {path} is empty; it must hold at least one row")
+        return
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        return _read_jsonl(path, text)
+        yield from _read_jsonl(path, text)
+        return
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
-    rows = []
     for i, item in enumerate(data):
         if not isinstance(item, dict):
-            raise DataError(f"{path} row {i}: expected an object with named columns, got {type(item).__name__}")
-        rows.append(Row(item, f"{path} row {i}"))
-    return rows
+            raise DataError(
+                f"{path} row {i}: expected an object with named columns, got {type(item).__name__}"
+            )
+        yield Row(item, f"{path} row {i}")
 
 
-def _read_jsonl(path: Path, text: str) -> list[Row]:
-    rows = []
+def _read_jsonl(path: Path, text: str) -> Iterator[Row]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -69,5 +94,51 @@ def _read_jsonl(path: Path, text: str) -> list[Row]:
             ) from None
         if not isinstance(item, dict):
             raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(item).__name__}")
-        rows.append(Row(item, f"{path} line {lineno}"))
-    return rows
+        yield Row(item, f"{path} line {lineno}")
+
+
+def _read_csv(path: Path) -> Iterator[Row]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            return
+        for row in reader:
+            if None in row:  # more cells than header columns
+                raise DataError(
+                    f"{path} line {reader.line_num}: more cells than the header has columns"
+                )
+            yield Row(dict(row), f"{path} line {reader.line_num}")
+
+
+def _read_table(path: Path) -> Iterator[Row]:
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        else:
+            from datasets import Dataset
+
+            table = Dataset.from_file(str(path)).data.table
+    except Exception as e:  # pyarrow raises many types for a broken file
+        raise DataError(f"{path}: cannot be read as {path.suffix[1:]} ({str(e).splitlines()[0][:120]})") from None
+    for i, item in enumerate(table.to_pylist()):
+        yield Row(item, f"{path} row {i}")
+
+
+def _read_txt(path: Path) -> Iterator[Row]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            text = line.rstrip("\n")
+            if text.strip():
+                yield Row({"text": text}, f"{path} line {lineno}")
+
+
+_READERS = {
+    ".json": _read_json,
+    ".jsonl": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_table,
+    ".arrow": _read_table,
+    ".txt": _read_txt,
+}
