@@ -140,6 +140,9 @@ def test_second_run_hits_the_cache_and_overwrite_cache_redoes_it(data, tokenizer
     redo = load_tokenized(cfg(data, dataset="jsonl", max_samples=7, overwrite_cache=True),
                           tokenizer, t, seed=1, kind="sft")
     assert redo.stats.cache == "miss"
+    workers = load_tokenized(cfg(data, dataset="jsonl", max_samples=7, preprocessing_num_workers=2),
+                             tokenizer, t, seed=1, kind="sft")
+    assert workers.stats.cache == "hit"  # how fast it is made is not part of the key
     changed = load_tokenized(cfg(data, dataset="jsonl", max_samples=7, cutoff_len=8),
                              tokenizer, t, seed=1, kind="sft")
     assert changed.stats.cache == "miss"  # a different key shapes the data: no stale cache

@@ -330,13 +330,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("LATHE_HOME", Path.home() / ".cache" / "lathe")) / "cache"
 
 
+# Keys that change how fast the data is made, not what it is.
+_NOT_IN_KEY = {"overwrite_cache", "preprocessing_num_workers", "preprocessing_batch_size"}
+
+
 def cache_key(data: DataConfig, tokenizer: Any, template: Template, seed: int, kind: str) -> str:
     """A hash of everything that shapes the tokenized data."""
     from lathe import __version__
 
     h = hashlib.sha256()
     h.update(f"{CACHE_VERSION}|{__version__}|{kind}|{seed}|{repr(template)}".encode())
-    h.update(json.dumps(asdict(data), sort_keys=True, default=str).encode())
+    shaping = {k: v for k, v in asdict(data).items() if k not in _NOT_IN_KEY}
+    h.update(json.dumps(shaping, sort_keys=True, default=str).encode())
     for name in (data.dataset or []) + (data.eval_dataset or []):
         spec = get_spec(name, data.dataset_dir)
         h.update(repr(spec).encode())
