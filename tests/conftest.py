@@ -44,7 +44,13 @@ def data_dir(tmp_path_factory) -> Path:
     rows = json.loads(IDENTITY.read_text(encoding="utf-8"))
     (d / "identity.json").write_text(json.dumps(rows), encoding="utf-8")
     (d / "identity.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
-    info = {"identity": {"file_name": "identity.json"}, "identity_jsonl": {"file_name": "identity.jsonl"}}
+    chats = [{"conversations": [{"from": "human", "value": r["instruction"]},
+                                {"from": "gpt", "value": r["output"]},
+                                {"from": "human", "value": "Thanks!"},
+                                {"from": "gpt", "value": "You are welcome."}]} for r in rows]
+    (d / "identity_sharegpt.jsonl").write_text("\n".join(json.dumps(c) for c in chats), encoding="utf-8")
+    info = {"identity": {"file_name": "identity.json"}, "identity_jsonl": {"file_name": "identity.jsonl"},
+            "identity_sharegpt": {"file_name": "identity_sharegpt.jsonl", "formatting": "sharegpt"}}
     (d / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
     return d
 

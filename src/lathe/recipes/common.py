@@ -275,9 +275,12 @@ def print_summary(cfg: LatheConfig, model: Any, model_path: str, data: Any, exam
         f"  params     {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.4f}%)",
         f"  data       {rows} rows -> train {st.train_rows}, eval {st.eval_rows}; "
         f"{st.dropped_empty_response} dropped (no response left within cutoff_len={cfg.data.cutoff_len})",
-        f"  tokens     {st.train_tokens:,} in training rows, {st.trained_tokens:,} trained",
+        f"  tokens     {st.train_tokens:,} in training rows, {st.trained_tokens:,} trained"
+        f" (tokenized data: cache {st.cache})",
         f"  output     {cfg.train.output_dir}",
     ]
+    if st.cleaning:
+        lines.append("  cleaning   " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in st.cleaning.items()))
     lines += [f"  note       {n}" for n in notes]
     lines += ["  example    (trained tokens marked)", _indent(example, "    ")]
     print("\n".join(lines), flush=True)
