@@ -218,3 +218,12 @@ def interleave_probs_fit(cfg: LatheConfig) -> None:
 def eval_source_is_single(cfg: LatheConfig) -> None:
     if cfg.data.eval_dataset and cfg.data.val_size:
         raise ConfigError("give either val_size (split off the training data) or eval_dataset, not both")
+
+
+@check
+def packing_needs_a_known_length(cfg: LatheConfig) -> None:
+    if cfg.data.packing and cfg.data.streaming:
+        raise ConfigError(
+            "packing: true cannot be combined with streaming: true (packing sorts the whole set "
+            "by length); turn one of them off"
+        )

@@ -352,6 +352,7 @@ def cache_key(data: DataConfig, tokenizer: Any, template: Template, seed: int, k
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
     h.update(repr(sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())  # `template: auto` renders with it
     return h.hexdigest()[:24]
 
 

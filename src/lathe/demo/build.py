@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,8 +56,13 @@ def training_texts() -> list[str]:
     return [x for x in lines if x.strip()]
 
 
-def build_tokenizer(vocab_size: int):
-    """Train a byte-level BPE tokenizer on the bundled text."""
+def build_tokenizer(vocab_size: int, extra_special_tokens: Sequence[str] = ()):
+    """Train a byte-level BPE tokenizer on the bundled text.
+
+    `extra_special_tokens` are added after SPECIAL_TOKENS as special tokens (tests use them
+    to build tokenizers that carry other models' chat-template tokens).
+    """
+    extra = [t for t in dict.fromkeys(extra_special_tokens) if t not in SPECIAL_TOKENS]
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -65,7 +71,7 @@ def build_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + extra,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -74,7 +80,7 @@ def build_tokenizer(vocab_size: int):
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
+        additional_special_tokens=["<|im_start|>", *extra],
     )
     fast.chat_template = CHATML_JINJA
     return fast

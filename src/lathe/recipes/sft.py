@@ -7,6 +7,7 @@ import math
 from lathe.config.schema import LatheConfig
 from lathe.data.inspect import mark_trained
 from lathe.data.loader import load_conversations, load_sft_data
+from lathe.data.packing import pack_for_training
 from lathe.data.templates import get_template
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import fix_pad_token, load_model, load_tokenizer, resolve_model_path
@@ -36,8 +37,15 @@ def run(cfg: LatheConfig) -> RunResult:
     notes = [n for n in [fix_pad_token(tokenizer)] if n]
     data = load_sft_data(cfg.data, tokenizer, template, seed=cfg.train.seed,
                          conversations=conversations)
+    example = data.train[0]  # one example, before packing
 
     model = load_model(cfg, model_path, tokenizer)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
+                                      pad_to_multiple_of=8)
+    if cfg.data.packing:  # refuses a model whose attention would cross example boundaries
+        data, collator, note = pack_for_training(data, model, tokenizer, cfg.data.cutoff_len,
+                                                 cfg.train.per_device_train_batch_size)
+        notes.append(note)
     model = apply_finetuning(model, cfg.finetune, cfg.model)
     if cfg.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # adapters need grads flowing into checkpointed blocks
@@ -48,7 +56,6 @@ def run(cfg: LatheConfig) -> RunResult:
     if args_state is not None:
         args_state.wait_for_everyone()
 
-    example = data.train[0]
     print_summary(cfg, model, model_path, data,
                   mark_trained(example["input_ids"], example["labels"], tokenizer, color=False),
                   notes)
@@ -59,8 +66,7 @@ def run(cfg: LatheConfig) -> RunResult:
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
-                                             pad_to_multiple_of=8),
+        data_collator=collator,
     )
     install_callbacks(trainer, cfg.train.output_dir)
 

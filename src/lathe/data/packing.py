@@ -1,0 +1,257 @@
+"""Sample packing: several tokenized examples share one row of at most cutoff_len tokens.
+
+Examples are put into rows by first-fit decreasing. Inside a row, `position_ids`
+restart at 0 for every example and the label of each example's first token is
+-100, so no example learns to predict its first token from the one before it
+(the unpacked forward never predicts it either).
+
+Attention never crosses an example boundary; transformers itself enforces it:
+when a batch has `position_ids` and *no* `attention_mask` (and no cache), the
+masks in `transformers.masking_utils` (sdpa, eager, flex) split each row where the
+position ids restart and build a block-diagonal causal mask, and the flash
+attention paths turn restarting position ids of a single flattened row into
+varlen `cu_seqlens`. The collator below therefore sends `position_ids`, never an
+attention mask, `use_cache=False` (a cache switches the detection off), and
+flattens the batch into one row for flash attention. Whether a given model
+honours this is not assumed: `check_packing_support` runs a tiny packed forward
+and compares it with the unpacked one, and refuses the model if they differ.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from typing import Any
+
+from lathe.data.processors import IGNORE_INDEX
+from lathe.errors import ConfigError
+
+PAD_MULTIPLE = 8  # the unpacked collator pads to a multiple of 8 too
+
+
+# --- putting examples into rows ---------------------------------------------------------
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of example indices, longest first, each bin's lengths summing to <= capacity.
+
+    Each example goes into the first bin (in order of opening) that still has room,
+    examples taken longest first. A max-tree over the bins' free space finds that
+    bin in O(log n), so a million examples pack in seconds.
+    """
+    if capacity <= 0:
+        raise ValueError(f"capacity must be positive, got {capacity}")
+    over = [i for i, n in enumerate(lengths) if n > capacity]
+    if over:
+        raise ValueError(f"{len(over)} example(s) are longer than the capacity {capacity} "
+                         f"(index {over[0]}: {lengths[over[0]]} tokens)")
+    n = len(lengths)
+    size = 1
+    while size < n:
+        size *= 2
+    free = [capacity] * (2 * size)  # leaves: free space of bin slot k; inner nodes: max of children
+    bins: list[list[int]] = []
+    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+        need = lengths[i]
+        node = 1
+        while node < size:  # leftmost slot with enough room: an open bin, or the next empty one
+            node = 2 * node if free[2 * node] >= need else 2 * node + 1
+        slot = node - size
+        if slot == len(bins):
+            bins.append([])
+        bins[slot].append(i)
+        free[node] -= need
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return bins
+
+
+def padding_fraction(lengths: list[int], batch_size: int, packed: bool = False,
+                     capacity: int | None = None, multiple_of: int = 1, shuffles: int = 8) -> float:
+    """Share of the tokens in padded batches that are padding.
+
+    Rows are the examples themselves, or (packed) the first-fit-decreasing bins of
+    `capacity`. Like the trainer, rows are shuffled before batching; each batch is
+    padded to its longest row, rounded up to `multiple_of`. The result is the mean
+    over a few seeded shuffles, so it is an estimate that does not change run to run.
+    """
+    if packed:
+        if capacity is None:
+            raise ValueError("packed=True needs the row capacity")
+        rows = [sum(lengths[i] for i in b) for b in first_fit_decreasing(lengths, capacity)]
+    else:
+        rows = list(lengths)
+    if not rows or batch_size <= 0:
+        return 0.0
+    fractions = []
+    for seed in range(shuffles):
+        order = rows[:]
+        random.Random(seed).shuffle(order)
+        padded = 0
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            width = -(-max(batch) // multiple_of) * multiple_of
+            padded += width * len(batch)
+        fractions.append(1 - sum(rows) / padded if padded else 0.0)
+    return sum(fractions) / len(fractions)
+
+
+def pack_row(examples: list[tuple[list[int], list[int]]]) -> dict[str, list[int]]:
+    """(input_ids, labels) pairs -> one packed row with restarting position_ids."""
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for ids, labels in examples:
+        row["input_ids"] += ids
+        row["labels"] += [IGNORE_INDEX] + list(labels[1:])  # never predicted across a boundary
+        row["position_ids"] += range(len(ids))
+    return row
+
+
+def pack_dataset(ds: Any, capacity: int) -> Any:
+    """A tokenized datasets.Dataset -> packed rows of at most `capacity` tokens.
+
+    The result has input_ids, labels and position_ids (no attention_mask: the
+    boundaries live in the position ids).
+    """
+    from datasets import Dataset
+
+    cols = ds.select_columns(["input_ids", "labels"]).to_dict()
+    bins = first_fit_decreasing([len(x) for x in cols["input_ids"]], capacity)
+    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for b in bins:
+        row = pack_row([(cols["input_ids"][i], cols["labels"][i]) for i in b])
+        for key in rows:
+            rows[key].append(row[key])
+    return Dataset.from_dict(rows)
+
+
+# --- batching packed rows ----------------------------------------------------------------
+
+@dataclass
+class PackedCollator:
+    """Packed rows -> a batch with position_ids and deliberately no attention_mask.
+
+    `flatten=False` (sdpa, eager, flex): rows are right-padded to a common width; the
+    padding gets its own restarting position ids (a separate, untrained segment) and
+    label -100. `flatten=True` (flash attention, which only reads packing from a
+    single row): the rows are concatenated into one row with no padding at all.
+    """
+
+    pad_token_id: int
+    flatten: bool = False
+    pad_to_multiple_of: int = PAD_MULTIPLE
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        keys = ("input_ids", "labels", "position_ids")
+        rows = [{k: list(f[k]) for k in keys} for f in features]
+        if self.flatten:
+            rows = [{k: [t for r in rows for t in r[k]] for k in keys}]
+        else:
+            width = max(len(r["input_ids"]) for r in rows)
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            for r in rows:
+                n = width - len(r["input_ids"])
+                r["input_ids"] += [self.pad_token_id] * n
+                r["labels"] += [IGNORE_INDEX] * n
+                r["position_ids"] += range(n)
+        batch: dict[str, Any] = {k: torch.tensor([r[k] for r in rows], dtype=torch.long) for k in keys}
+        batch["use_cache"] = False  # with a cache, transformers ignores the packing in position_ids
+        return batch
+
+
+def make_collator(model: Any, tokenizer: Any) -> PackedCollator:
+    """The packed collator that fits the model's attention implementation."""
+    from transformers.utils.generic import is_flash_attention_requested
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return PackedCollator(pad_token_id=pad, flatten=is_flash_attention_requested(model.config))
+
+
+# --- does this model honour the boundaries? ------------------------------------------------
+
+def check_packing_support(model: Any, collator: PackedCollator) -> float:
+    """Refuse (ConfigError) a model whose packed forward differs from the unpacked one.
+
+    A tiny probe: examples a, a2 (same length as a), b, c; rows [a, b], [a2, b], [c].
+    Every example's logits in the packed batch must match its own unpacked forward.
+    Returns the largest logit difference seen. In float32 they must agree to 1e-4 of
+    the logit scale. In half precision, where rounding alone moves logits, the packed
+    logits must be at least 10x closer to the unpacked ones than b's logits after a
+    with no boundary (what attention across examples gives) are.
+    """
+    import torch
+
+    impl = getattr(model.config, "_attn_implementation", None) or "default"
+    name = type(model).__name__
+    weight = next(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    a, a2, b, c = (torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (7, 7, 5, 4))
+    rows = [[a, b], [a2, b], [c]]
+    batch = collator([pack_row([(s, s) for s in row]) for row in rows])
+    batch.pop("labels")
+    device = weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
+            packed = packed.logits.float()
+
+            def alone(ids: list[int]) -> Any:
+                out = model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+                return out.logits[0].float()
+
+            ref = {id(s): alone(s) for s in (a, a2, b, c)}
+            crossed = alone(a + b)[len(a):]  # b after a with no boundary
+    except Exception as e:  # noqa: BLE001 - any failure means packing cannot be trusted
+        why = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ConfigError(f"packing: true, but a packed forward of {name} ({impl} attention) failed "
+                          f"({type(e).__name__}: {why}); set packing: false") from None
+    finally:
+        model.train(was_training)
+
+    flat = packed.reshape(-1, packed.shape[-1])
+    width = 0 if collator.flatten else packed.shape[1]
+    diff, at = 0.0, 0
+    for r, row in enumerate(rows):
+        at = at if collator.flatten else r * width
+        for s in row:
+            diff = max(diff, (flat[at:at + len(s)] - ref[id(s)]).abs().max().item())
+            at += len(s)
+    scale = max(1.0, max(t.abs().max().item() for t in ref.values()))
+    cross = (crossed - ref[id(b)]).abs().max().item()
+    exact = weight.dtype in (torch.float32, torch.float64)
+    if diff <= 1e-4 * scale or (not exact and diff <= 0.1 * cross):
+        return diff
+    raise ConfigError(
+        f"packing: true, but {name} ({impl} attention) does not keep packed examples apart "
+        f"(packed logits differ from unpacked ones by {diff:.3g}); set packing: false"
+    )
+
+
+# --- the recipe's one call ------------------------------------------------------------------
+
+def pack_for_training(data: Any, model: Any, tokenizer: Any, cutoff_len: int,
+                      batch_size: int) -> tuple[Any, PackedCollator, str]:
+    """Check the model, pack train (and eval) into rows of cutoff_len; returns the packed
+    SplitData, the collator to train with, and a line for the start summary."""
+    from datasets import Dataset
+
+    if not isinstance(data.train, Dataset):
+        raise ConfigError("packing: true needs the whole dataset to pack it; "
+                          "set streaming: false or packing: false")
+    collator = make_collator(model, tokenizer)
+    check_packing_support(model, collator)
+    lengths = [len(x) for x in data.train["input_ids"]]
+    train = pack_dataset(data.train, cutoff_len)
+    ev = pack_dataset(data.eval, cutoff_len) if data.eval is not None else None
+    before = padding_fraction(lengths, batch_size, multiple_of=PAD_MULTIPLE)
+    after = 0.0 if collator.flatten else padding_fraction(
+        lengths, batch_size, packed=True, capacity=cutoff_len, multiple_of=PAD_MULTIPLE)
+    note = (f"packing {len(lengths)} examples into {len(train)} rows of <= {cutoff_len} tokens; "
+            f"padding {before:.1%} without packing, {after:.1%} with packing "
+            f"(batch size {batch_size})")
+    return replace(data, train=train, eval=ev), collator, note

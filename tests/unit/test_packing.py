@@ -1,0 +1,263 @@
+"""Sample packing: bins, packed rows, the collator, and proof that packing changes no loss."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lathe.data.loader import DataStats, SplitData
+from lathe.data.packing import (
+    PackedCollator,
+    check_packing_support,
+    first_fit_decreasing,
+    pack_dataset,
+    pack_for_training,
+    padding_fraction,
+)
+from lathe.errors import ConfigError
+
+IGNORE = -100
+VOCAB = 97
+
+
+# --- first-fit decreasing ---------------------------------------------------------------
+
+def _next_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Packing in data order: a new row whenever the next example does not fit."""
+    bins: list[list[int]] = []
+    used = capacity + 1
+    for i, n in enumerate(lengths):
+        if used + n > capacity:
+            bins.append([])
+            used = 0
+        bins[-1].append(i)
+        used += n
+    return bins
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ffd_bins_hold_every_index_once_and_never_overflow(seed):
+    rng = random.Random(seed)
+    capacity = 64
+    lengths = [rng.choice([rng.randint(1, 8), rng.randint(20, 64)]) for _ in range(300)]
+    bins = first_fit_decreasing(lengths, capacity)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
+    assert len(bins) >= -(-sum(lengths) // capacity)  # cannot beat the volume bound
+    assert len(bins) <= len(_next_fit(lengths, capacity))
+    # first fit: no later bin's first (longest) example would have fitted into an earlier bin
+    for k, b in enumerate(bins):
+        for earlier in bins[:k]:
+            assert sum(lengths[i] for i in earlier) + lengths[b[0]] > capacity
+
+
+def test_ffd_beats_in_order_packing_on_a_crafted_case():
+    lengths = [3, 3, 7, 7]  # in order: [3, 3] [7] [7]; longest first: [7, 3] [7, 3]
+    assert len(_next_fit(lengths, 10)) == 3
+    bins = first_fit_decreasing(lengths, 10)
+    assert len(bins) == 2 and sorted(sorted(b) for b in bins) == [[0, 2], [1, 3]]
+
+
+def test_ffd_edge_cases():
+    assert first_fit_decreasing([], 8) == []
+    assert first_fit_decreasing([8], 8) == [[0]]
+    with pytest.raises(ValueError, match="longer than the capacity"):
+        first_fit_decreasing([3, 9], 8)
+
+
+def test_padding_is_lower_with_packing_on_skewed_lengths():
+    rng = random.Random(0)
+    lengths = [rng.randint(4, 16) for _ in range(90)] + [rng.randint(100, 128) for _ in range(10)]
+    plain = padding_fraction(lengths, batch_size=8, multiple_of=8)
+    packed = padding_fraction(lengths, batch_size=8, packed=True, capacity=128, multiple_of=8)
+    assert plain > 0.5 and packed < 0.25 and packed < plain
+    assert padding_fraction([16] * 8, batch_size=4) == 0.0
+
+
+# --- packed rows and the collator ----------------------------------------------------------
+
+def _examples(lengths: list[int], seed: int = 0) -> list[dict[str, list[int]]]:
+    """Random examples whose first third is prompt (label -100), the rest trained."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        prompt = n // 3
+        out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:],
+                    "attention_mask": [1] * n})
+    return out
+
+
+def _dataset(examples):
+    from datasets import Dataset
+
+    return Dataset.from_list(examples)
+
+
+def test_packed_rows_restart_positions_and_mask_each_first_label():
+    examples = _examples([9, 4, 13, 6, 2, 11, 7])
+    packed = pack_dataset(_dataset(examples), 20)
+    assert len(packed) < len(examples)
+    seen = []
+    for row in packed:
+        ids, labels, pos = row["input_ids"], row["labels"], row["position_ids"]
+        assert len(ids) == len(labels) == len(pos) <= 20
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(ids)]
+        assert starts[0] == 0
+        for s, e in zip(starts, starts[1:]):
+            assert pos[s:e] == list(range(e - s))
+            assert labels[s] == IGNORE
+            seen.append((ids[s:e], labels[s + 1:e]))
+    # every example comes back whole, exactly once
+    expected = sorted((x["input_ids"], x["labels"][1:]) for x in examples)
+    assert sorted(seen) == expected
+
+
+def test_collator_pads_with_own_segment_and_sends_no_attention_mask():
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE, 6, IGNORE, 8, 9],
+             "position_ids": [0, 1, 0, 1, 2]},
+            {"input_ids": [5, 6], "labels": [IGNORE, 6], "position_ids": [0, 1]}]
+    batch = PackedCollator(pad_token_id=0)(rows)
+    assert "attention_mask" not in batch and batch["use_cache"] is False
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["position_ids"][1].tolist() == [0, 1, 0, 1, 2, 3, 4, 5]
+    assert batch["labels"][1].tolist() == [IGNORE, 6] + [IGNORE] * 6
+    flat = PackedCollator(pad_token_id=0, flatten=True)(rows)
+    assert flat["input_ids"].shape == (1, 7)
+    assert flat["position_ids"][0].tolist() == [0, 1, 0, 1, 2, 0, 1]
+
+
+# --- proof: packed loss == unpacked loss, token by token -------------------------------------
+
+def _tiny(arch: str, impl: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cls, cfg_cls = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
+    cfg = cfg_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                  pad_token_id=0, initializer_range=0.2)  # logits that depend on the context
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    model.set_attn_implementation(impl)
+    return model
+
+
+def _pad_tokenizer():
+    """A tokenizer whose pad id is 0; the unpacked collator only needs it for padding."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def _token_losses(logits, labels) -> list[float]:
+    """Per-token cross-entropy of each position's prediction of the next token."""
+    loss = torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], reduction="none",
+                                             ignore_index=IGNORE)
+    return loss[labels[1:] != IGNORE].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("flatten", [False, True])
+def test_packed_forward_matches_unpacked_per_token(arch, impl, flatten):
+    from transformers import DataCollatorForSeq2Seq
+
+    model = _tiny(arch, impl)
+    assert model.config._attn_implementation == impl
+    examples = _examples([9, 4, 13, 6, 2, 11, 7, 16, 3])
+
+    # unpacked: the recipe's usual collator (right padding + attention_mask)
+    plain = DataCollatorForSeq2Seq(_pad_tokenizer(), padding=True, label_pad_token_id=IGNORE,
+                                   pad_to_multiple_of=8)([dict(x) for x in examples])
+    with torch.no_grad():
+        out = model(**plain)
+    want = {}
+    for i, x in enumerate(examples):
+        n = len(x["input_ids"])
+        want[tuple(x["input_ids"])] = _token_losses(out.logits[i, :n], plain["labels"][i, :n])
+
+    packed = pack_dataset(_dataset(examples), 20)
+    assert len(packed) < len(examples)
+    batch = PackedCollator(pad_token_id=0, flatten=flatten)(list(packed))
+    with torch.no_grad():
+        pout = model(**batch)
+
+    got = {}
+    for r in range(batch["input_ids"].shape[0]):
+        ids, pos, labels = batch["input_ids"][r], batch["position_ids"][r], batch["labels"][r]
+        starts = (pos == 0).nonzero().view(-1).tolist() + [len(ids)]
+        for s, e in zip(starts, starts[1:]):
+            if (labels[s:e] != IGNORE).any():  # not a padding segment
+                got[tuple(ids[s:e].tolist())] = _token_losses(pout.logits[r, s:e], labels[s:e])
+    assert got.keys() == want.keys()
+    diff = max(abs(a - b) for k in want for a, b in zip(got[k], want[k], strict=True))
+    assert diff < 1e-5, diff
+    assert abs(pout.loss.item() - out.loss.item()) < 1e-5  # the batch loss too (same trained tokens)
+
+    # the comparison can fail: the same rows without boundaries (no position_ids) differ a lot
+    with torch.no_grad():
+        blind = model(**{k: v for k, v in batch.items() if k != "position_ids"})
+    assert abs(blind.loss.item() - out.loss.item()) > 1e-2
+
+
+def test_a_cache_would_silently_break_packing_so_the_collator_turns_it_off():
+    model = _tiny("llama", "sdpa")
+    model.config.use_cache = True  # the saved default of most models
+    rows = pack_dataset(_dataset(_examples([6, 5])), 16)
+    batch = PackedCollator(pad_token_id=0)(list(rows))
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([x["input_ids"]])).logits[0] for x in _examples([6, 5])]
+        leaky = model(**{**batch, "use_cache": True}).logits[0, 6:11]
+        honest = model(**batch).logits[0, 6:11]
+    assert (leaky - alone[1]).abs().max() > 1e-2  # transformers skips packing when a cache exists
+    assert (honest - alone[1]).abs().max() < 1e-5
+    check_packing_support(model, PackedCollator(pad_token_id=0))
+
+
+# --- refusing what cannot be packed ----------------------------------------------------------
+
+def test_supported_models_pass_the_probe():
+    for arch in ("llama", "qwen2"):
+        for impl in ("sdpa", "eager"):
+            assert check_packing_support(_tiny(arch, impl), PackedCollator(pad_token_id=0)) < 1e-5
+
+
+def test_a_model_whose_attention_ignores_position_ids_is_refused():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    # OPT builds its causal mask without position_ids, so packed examples would see each other
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                    num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = OPTForCausalLM(cfg)
+    data = SplitData(_dataset(_examples([5, 6, 7])), None, DataStats())
+    with pytest.raises(ConfigError, match="does not keep packed examples apart.*set packing: false") as e:
+        pack_for_training(data, model, SimpleNamespace(pad_token_id=1), 32, 2)
+    assert "\n" not in str(e.value)
+    assert model.training  # the probe leaves the model as it found it
+
+
+def test_pack_for_training_packs_both_splits_and_writes_the_note():
+    model = _tiny("llama", "sdpa").train()
+    data = SplitData(_dataset(_examples([9, 4, 13, 6, 2, 11, 7])), _dataset(_examples([5, 5, 5], seed=1)),
+                     DataStats())
+    packed, collator, note = pack_for_training(data, model, SimpleNamespace(pad_token_id=0), 20, 4)
+    assert isinstance(collator, PackedCollator) and not collator.flatten
+    assert len(packed.train) < 7 and len(packed.eval) == 1
+    assert "without packing" in note and "with packing" in note and "7 examples into" in note
+    assert model.training
+
+
+def test_streaming_data_cannot_be_packed():
+    from datasets import IterableDataset
+
+    stream = IterableDataset.from_generator(lambda: iter(_examples([3, 4])))
+    with pytest.raises(ConfigError, match="streaming: false or packing: false"):
+        pack_for_training(SplitData(stream, None, DataStats()), _tiny("llama", "sdpa"),
+                          SimpleNamespace(pad_token_id=0), 16, 2)
