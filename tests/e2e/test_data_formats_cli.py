@@ -29,3 +29,13 @@ def test_cleaning_counts_are_reported(tmp_path, base_args):
     dropped = int(re.search(r"cleaning   dropped short rows: (\d+)", proc.stdout).group(1))
     kept = int(re.search(r"identity_jsonl: (\d+) rows", proc.stdout).group(1))
     assert dropped > 0 and kept + dropped == 100
+
+
+def test_streaming_run_trains_for_max_steps(tmp_path, base_args):
+    args = {**base_args, "dataset": "identity_jsonl", "streaming": True, "max_steps": 3,
+            "val_size": 8, "logging_steps": 1}
+    proc = run_cli("train", str(write_yaml(tmp_path / "cfg.yaml", args)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "streamed from identity_jsonl" in proc.stdout
+    state = json.loads((Path(args["output_dir"]) / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and any("eval_loss" in h for h in state["log_history"])

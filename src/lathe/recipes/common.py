@@ -274,7 +274,9 @@ def print_summary(cfg: LatheConfig, model: Any, model_path: str, data: Any, exam
         f"  weights    {param.dtype} on {param.device}, {world} process(es)",
         f"  params     {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.4f}%)",
         f"  data       {rows} rows -> train {st.train_rows}, eval {st.eval_rows}; "
-        f"{st.dropped_empty_response} dropped (no response left within cutoff_len={cfg.data.cutoff_len})",
+        f"{st.dropped_empty_response} dropped (no response left within cutoff_len={cfg.data.cutoff_len})"
+        if not cfg.data.streaming else
+        f"  data       streamed from {', '.join(cfg.data.dataset or [])} (sizes unknown until read)",
         f"  tokens     {st.train_tokens:,} in training rows, {st.trained_tokens:,} trained"
         f" (tokenized data: cache {st.cache})",
         f"  output     {cfg.train.output_dir}",

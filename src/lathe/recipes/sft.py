@@ -6,7 +6,7 @@ import math
 
 from lathe.config.schema import LatheConfig
 from lathe.data.inspect import mark_trained
-from lathe.data.loader import load_conversations, load_sft_data
+from lathe.data.loader import check_streamed, load_conversations, load_sft_data
 from lathe.data.packing import pack_for_training
 from lathe.data.templates import get_template
 from lathe.model.adapters import apply_finetuning
@@ -27,7 +27,10 @@ def run(cfg: LatheConfig) -> RunResult:
     template = get_template(cfg.data.template)
     resume_from = check_output_dir(cfg)
     model_path = resolve_model_path(cfg.model.model_name_or_path)
-    conversations = load_conversations(cfg.data)  # bad rows are reported before slow imports
+    # Bad rows are reported before the slow imports (a stream: its first rows are checked).
+    conversations = None if cfg.data.streaming else load_conversations(cfg.data)
+    if cfg.data.streaming:
+        check_streamed(cfg.data, "sft")
 
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed  # slow: after cheap checks
 
@@ -37,7 +40,7 @@ def run(cfg: LatheConfig) -> RunResult:
     notes = [n for n in [fix_pad_token(tokenizer)] if n]
     data = load_sft_data(cfg.data, tokenizer, template, seed=cfg.train.seed,
                          conversations=conversations)
-    example = data.train[0]  # one example, before packing
+    example = next(iter(data.train))  # one example, before packing
 
     model = load_model(cfg, model_path, tokenizer)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
