@@ -1,4 +1,4 @@
-"""`lathe <command>`: train, demo, keys.
+"""`lathe <command>`: train, data inspect, demo, keys.
 
 A user's mistake (a `LatheError`) prints one line and exits with code 2; `--debug`
 or LATHE_DEBUG=1 shows the full traceback instead.
@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    p.set_defaults(data_parser=_data_parser(sub))
+
     d = sub.add_parser("demo", help="build the tiny demo model and teach it who it is")
     d.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -35,11 +37,49 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _data_parser(sub) -> argparse.ArgumentParser:
+    data = sub.add_parser("data", help="look at training data (lathe data inspect)",
+                          description="Look at training data the way a training run sees it.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="<data command>")
+    i = data_sub.add_parser(
+        "inspect", help="show what the model is trained on: examples, lengths, truncation, padding",
+        description="Render examples with their trained tokens marked, measure token lengths, "
+                    "truncation and padding, and warn about common data mistakes. Reads the same "
+                    "config as `lathe train`; nothing is trained and output_dir is never written.",
+    )
+    i.add_argument("config", help="path to a YAML or JSON training config")
+    i.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
+    i.add_argument("-n", type=int, default=3, metavar="N", help="rendered examples to show (default 3)")
+    i.add_argument("--output", default=None, metavar="REPORT.json", help="also write the figures as JSON")
+    i.add_argument("--plot", default=None, metavar="PATH",
+                   help="length histogram PNG (default data_report_lengths.png)")
+    i.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
+                   help="colour trained tokens (default: when stdout is a terminal)")
+    i.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return data
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse; `key=value` overrides may also follow options (`... -n 5 cutoff_len=256`)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    late = [x for x in extra if "=" in x and not x.startswith("-")]
+    if late and getattr(args, "overrides", None) is not None:
+        args.overrides += late
+        extra = [x for x in extra if x not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     debug = getattr(args, "debug", False) or os.environ.get("LATHE_DEBUG", "0") not in ("0", "")
     if args.command is None:
         _parser().print_help()
+        return EXIT_USER_ERROR
+    if args.command == "data" and args.data_command is None:
+        args.data_parser.print_help()
         return EXIT_USER_ERROR
     from lathe.errors import LatheError
 
@@ -55,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             from lathe.demo.run import run_demo
 
             run_demo(args.output_dir)
+        elif args.command == "data":
+            from lathe.report import DEFAULT_PLOT, inspect_data
+
+            inspect_data(args.config, args.overrides, n=args.n, output=args.output,
+                         plot=args.plot or DEFAULT_PLOT, color=args.color)
         elif args.command == "keys":
             print_keys()
         return 0

@@ -1,0 +1,158 @@
+"""`lathe data inspect`: what the model is really trained on, from a training config.
+
+Goes the way a run goes (template -> model path -> rows -> tokenizer -> token ids and
+labels) but stops before the model: nothing is trained and output_dir is never
+written. The figures come from `lathe.data.inspect`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lathe.config.load import build_config, parse_overrides, read_config_file
+from lathe.config.schema import LatheConfig
+from lathe.data import inspect as di
+from lathe.data.conversation import Conversation
+from lathe.data.loader import load_conversations, stage_kind
+from lathe.data.processors import tokenize_conversation
+from lathe.data.packing import first_fit_decreasing
+from lathe.data.templates import check_against_tokenizer, get_template
+from lathe.errors import ConfigError, OutputError
+from lathe.model.load import load_tokenizer, resolve_model_path
+
+DEFAULT_PLOT = "data_report_lengths.png"
+PAD_TO_MULTIPLE_OF = 8  # what the SFT recipe's collator pads to (recipes/sft.py)
+_NO_CUTOFF = 1 << 62  # "no truncation" for tokenize_conversation
+_PLACEHOLDER_OUTPUT_DIR = "<not written by lathe data inspect>"
+
+
+def inspect_data(config: str | os.PathLike | Mapping[str, Any] | None,
+                 overrides: list[str] | Mapping[str, Any] | None = None, n: int = 3,
+                 output: str | os.PathLike | None = None,
+                 plot: str | os.PathLike | None = DEFAULT_PLOT,
+                 color: bool | None = None) -> dict[str, Any]:
+    """Print the data report for a training config; return it as a dict.
+
+    `n` rendered examples, `output` a JSON file for machines, `plot` the length
+    histogram PNG (None: none), `color` ANSI colours (None: when stdout is a terminal).
+    """
+    if n < 0:
+        raise ConfigError(f"-n {n} must be 0 or more")
+    cfg = _load(config, overrides)
+    if color is None:
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    report, examples, lengths = build(cfg, n, color)
+    if plot is not None:
+        written = _write(plot, lambda p: di.plot_lengths(
+            [r.prompt for r in lengths], [r.response for r in lengths], cfg.data.cutoff_len, p,
+            total=[r.total for r in lengths]))
+        report["plot"] = str(written)
+    if output is not None:
+        _write(output, lambda p: p.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"))
+    print(di.format_report(report, examples, color=color))
+    if plot is not None:
+        print(f"Length histogram: {report['plot']}")
+    if output is not None:
+        print(f"Report JSON: {output}")
+    return report
+
+
+def _load(config: str | os.PathLike | Mapping[str, Any] | None,
+          overrides: list[str] | Mapping[str, Any] | None) -> LatheConfig:
+    """The training config; output_dir may be left out (inspecting never writes it)."""
+    source = None
+    if config is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(config, Mapping):
+        raw = dict(config)
+    else:
+        source = str(config)
+        raw = read_config_file(source)
+    raw.update(parse_overrides(overrides))
+    if not raw.get("output_dir"):
+        raw["output_dir"] = _PLACEHOLDER_OUTPUT_DIR
+    cfg = build_config(raw, source=source)
+    if not cfg.data.dataset:
+        raise ConfigError("dataset is missing; name one or more entries of dataset_info.json")
+    if stage_kind(cfg.finetune.stage) != "sft":
+        raise ConfigError(f"lathe data inspect shows sft data; stage {cfg.finetune.stage} "
+                          "is not supported yet")
+    return cfg
+
+
+def build(cfg: LatheConfig, n: int, color: bool
+          ) -> tuple[dict[str, Any], list[str], list[di.RowLengths]]:
+    """The report dict, `n` marked examples (as shown) and every row's lengths."""
+    data = cfg.data
+    template = get_template(data.template)
+    model_path = resolve_model_path(cfg.model.model_name_or_path)
+    rows, stats = load_conversations(data)  # bad rows are reported before slow imports
+    tokenizer = load_tokenizer(cfg.model, model_path)
+
+    lengths: list[di.RowLengths] = []
+    examples: list[str] = []
+    shown: list[dict[str, Any]] = []
+    for row in rows:
+        conv = Conversation.from_row(row)
+        full = tokenize_conversation(conv, template, tokenizer, _NO_CUTOFF, data.train_on_prompt,
+                                     data.train_on_last_turn_only)
+        kept = full
+        if len(full["input_ids"]) > data.cutoff_len:  # what fits is kept whole: re-cut only these
+            kept = tokenize_conversation(conv, template, tokenizer, data.cutoff_len,
+                                         data.train_on_prompt, data.train_on_last_turn_only)
+        lengths.append(di.row_lengths(full, kept))
+        if len(shown) < n and not lengths[-1].dropped:
+            ids, labels = kept["input_ids"], kept["labels"]
+            plain = di.mark_trained(ids, labels, tokenizer, color=False)
+            examples.append(di.mark_trained(ids, labels, tokenizer, color=True) if color else plain)
+            shown.append({"origin": row.get("origin", ""), "tokens": len(ids),
+                          "trained": lengths[-1].kept_trained, "text": plain})
+
+    report: dict[str, Any] = {"config": _config_summary(cfg, model_path)}
+    report.update(di.build_report(lengths, data.cutoff_len, cfg.train.per_device_train_batch_size,
+                                  pack=first_fit_decreasing, pad_to_multiple_of=PAD_TO_MULTIPLE_OF))
+    duplicates = di.duplicate_rows(rows)
+    report["duplicates"] = {"rows": len(duplicates),
+                            "dropped_by_dedup": stats.cleaning.get("dropped_duplicate_rows", 0)}
+    report["cleaning"] = dict(stats.cleaning)
+    report["examples"] = shown
+    warnings = di.template_warnings(template, tokenizer)
+    mismatch = check_against_tokenizer(template, tokenizer)
+    if mismatch:
+        warnings.append(mismatch)
+    warnings += di.data_warnings(report["truncation"], duplicates, di.empty_replies(rows),
+                                 stats.cleaning.get("dropped_empty_response_rows", 0))
+    report["warnings"] = warnings
+    return report, examples, lengths
+
+
+def _config_summary(cfg: LatheConfig, model_path: str) -> dict[str, Any]:
+    d = cfg.data
+    return {
+        "model": model_path,
+        "dataset": list(d.dataset or []),
+        "template": d.template,
+        "cutoff_len": d.cutoff_len,
+        "per_device_train_batch_size": cfg.train.per_device_train_batch_size,
+        "train_on_prompt": d.train_on_prompt,
+        "train_on_last_turn_only": d.train_on_last_turn_only,
+        "packing": d.packing,
+        "note": "all rows of dataset, before any val_size split, in the order they are read",
+    }
+
+
+def _write(path: str | os.PathLike, write) -> Path:
+    """Write a report file; a path that cannot be written is the user's to fix (one line)."""
+    p = Path(path)
+    try:
+        if p.parent != Path("."):
+            p.parent.mkdir(parents=True, exist_ok=True)
+        write(p)
+    except OSError as e:
+        raise OutputError(f"cannot write {p}: {e.strerror or e}; choose another path") from None
+    return p
