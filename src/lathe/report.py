@@ -20,13 +20,11 @@ from lathe.data import inspect as di
 from lathe.data.conversation import Conversation
 from lathe.data.loader import load_conversations, stage_kind
 from lathe.data.processors import tokenize_conversation
-from lathe.data.packing import first_fit_decreasing
 from lathe.data.templates import check_against_tokenizer, get_template
 from lathe.errors import ConfigError, OutputError
 from lathe.model.load import load_tokenizer, resolve_model_path
 
 DEFAULT_PLOT = "data_report_lengths.png"
-PAD_TO_MULTIPLE_OF = 8  # what the SFT recipe's collator pads to (recipes/sft.py)
 _NO_CUTOFF = 1 << 62  # "no truncation" for tokenize_conversation
 _PLACEHOLDER_OUTPUT_DIR = "<not written by lathe data inspect>"
 
@@ -114,8 +112,7 @@ def build(cfg: LatheConfig, n: int, color: bool
                           "trained": lengths[-1].kept_trained, "text": plain})
 
     report: dict[str, Any] = {"config": _config_summary(cfg, model_path)}
-    report.update(di.build_report(lengths, data.cutoff_len, cfg.train.per_device_train_batch_size,
-                                  pack=first_fit_decreasing, pad_to_multiple_of=PAD_TO_MULTIPLE_OF))
+    report.update(di.build_report(lengths, data.cutoff_len, cfg.train.per_device_train_batch_size))
     duplicates = di.duplicate_rows(rows)
     report["duplicates"] = {"rows": len(duplicates),
                             "dropped_by_dedup": stats.cleaning.get("dropped_duplicate_rows", 0)}

@@ -13,22 +13,6 @@ from lathe.data.processors import IGNORE_INDEX
 from lathe.data.templates import Template, get_template
 
 
-def _ffd(lengths: list[int], capacity: int) -> list[list[int]]:
-    """A reference first-fit-decreasing packer returning indices (the test's own)."""
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(capacity - lengths[i])
-    return bins
-
-
 # --- statistics ------------------------------------------------------------------------
 
 def test_length_stats_of_known_values():
@@ -87,69 +71,23 @@ def test_truncation_summary_counts_add_up():
 
 # --- padding ---------------------------------------------------------------------------
 
-def test_padding_fraction_in_order_to_the_longest():
-    # batches [2, 4] -> 2 x 4 slots, [4, 8] -> 2 x 8 slots: 24 slots, 18 real tokens
-    assert di.padding_fraction([2, 4, 4, 8], batch_size=2) == pytest.approx(6 / 24)
-    # order matters: like lengths together waste nothing, mixed ones do
-    assert di.padding_fraction([2, 2, 8, 8], batch_size=2) == 0.0
-    assert di.padding_fraction([2, 8, 2, 8], batch_size=2) == pytest.approx(12 / 32)
-    assert di.padding_fraction([2, 4, 8], batch_size=2) == pytest.approx((2 + 0) / (8 + 8))
-
-
-def test_padding_fraction_edges():
-    assert di.padding_fraction([3, 9, 5], batch_size=1) == 0.0
-    assert di.padding_fraction([], batch_size=4) == 0.0
-    assert di.padding_fraction([5, 5, 5], batch_size=8) == 0.0
-    assert di.padding_fraction([1, 3], batch_size=2) == pytest.approx(2 / 6)
-    with pytest.raises(ValueError):
-        di.padding_fraction([1], batch_size=0)
-
-
-def test_padding_fraction_rounds_up_to_a_multiple():
-    # [2, 4] -> 2 x 8, [4, 8] -> 2 x 8: 32 slots, 18 real
-    assert di.padding_fraction([2, 4, 4, 8], 2, pad_to_multiple_of=8) == pytest.approx(14 / 32)
-    assert di.padding_fraction([8, 8], 2, pad_to_multiple_of=8) == 0.0
-
-
-def test_packed_lengths_accepts_index_bins_and_length_bins():
-    lengths = [6, 4, 3, 3]
-    assert di.packed_lengths(lengths, [[0], [1, 2], [3]]) == [6, 7, 3]
-    assert di.packed_lengths(lengths, [[6], [4, 3], [3]]) == [6, 7, 3]
-    with pytest.raises(ValueError):
-        di.packed_lengths(lengths, [[0], [1]])  # rows lost
-
-
-def test_packing_padding_with_a_crafted_packer():
-    lengths = [6, 2, 4, 3, 3, 2]
-    bins = _ffd(lengths, 8)
-    assert [sum(lengths[i] for i in b) for b in bins] == [8, 7, 5]  # [6,2] [4,3] [3,2]
-    fraction, packed = di.packing_padding(lengths, capacity=8, batch_size=2, pack=_ffd)
-    assert packed == 3
-    assert fraction == pytest.approx(1 / 21)  # [8, 7] -> 16 slots, [5] -> 5
-    assert di.padding_fraction(lengths, 2) == pytest.approx(6 / 26)  # unpacked wastes more
-    assert di.packing_padding([], 8, 2, _ffd) == (0.0, 0)
-
-
-def test_first_fit_decreasing_fits_the_report_once_it_exists():
-    packing = pytest.importorskip("lathe.data.packing")
-    lengths = [6, 2, 4, 3, 3, 2, 8, 1]
-    rows = di.packed_lengths(lengths, packing.first_fit_decreasing(lengths, 8))
-    assert sum(rows) == sum(lengths) and max(rows) <= 8
-
-
 def test_build_report_figures():
     rows = [RowLengths(3, 2, 5, 2), RowLengths(10, 10, 8, 4), RowLengths(1, 1, 2, 1),
             RowLengths(30, 5, 8, 0)]
-    report = di.build_report(rows, cutoff_len=8, batch_size=2)
+    report = di.build_report(rows, cutoff_len=8, batch_size=1, pad_to_multiple_of=1)
     assert report["rows"] == 4
     assert report["lengths"]["total"]["max"] == 35 and report["lengths"]["prompt"]["min"] == 1
     assert report["truncation"]["dropped"] == 1 and report["truncation"]["cut"] == 1
-    # kept rows only ([5, 8], [2]): 16 + 2 slots, 15 real
-    assert report["padding"]["without_packing"] == pytest.approx(round(3 / 18, 4))
-    assert report["padding"]["with_packing"] is None
-    packed = di.build_report(rows, cutoff_len=8, batch_size=2, pack=_ffd)["padding"]
-    assert packed["packed_rows"] == 2  # [8] [5, 2]
-    assert packed["with_packing"] == pytest.approx(round(1 / 16, 4))
+    # kept rows only (5, 8, 2): one per batch pads nothing; packed into [8] [5, 2]
+    p = report["padding"]
+    assert p["without_packing"] == 0.0 and p["with_packing"] == 0.0 and p["packed_rows"] == 2
+    # two per batch: whichever pair shares a batch, the packed rows [8] [7] waste less
+    p = di.build_report(rows, cutoff_len=8, batch_size=2, pad_to_multiple_of=1)["padding"]
+    assert 0.0 < p["with_packing"] < p["without_packing"] < 0.5
+    assert p["with_packing"] == pytest.approx(round(1 / 16, 4))  # [8, 7]: 16 slots, 15 real
+    # every batch is rounded up to a multiple of 8: [2] alone still takes 8 slots
+    assert di.build_report(rows, 8, batch_size=1)["padding"]["without_packing"] == pytest.approx(
+        round(1 - 15 / 24, 4))
 
 
 # --- duplicates and empty replies ------------------------------------------------------
@@ -238,7 +176,7 @@ def test_format_report_shows_examples_figures_and_warnings():
     assert "mine (2 rows)" in text and "example 1/1: f row 0, 5 tokens, 2 trained" in text
     assert "ab[[cd]]" in text and "[[...]]" in text
     assert "1 rows fit, 1 cut, 0 dropped" in text
-    assert "! look out" in text and "packing unavailable" in text
+    assert "! look out" in text and "with packing (2 packed rows)" in text
     total = next(line for line in text.splitlines() if line.strip().startswith("total"))
     assert total.split()[1:] == ["5", "12.5", "20", "20", "12.5"]
 

@@ -12,19 +12,16 @@ import hashlib
 import json
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lathe.data.conversation import RESPONSE_ROLES
+from lathe.data.packing import PAD_MULTIPLE, first_fit_decreasing, padding_fraction
 from lathe.data.processors import IGNORE_INDEX
 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
-
-# A packer: lengths + capacity -> bins (lists of indices into lengths, or of lengths).
-Packer = Callable[[list[int], int], list[list[int]]]
-
 
 def mark_trained(input_ids: list[int], labels: list[int], tokenizer: Any, color: bool) -> str:
     """Decode an example; trained spans are green (colour) or wrapped in [[ ]] (plain)."""
@@ -118,43 +115,6 @@ def truncation_summary(rows: Sequence[RowLengths], cutoff_len: int) -> dict[str,
         "tokens_removed": sum(r.total - r.kept_total for r in kept) + sum(r.total for r in dropped),
         "trained_tokens_removed": sum(r.response - r.kept_trained for r in rows),
     }
-
-
-# --- padding ---------------------------------------------------------------------------
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple if multiple > 1 else n
-
-
-def padding_fraction(lengths: Sequence[int], batch_size: int, pad_to_multiple_of: int = 1) -> float:
-    """Share of padding when `lengths` are batched in order and padded to each batch's longest."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    real = sum(lengths)
-    slots = 0
-    for start in range(0, len(lengths), batch_size):
-        batch = lengths[start:start + batch_size]
-        slots += len(batch) * _round_up(max(batch), pad_to_multiple_of)
-    return 0.0 if slots == 0 else (slots - real) / slots
-
-
-def packed_lengths(lengths: Sequence[int], bins: Sequence[Sequence[int]]) -> list[int]:
-    """Token count of each packed row; `bins` may hold indices into `lengths` or lengths."""
-    flat = sorted(x for b in bins for x in b)
-    if flat == list(range(len(lengths))):
-        return [sum(lengths[i] for i in b) for b in bins]
-    if flat == sorted(lengths):
-        return [sum(b) for b in bins]
-    raise ValueError("packed bins hold neither every index of the lengths nor every length once")
-
-
-def packing_padding(lengths: Sequence[int], capacity: int, batch_size: int, pack: Packer,
-                    pad_to_multiple_of: int = 1) -> tuple[float, int]:
-    """(padding fraction, packed rows) when rows are packed into bins of `capacity` tokens."""
-    if not lengths:
-        return 0.0, 0
-    rows = packed_lengths(lengths, pack(list(lengths), capacity))
-    return padding_fraction(rows, batch_size, pad_to_multiple_of), len(rows)
 
 
 # --- duplicates and empty replies ------------------------------------------------------
@@ -254,19 +214,22 @@ def data_warnings(truncation: dict[str, int], duplicates: Sequence[tuple[str, st
 # --- the report ------------------------------------------------------------------------
 
 def build_report(rows: Sequence[RowLengths], cutoff_len: int, batch_size: int,
-                 pack: Packer | None = None, pad_to_multiple_of: int = 1) -> dict[str, Any]:
-    """Length statistics, truncation and padding figures (JSON-ready)."""
+                 pad_to_multiple_of: int = PAD_MULTIPLE) -> dict[str, Any]:
+    """Length statistics, truncation and padding figures (JSON-ready).
+
+    Padding is estimated the way the trainer batches: rows shuffled, each batch padded
+    to its longest row rounded up to `pad_to_multiple_of` (`lathe.data.packing`'s
+    estimate, the same figure the training summary prints).
+    """
     kept = [r.kept_total for r in rows if not r.dropped]
     padding: dict[str, Any] = {
         "batch_size": batch_size,
         "pad_to_multiple_of": pad_to_multiple_of,
-        "without_packing": round(padding_fraction(kept, batch_size, pad_to_multiple_of), 4),
-        "with_packing": None,
-        "packed_rows": None,
+        "without_packing": round(padding_fraction(kept, batch_size, multiple_of=pad_to_multiple_of), 4),
+        "with_packing": round(padding_fraction(kept, batch_size, packed=True, capacity=cutoff_len,
+                                               multiple_of=pad_to_multiple_of), 4),
+        "packed_rows": len(first_fit_decreasing(kept, cutoff_len)),
     }
-    if pack is not None:
-        fraction, n_packed = packing_padding(kept, cutoff_len, batch_size, pack, pad_to_multiple_of)
-        padding["with_packing"], padding["packed_rows"] = round(fraction, 4), n_packed
     return {
         "rows": len(rows),
         "lengths": {
@@ -310,10 +273,9 @@ def format_report(report: dict[str, Any], examples: Sequence[str], color: bool =
     p = report["padding"]
     multiple = p["pad_to_multiple_of"]
     rounding = f", rounded up to a multiple of {multiple}" if multiple > 1 else ""
-    packed = ("packing unavailable" if p["with_packing"] is None else
-              f"{p['with_packing']:.1%} with packing ({p['packed_rows']} packed rows)")
-    lines.append(f"Padding (batches of {p['batch_size']} in order, padded to the longest{rounding}): "
-                 f"{p['without_packing']:.1%} without packing, {packed}")
+    lines.append(f"Padding (shuffled batches of {p['batch_size']}, padded to the longest{rounding}): "
+                 f"{p['without_packing']:.1%} without packing, {p['with_packing']:.1%} with packing "
+                 f"({p['packed_rows']} packed rows)")
     d = report.get("duplicates")
     if d is not None:
         dedup = f" ({d['dropped_by_dedup']} already dropped by dedup)" if d.get("dropped_by_dedup") else ""

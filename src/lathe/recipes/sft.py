@@ -7,8 +7,8 @@ import math
 from lathe.config.schema import LatheConfig
 from lathe.data.inspect import mark_trained
 from lathe.data.loader import check_streamed, load_conversations, load_sft_data
-from lathe.data.packing import pack_for_training
-from lathe.data.templates import get_template
+from lathe.data.packing import PAD_MULTIPLE, pack_for_training
+from lathe.data.templates import check_against_tokenizer, get_template
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import fix_pad_token, load_model, load_tokenizer, resolve_model_path
 from lathe.recipes.common import (
@@ -37,14 +37,15 @@ def run(cfg: LatheConfig) -> RunResult:
     set_seed(cfg.train.seed)  # before adapters are created: their init is random too
 
     tokenizer = load_tokenizer(cfg.model, model_path)
-    notes = [n for n in [fix_pad_token(tokenizer)] if n]
+    # the tokenizer's own chat_template disagreeing with `template` means serving will differ
+    notes = [n for n in [fix_pad_token(tokenizer), check_against_tokenizer(template, tokenizer)] if n]
     data = load_sft_data(cfg.data, tokenizer, template, seed=cfg.train.seed,
                          conversations=conversations)
     example = next(iter(data.train))  # one example, before packing
 
     model = load_model(cfg, model_path, tokenizer)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
-                                      pad_to_multiple_of=8)
+                                      pad_to_multiple_of=PAD_MULTIPLE)
     if cfg.data.packing:  # refuses a model whose attention would cross example boundaries
         data, collator, note = pack_for_training(data, model, tokenizer, cfg.data.cutoff_len,
                                                  cfg.train.per_device_train_batch_size)
