@@ -227,3 +227,66 @@ def packing_needs_a_known_length(cfg: LatheConfig) -> None:
             "packing: true cannot be combined with streaming: true (packing sorts the whole set "
             "by length); turn one of them off"
         )
+
+
+# Which stages read each alignment key (the others would silently ignore it).
+_ALIGN_STAGES = {
+    "pref_beta": ("dpo", "kto"), "pref_loss": ("dpo",), "pref_ftx": ("dpo",),
+    "pref_label_smoothing": ("dpo",), "simpo_gamma": ("dpo",),
+    "kto_chosen_weight": ("kto",), "kto_rejected_weight": ("kto",),
+    "ref_model": ("dpo", "kto", "ppo"), "reward_model": ("ppo",),
+}
+
+
+@check
+def align_keys_fit_the_stage(cfg: LatheConfig) -> None:
+    stage = cfg.finetune.stage
+    for key in _changed(cfg.align, ""):
+        stages = ("ppo",) if key.startswith("ppo_") else _ALIGN_STAGES[key]
+        if stage not in stages:
+            raise ConfigError(
+                f"{key} applies only to stage {' or '.join(stages)}, but stage is {stage}; "
+                f"remove it or set stage: {stages[0]}"
+            )
+
+
+@check
+def ppo_needs_a_reward_model(cfg: LatheConfig) -> None:
+    if cfg.finetune.stage == "ppo" and not cfg.align.reward_model:
+        raise ConfigError(
+            "stage ppo needs reward_model: the run directory of an rm stage "
+            "(train one with stage: rm on preference data first)"
+        )
+
+
+@check
+def align_values_in_range(cfg: LatheConfig) -> None:
+    a = cfg.align
+    if a.pref_beta <= 0:
+        raise ConfigError(f"pref_beta={a.pref_beta} must be positive")
+    if not 0.0 <= a.pref_label_smoothing < 0.5:
+        raise ConfigError(f"pref_label_smoothing={a.pref_label_smoothing} must be in [0, 0.5)")
+    if a.pref_label_smoothing and a.pref_loss != "sigmoid":
+        raise ConfigError(f"pref_label_smoothing needs pref_loss: sigmoid (pref_loss is {a.pref_loss})")
+    if a.pref_ftx < 0 or a.kto_chosen_weight <= 0 or a.kto_rejected_weight <= 0:
+        raise ConfigError("pref_ftx must be >= 0 and kto_chosen_weight / kto_rejected_weight > 0")
+    for key in ("ppo_epochs", "ppo_buffer_size", "ppo_kl_horizon"):
+        if getattr(a, key) < 1:
+            raise ConfigError(f"{key}={getattr(a, key)} must be at least 1")
+    if a.ppo_target is not None and a.ppo_target <= 0:
+        raise ConfigError(f"ppo_target={a.ppo_target} must be positive (or null for a fixed KL coefficient)")
+    if not 0.0 <= a.ppo_lam <= 1.0 or not 0.0 <= a.ppo_gamma <= 1.0:
+        raise ConfigError("ppo_gamma and ppo_lam must be in [0, 1]")
+
+
+@check
+def generation_values_in_range(cfg: LatheConfig) -> None:
+    g = cfg.generate
+    if g.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={g.max_new_tokens} must be at least 1")
+    if g.temperature <= 0:
+        raise ConfigError(f"temperature={g.temperature} must be positive (set do_sample: false for greedy)")
+    if not 0.0 < g.top_p <= 1.0:
+        raise ConfigError(f"top_p={g.top_p} must be in (0, 1]")
+    if g.top_k < 0 or g.num_beams < 1 or g.repetition_penalty <= 0:
+        raise ConfigError("top_k must be >= 0, num_beams >= 1 and repetition_penalty > 0")

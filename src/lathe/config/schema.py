@@ -70,7 +70,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    stage: str = _f("sft", "Training stage: sft (more stages plug in by name).")
+    stage: str = _f("sft", "Training stage: pt, sft, rm, dpo, kto or ppo.")
     finetuning_type: Literal["lora", "full", "freeze"] = _f("lora", "What is trained.")
     lora_rank: int = _f(8, "LoRA rank r.")
     lora_alpha: float | None = _f(None, "LoRA scaling alpha (default 2 x lora_rank).")
@@ -88,6 +88,52 @@ class FinetuneConfig:
         None, "freeze: modules outside the blocks that also train (e.g. embed_tokens,norm)."
     )
     plot_loss: bool = _f(False, "Save training_loss.png (and training_eval_loss.png).")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Preference and RL stages (rm, dpo, kto, ppo); names as in LLaMA-Factory."""
+
+    pref_beta: float = _f(0.1, "dpo/kto: beta, the strength of the pull towards the reference policy.")
+    pref_loss: Literal["sigmoid", "hinge", "ipo", "orpo", "simpo"] = _f(
+        "sigmoid", "dpo: the preference loss (sigmoid = DPO; orpo and simpo need no reference model)."
+    )
+    pref_ftx: float = _f(0.0, "dpo: weight of an SFT loss on the chosen replies added to the loss.")
+    pref_label_smoothing: float = _f(0.0, "dpo (sigmoid): robust DPO label smoothing in [0, 0.5).")
+    simpo_gamma: float = _f(0.5, "simpo: the target reward margin.")
+    kto_chosen_weight: float = _f(1.0, "kto: weight of desirable examples in the loss.")
+    kto_rejected_weight: float = _f(1.0, "kto: weight of undesirable examples in the loss.")
+    ref_model: str | None = _f(
+        None, "dpo/kto/ppo with full tuning: the reference model folder (default: the starting model)."
+    )
+    reward_model: str | None = _f(None, "ppo: the run directory of an rm stage (adapter or full).")
+    ppo_epochs: int = _f(4, "ppo: optimisation epochs over each batch of rollouts.")
+    ppo_buffer_size: int = _f(1, "ppo: mini-batches of rollouts collected before optimising.")
+    ppo_target: float | None = _f(
+        6.0, "ppo: target KL for the adaptive KL controller (null: fixed coefficient)."
+    )
+    ppo_init_kl_coef: float = _f(0.2, "ppo: initial coefficient of the KL penalty against the reference.")
+    ppo_kl_horizon: int = _f(10000, "ppo: horizon of the adaptive KL controller, in rollouts.")
+    ppo_cliprange: float = _f(0.2, "ppo: clip range of the policy ratio.")
+    ppo_cliprange_value: float = _f(0.2, "ppo: clip range of the value function.")
+    ppo_vf_coef: float = _f(0.1, "ppo: weight of the value loss.")
+    ppo_gamma: float = _f(1.0, "ppo: discount factor.")
+    ppo_lam: float = _f(0.95, "ppo: GAE lambda.")
+    ppo_score_norm: bool = _f(False, "ppo: normalise rewards with running mean and std.")
+    ppo_whiten_rewards: bool = _f(False, "ppo: whiten the per-token rewards of each batch.")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """How text is generated (ppo rollouts, predict, chat)."""
+
+    max_new_tokens: int = _f(64, "Most tokens generated per reply.")
+    do_sample: bool = _f(True, "Sample (true) or decode greedily / with beams (false).")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling: keep the smallest set of tokens with this probability.")
+    top_k: int = _f(0, "Sample from the k most likely tokens only (0: no limit).")
+    num_beams: int = _f(1, "Beam search width (1: no beam search).")
+    repetition_penalty: float = _f(1.0, "Penalty for repeating tokens (1.0: none).")
 
 
 @dataclass(frozen=True)
@@ -126,12 +172,14 @@ class TrainConfig:
 
 
 # Stage names; each has a recipe module `lathe.recipes.<name>` (a test keeps them in step).
-STAGES: tuple[str, ...] = ("sft",)
+STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo")
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "finetune": FinetuneConfig,
+    "align": AlignConfig,
+    "generate": GenerateConfig,
     "train": TrainConfig,
 }
 
@@ -143,6 +191,8 @@ class LatheConfig:
     model: ModelConfig
     data: DataConfig
     finetune: FinetuneConfig
+    align: AlignConfig
+    generate: GenerateConfig
     train: TrainConfig
     explicit: frozenset[str] = frozenset()  # keys the user set (file or command line)
     source: str | None = None  # the file it came from, if any

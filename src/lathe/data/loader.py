@@ -23,7 +23,13 @@ from typing import Any
 
 from lathe.config.schema import DataConfig
 from lathe.data.formats import STAGE_KIND, convert
-from lathe.data.processors import make_sft_preprocess
+from lathe.data.processors import (
+    make_kto_preprocess,
+    make_pairwise_preprocess,
+    make_prompt_preprocess,
+    make_sft_preprocess,
+    make_text_preprocess,
+)
 from lathe.data.registry import DatasetSpec, get_spec, load_hub_rows
 from lathe.data.sources import Row, data_files, iter_rows
 from lathe.data.templates import Template
@@ -34,7 +40,12 @@ STREAM_CHECK_ROWS = 100  # rows of each streamed dataset validated before traini
 
 # Processors by kind: each returns a batched `datasets.map` function. Stages add theirs.
 Processor = Callable[..., Callable[[dict[str, list]], dict[str, list]]]
-PROCESSORS: dict[str, Processor] = {"sft": make_sft_preprocess}
+PROCESSORS: dict[str, Processor] = {
+    "sft": make_sft_preprocess, "pairwise": make_pairwise_preprocess, "kto": make_kto_preprocess,
+    "prompt": make_prompt_preprocess, "text": make_text_preprocess,
+}
+# The column whose emptiness marks a row with nothing to train (dropped and counted).
+_KEY_COLUMN = {"pairwise": "chosen_input_ids"}
 
 
 @dataclass
@@ -223,6 +234,12 @@ def load_sft_data(data: DataConfig, tokenizer: Any, template: Template, seed: in
     return load_tokenized(data, tokenizer, template, seed, "sft", conversations)
 
 
+def load_stage_data(stage: str, data: DataConfig, tokenizer: Any, template: Template, seed: int,
+                    conversations: tuple[list[dict], DataStats] | None = None) -> SplitData:
+    """Tokenized splits in the shape `stage` consumes (see formats.STAGE_KIND)."""
+    return load_tokenized(data, tokenizer, template, seed, stage_kind(stage), conversations)
+
+
 def load_tokenized(data: DataConfig, tokenizer: Any, template: Template, seed: int, kind: str,
                    conversations: tuple[list[dict], DataStats] | None = None) -> SplitData:
     """Tokenized train/eval splits; `conversations` (from `load_conversations`) saves a re-read."""
@@ -245,11 +262,11 @@ def load_tokenized(data: DataConfig, tokenizer: Any, template: Template, seed: i
 
     rows, stats = conversations or load_conversations(data, kind)
     parts = [Dataset.from_list(part) for part in _per_dataset(rows, stats.rows_read)]
-    train = _tokenize(_mix(parts, data, seed), preprocess, data, stats)
+    train = _tokenize(_mix(parts, data, seed), preprocess, data, stats, kind)
     ev = None
     if data.eval_dataset:
         eval_rows, eval_stats = load_conversations(data, kind, names=data.eval_dataset)
-        ev = _tokenize(Dataset.from_list(eval_rows), preprocess, data, DataStats())
+        ev = _tokenize(Dataset.from_list(eval_rows), preprocess, data, DataStats(), kind)
     elif data.val_size:
         train, ev = _split(train, data.val_size, seed)
     _count(train, ev, stats)
@@ -258,12 +275,12 @@ def load_tokenized(data: DataConfig, tokenizer: Any, template: Template, seed: i
     return SplitData(train, ev, stats)
 
 
-def _tokenize(ds: Any, preprocess: Callable, data: DataConfig, stats: DataStats) -> Any:
+def _tokenize(ds: Any, preprocess: Callable, data: DataConfig, stats: DataStats, kind: str) -> Any:
     ds = ds.map(preprocess, batched=True, batch_size=data.preprocessing_batch_size,
                 num_proc=data.preprocessing_num_workers, remove_columns=ds.column_names,
                 load_from_cache_file=False, desc="Tokenizing")
     before = len(ds)
-    ds = ds.filter(lambda ids: len(ids) > 0, input_columns="input_ids",
+    ds = ds.filter(lambda ids: len(ids) > 0, input_columns=_KEY_COLUMN.get(kind, "input_ids"),
                    num_proc=data.preprocessing_num_workers, desc="Dropping rows with nothing to train")
     stats.dropped_empty_response += before - len(ds)
     if len(ds) == 0:
@@ -286,8 +303,11 @@ def _split(ds: Any, val_size: float, seed: int) -> tuple[Any, Any]:
 def _count(train: Any, ev: Any | None, stats: DataStats) -> None:
     stats.train_rows = len(train)
     stats.eval_rows = len(ev) if ev is not None else 0
-    stats.train_tokens = sum(len(x) for x in train["input_ids"])
-    stats.trained_tokens = sum(sum(1 for t in lab if t != -100) for lab in train["labels"])
+    prefixes = ("chosen_", "rejected_") if "chosen_input_ids" in train.column_names else ("",)
+    for p in prefixes:
+        stats.train_tokens += sum(len(x) for x in train[f"{p}input_ids"])
+        if f"{p}labels" in train.column_names:
+            stats.trained_tokens += sum(sum(1 for t in lab if t != -100) for lab in train[f"{p}labels"])
 
 
 def _load_streaming(data: DataConfig, preprocess: Callable, kind: str, seed: int) -> SplitData:
@@ -314,7 +334,7 @@ def _load_streaming(data: DataConfig, preprocess: Callable, kind: str, seed: int
         columns = list(first) if first else None
         ds = ds.map(preprocess, batched=True, batch_size=data.preprocessing_batch_size,
                     remove_columns=columns)
-        return ds.filter(lambda ids: len(ids) > 0, input_columns="input_ids")
+        return ds.filter(lambda ids: len(ids) > 0, input_columns=_KEY_COLUMN.get(kind, "input_ids"))
 
     train = tokenize(_mix(stream(data.dataset or []), data, seed))
     ev = None
