@@ -46,16 +46,21 @@ def resolve_lora_targets(model: Any, requested: list[str]) -> list[str]:
     return list(requested)
 
 
-def apply_lora(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig) -> Any:
-    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+def apply_lora(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig,
+               task_type: str = "CAUSAL_LM", continue_adapter: bool = True) -> Any:
+    """LoRA on `model`. Given adapters: earlier ones are merged into the base and the last
+    is trained further; with `continue_adapter=False` (a new head, e.g. a reward model)
+    all of them are merged and a fresh adapter is made."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     adapters = model_cfg.adapter_name_or_path or []
-    for path in adapters[:-1]:  # earlier adapters are merged into the base
+    keep = adapters[-1:] if continue_adapter else []
+    for path in adapters[:len(adapters) - len(keep)]:  # merged into the base
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    if adapters:
-        return PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)
+    if keep:
+        return PeftModel.from_pretrained(model, keep[0], is_trainable=True)
     config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=task_type,
         r=ft.lora_rank,
         lora_alpha=ft.lora_alpha if ft.lora_alpha is not None else 2 * ft.lora_rank,
         lora_dropout=ft.lora_dropout,
