@@ -1,4 +1,4 @@
-"""`lathe <command>`: train, data inspect, demo, keys.
+"""`lathe <command>`: train, pipeline, data inspect, demo, keys.
 
 A user's mistake (a `LatheError`) prints one line and exits with code 2; `--debug`
 or LATHE_DEBUG=1 shows the full traceback instead.
@@ -28,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     p.set_defaults(data_parser=_data_parser(sub))
+
+    pl = sub.add_parser("pipeline", help="run stages in order (pt -> sft -> rm -> ppo ...), skipping finished ones",
+                        description="Run the stages a pipeline file lists, each reading the previous "
+                                    "one's output; stages whose output_dir holds a complete run are skipped.")
+    pl.add_argument("config", help="pipeline file with `stages:` (e.g. examples/pipeline/rlhf.yaml)")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="keys to override in every stage")
+    pl.add_argument("--dry-run", action="store_true", help="only say which stages would run")
+    pl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     d = sub.add_parser("demo", help="build the tiny demo model and teach it who it is")
     d.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
@@ -91,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             from lathe.api import train
 
             train(args.config, args.overrides)
+        elif args.command == "pipeline":
+            from lathe.pipeline import run_pipeline
+
+            run_pipeline(args.config, args.overrides, dry_run=args.dry_run)
         elif args.command == "demo":
             from lathe.demo.run import run_demo
 

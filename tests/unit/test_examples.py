@@ -1,27 +1,45 @@
-"""Every shipped YAML loads and validates; the data it names exists."""
+"""Every shipped YAML loads and validates; the data it names exists; pipelines chain."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lathe.config import load_config
-from lathe.data.loader import load_conversations
+from lathe.data.loader import load_conversations, stage_kind
 from lathe.data.templates import get_template
+from lathe.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((REPO / "examples").rglob("*.yaml"))
+ALL = sorted((REPO / "examples").rglob("*.yaml"))
+PIPELINES = [p for p in ALL if "stages" in (yaml.safe_load(p.read_text()) or {})]
+EXAMPLES = [p for p in ALL if p not in PIPELINES]
 
 
 def test_there_are_examples():
-    assert len(EXAMPLES) >= 3
+    assert len(EXAMPLES) >= 3 and len(PIPELINES) >= 2
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+@pytest.mark.parametrize("path", EXAMPLES, ids=[str(p.relative_to(REPO / "examples")) for p in EXAMPLES])
 def test_example_loads_and_its_data_resolves(path, monkeypatch):
     monkeypatch.chdir(REPO)  # examples use repo-relative paths, as the README runs them
     cfg = load_config(path)
     get_template(cfg.data.template)
-    rows, stats = load_conversations(cfg.data)
+    rows, stats = load_conversations(cfg.data, stage_kind(cfg.finetune.stage))
     assert rows and sum(stats.rows_read.values()) == len(rows)
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])
+def test_pipeline_stages_read_what_earlier_stages_write(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    stages = load_pipeline(str(path))
+    written: set[str] = set()
+    for stage in stages:
+        cfg = stage.cfg
+        reads = list(cfg.model.adapter_name_or_path or []) + [cfg.align.reward_model or ""]
+        for p in filter(None, reads):
+            assert p in written, f"{stage.name} reads {p}, which no earlier stage writes"
+        written.add(cfg.train.output_dir)
+    assert [s.cfg.finetune.stage for s in stages][:2] == ["pt", "sft"]

@@ -1,0 +1,60 @@
+"""Run directories: which are complete, and which ones a stage reads.
+
+A run is complete when its weights (adapter or full model) and all_results.json are
+written; the recipes write all_results.json last. A stage that reads a run that did
+not finish (a crash, a stop) is refused before anything loads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lathe.config.schema import LatheConfig
+from lathe.errors import ConfigError
+
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+DONE_FILE = "all_results.json"
+
+
+def run_state(path: str | os.PathLike) -> str:
+    """'complete', 'incomplete' (a Lathe run that has not finished), 'empty' or 'absent'."""
+    p = Path(path)
+    if not p.is_dir():
+        return "absent"
+    if not any(p.iterdir()):
+        return "empty"
+    has_weights = any((p / f).is_file() for f in WEIGHT_FILES)
+    return "complete" if has_weights and (p / DONE_FILE).is_file() else "incomplete"
+
+
+def is_lathe_run(path: str | os.PathLike) -> bool:
+    """A directory some `lathe train` wrote into (its resolved config is there)."""
+    return (Path(path) / "config.yaml").is_file()
+
+
+def input_runs(cfg: LatheConfig) -> list[tuple[str, str]]:
+    """(key, path) of every run directory a stage reads."""
+    found = [("adapter_name_or_path", p) for p in (cfg.model.adapter_name_or_path or [])]
+    if cfg.align.reward_model:
+        found.append(("reward_model", cfg.align.reward_model))
+    if cfg.align.ref_model:
+        found.append(("ref_model", cfg.align.ref_model))
+    model = cfg.model.model_name_or_path
+    if model and is_lathe_run(model):
+        found.append(("model_name_or_path", model))
+    return found
+
+
+def check_inputs(cfg: LatheConfig, where: str = "") -> None:
+    """Every run directory a stage reads exists and, if Lathe wrote it, is complete."""
+    for key, path in input_runs(cfg):
+        state = run_state(path)
+        if state == "complete" or (state == "incomplete" and not is_lathe_run(path)):
+            continue  # a finished run, or a folder Lathe did not write (a downloaded model)
+        what = {"absent": "does not exist", "empty": "is empty",
+                "incomplete": f"is incomplete (no weights or no {DONE_FILE}: the run did not finish)"}[state]
+        raise ConfigError(
+            f"{where}{key} {path} {what}; run the stage that writes it first "
+            "(or rerun it: delete the folder, or resume it with resume_from_checkpoint: true)"
+        )
