@@ -14,8 +14,11 @@ and replies end with eos (the common case); this never depends on the pad id.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +32,38 @@ def load_reward_backbone(path: str, dtype: Any, trust_remote_code: bool, tokeniz
     """`AutoModelForSequenceClassification` (num_labels=1) on the causal LM at `path`."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+    with _expected_head_report_hidden():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+class _ExpectedHeadReport(logging.Filter):
+    """Drops transformers' load report when all it lists is what a new reward head implies:
+    `score` missing (it is created here) and `lm_head` unexpected (it is not used). Any other
+    key in the report (a real mismatch) lets the whole report through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text:
+            return True
+        keys = [line.split("|")[0].strip() for line in text.splitlines() if "|" in line]
+        keys = [k for k in keys if k and k != "Key"]
+        return not keys or any(k.split(".")[0] not in ("score", "lm_head") for k in keys)
+
+
+@contextlib.contextmanager
+def _expected_head_report_hidden() -> Iterator[None]:
+    logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _ExpectedHeadReport()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def merge_adapters(model: Any, adapters: list[str]) -> Any:

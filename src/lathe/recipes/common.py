@@ -181,7 +181,12 @@ def _has_cuda() -> bool:
 
 # --- callbacks -------------------------------------------------------------------------
 
-def make_callbacks(output_dir: str) -> list[Any]:
+# Eval log keys that are bookkeeping, not results (left out of the progress bar's eval line).
+_EVAL_PLUMBING = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
+
+
+def make_callbacks(output_dir: str, perplexity: bool = True) -> list[Any]:
+    """perplexity=False for stages whose eval loss is not a language-model loss (rm, dpo...)."""
     from transformers import TrainerCallback
 
     class ProgressBar(TrainerCallback):
@@ -213,8 +218,12 @@ def make_callbacks(output_dir: str) -> list[Any]:
                                      lr=f"{logs.get('learning_rate', 0):.2e}",
                                      tok_s=f"{tok_s:,.0f}")
             if "eval_loss" in logs:
-                self.bar.write(f"eval @ step {state.global_step}: loss {logs['eval_loss']:.4f}, "
-                               f"perplexity {_ppl(logs['eval_loss']):.2f}")
+                shown = [f"loss {logs['eval_loss']:.4f}"]
+                if perplexity:
+                    shown.append(f"perplexity {_ppl(logs['eval_loss']):.2f}")
+                shown += [f"{k[5:]} {v:.4f}" for k, v in logs.items()
+                          if k.startswith("eval_") and k not in _EVAL_PLUMBING and isinstance(v, float)]
+                self.bar.write(f"eval @ step {state.global_step}: {', '.join(shown)}")
 
         def on_train_end(self, args, state, control, **kw):
             if self.bar is not None:
@@ -239,12 +248,12 @@ def make_callbacks(output_dir: str) -> list[Any]:
     return [ProgressBar(), JsonlLog()]
 
 
-def install_callbacks(trainer: Any, output_dir: str) -> None:
+def install_callbacks(trainer: Any, output_dir: str, perplexity: bool = True) -> None:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    for cb in make_callbacks(output_dir):
+    for cb in make_callbacks(output_dir, perplexity):
         trainer.add_callback(cb)
 
 
@@ -258,7 +267,7 @@ def _ppl(loss: float) -> float:
 # --- the summary at start ---------------------------------------------------------------
 
 def print_summary(cfg: LatheConfig, model: Any, model_path: str, data: Any, example: str,
-                  notes: list[str]) -> None:
+                  notes: list[str], example_caption: str = "trained tokens marked") -> None:
     if not is_main_process():
         return
     from lathe.model.adapters import count_parameters
@@ -284,7 +293,7 @@ def print_summary(cfg: LatheConfig, model: Any, model_path: str, data: Any, exam
     if st.cleaning:
         lines.append("  cleaning   " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in st.cleaning.items()))
     lines += [f"  note       {n}" for n in notes]
-    lines += ["  example    (trained tokens marked)", _indent(example, "    ")]
+    lines += [f"  example    ({example_caption})", _indent(example, "    ")]
     print("\n".join(lines), flush=True)
 
 
@@ -304,3 +313,85 @@ def save_run_outputs(trainer: Any, cfg: LatheConfig, train_metrics: dict[str, An
 
         for path in plot_losses(cfg.train.output_dir, trainer.state.log_history):
             log(f"Saved {path}")
+
+
+# --- the steps every recipe takes, in order ---------------------------------------------
+
+def read_rows(cfg: LatheConfig) -> tuple[list[dict], Any] | None:
+    """The stage's rows, converted and validated before the slow imports, so bad rows
+    are reported at once (a stream: its first rows are checked and None returned)."""
+    from lathe.data.loader import check_streamed, load_conversations, stage_kind
+
+    kind = stage_kind(cfg.finetune.stage)
+    if cfg.data.streaming:
+        check_streamed(cfg.data, kind)
+        return None
+    return load_conversations(cfg.data, kind)
+
+
+def ready_for_training(model: Any, cfg: LatheConfig) -> Any:
+    """Adapters need grads flowing into checkpointed blocks."""
+    if cfg.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return model
+
+
+def open_run(cfg: LatheConfig, has_eval: bool, resuming: bool, **stage_overrides: Any) -> Any:
+    """TrainingArguments, then the run directory (rank 0); every rank waits for it."""
+    args = build_training_args(cfg, has_eval=has_eval, **stage_overrides)
+    prepare_output_dir(cfg, resuming=resuming)
+    if args.distributed_state is not None:
+        args.distributed_state.wait_for_everyone()
+    return args
+
+
+def lm_collator(tokenizer: Any) -> Any:
+    """Pads input_ids/attention_mask with the pad token and labels with -100 (not trained)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from lathe.data.packing import PAD_MULTIPLE
+
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
+                                  pad_to_multiple_of=PAD_MULTIPLE)
+
+
+def lm_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any = None,
+               collator: Any = None) -> Any:
+    """The stock Trainer for causal-LM stages (pt, sft): the model's own loss, which the
+    Trainer normalises over the trained tokens of the whole accumulated batch
+    (num_items_in_batch), so gradient accumulation equals one big batch."""
+    from transformers import Trainer
+
+    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
+                   processing_class=tokenizer, data_collator=collator or lm_collator(tokenizer))
+
+
+def final_eval(trainer: Any) -> dict[str, float] | None:
+    """The evaluation the trainer already ran at the last step, if any (no second pass)."""
+    state = trainer.state
+    last = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
+    if last is None or last.get("step") != state.global_step:
+        return None
+    return {k: v for k, v in last.items() if k.startswith("eval_") or k == "epoch"}
+
+
+def run_eval(trainer: Any, perplexity: bool = True) -> dict[str, float]:
+    """Validation metrics after training; perplexity = exp(eval_loss) for language models."""
+    metrics = final_eval(trainer) or trainer.evaluate()
+    shown = [f"loss {metrics['eval_loss']:.4f}"]
+    if perplexity:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    shown += [f"{k[5:]} {v:.4f}" for k, v in metrics.items()
+              if k.startswith("eval_") and k not in _EVAL_PLUMBING and isinstance(v, float)]
+    log("Eval " + ", ".join(shown))
+    return metrics
+
+
+def finish_run(trainer: Any, cfg: LatheConfig, tokenizer: Any, train_metrics: dict[str, Any],
+               eval_metrics: dict[str, Any] | None) -> RunResult:
+    """train/eval/all_results.json, trainer_state.json and the plots; the RunResult."""
+    save_run_outputs(trainer, cfg, train_metrics, eval_metrics)
+    metrics = {**train_metrics, **(eval_metrics or {})}
+    log(f"Saved {cfg.finetune.finetuning_type} weights, tokenizer and config to {cfg.train.output_dir}")
+    return RunResult(cfg.train.output_dir, metrics, trainer.model, tokenizer,
+                     list(trainer.state.log_history))
