@@ -131,7 +131,8 @@ def test_continuing_an_sft_adapter_makes_it_the_reference(args, tiny_model, tmp_
                                     init_lora_weights=False))
     sft.save_pretrained(tmp_path / "sft")
 
-    cfg = load_config({**args, "adapter_name_or_path": str(tmp_path / "sft"), "max_steps": 4})
+    cfg = load_config({**args, "adapter_name_or_path": str(tmp_path / "sft"), "max_steps": 4,
+                       "save_steps": 2})
     setup = dpo.build(cfg)
     trainer, model = setup.trainer, setup.trainer.model
     assert held_parameters(trainer) == _base_params(tiny_model) + 2 * count_parameters(model)[0]
@@ -154,6 +155,8 @@ def test_continuing_an_sft_adapter_makes_it_the_reference(args, tiny_model, tmp_
 
     out = Path(result.output_dir)
     assert not (out / "ref").exists() and (out / "adapter_model.safetensors").is_file()
+    for ckpt in ("checkpoint-2", "checkpoint-4"):  # checkpoints hold only the trained adapter too
+        assert (out / ckpt / "adapter_model.safetensors").is_file() and not (out / ckpt / "ref").exists()
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out).eval()
     assert list(reloaded.peft_config) == ["default"]
     ids = batch["input_ids"][:2]

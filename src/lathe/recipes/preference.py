@@ -158,6 +158,17 @@ def make_trainer_class() -> type:
                 self._stats[mode].clear()
             super().log(logs, start_time)
 
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            """Checkpoints hold only the trained adapter: peft writes every adapter, and the
+            frozen "ref" copy is rebuilt from adapter_name_or_path on resume anyway."""
+            import shutil
+            from pathlib import Path
+
+            super()._save(output_dir, state_dict)
+            ref_dir = Path(output_dir if output_dir is not None else self.args.output_dir) / REF_ADAPTER
+            if self.args.should_save and ref_dir.is_dir() and (ref_dir / "adapter_config.json").is_file():
+                shutil.rmtree(ref_dir)
+
         def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                             ignore_keys: list[str] | None = None) -> tuple[Any, None, None]:
             """Evaluation = the same loss (and metrics) without gradients."""
