@@ -5,15 +5,18 @@
 
 Each stage runs in a fresh process (so peaks do not mix) through `lathe.train`, with
 LoRA, the same batch size, cutoff_len and number of optimizer steps, on the bundled
-identity data (preference pairs for rm/dpo/orpo/simpo, tagged rows for kto, prompts
-for ppo). Memory is the process's peak resident set size, reported twice: in total,
+identity data: sft trains on the chosen replies of the preference pairs that
+rm/dpo/orpo/simpo read (the same data), kto on the pairs' replies tagged good/bad, pt
+on the corpus, ppo on the identity prompts. Memory is the process's peak resident set size, reported twice: in total,
 and above the process's size after the libraries are imported (what the stage itself
 costs: weights, optimizer state, activations, reference, reward model). Tokens/s
 counts every token the stage pushes through the policy in training (chosen and
 rejected both count for pairwise stages; prompt plus generated tokens for ppo).
 
 Target (training-stages issue): DPO with LoRA uses at most 1.3x the memory of SFT
-with LoRA on the same data (compared above the import baseline).
+with LoRA on the same data (compared above the import baseline). `dpo_joint` runs DPO
+with pref_split_backward: false (chosen and rejected in one joint pass, as TRL does)
+to show what the split backward saves.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["sft", "pt", "rm", "dpo", "orpo", "simpo", "kto", "ppo"]
+STAGES = ["sft", "pt", "rm", "dpo", "dpo_joint", "orpo", "simpo", "kto", "ppo"]
 
 
 def _rss_mb() -> float:
@@ -56,11 +59,14 @@ def build_assets(root: Path) -> dict[str, str]:
     pairs = json.loads((DATA_DIR / "identity_pref.json").read_text(encoding="utf-8"))
     tagged = [{"instruction": p["instruction"], "output": p[k], "label": k == "chosen"}
               for p in pairs for k in ("chosen", "rejected")]
+    chosen = [{"instruction": p["instruction"], "input": p.get("input", ""), "output": p["chosen"]}
+              for p in pairs]
     (data / "identity.json").write_text(json.dumps(identity))
+    (data / "chosen.json").write_text(json.dumps(chosen))
     (data / "pairs.json").write_text(json.dumps(pairs))
     (data / "tagged.json").write_text(json.dumps(tagged))
     (data / "corpus.txt").write_text((DATA_DIR / "corpus.txt").read_text(encoding="utf-8"))
-    info = {"identity": {"file_name": "identity.json"},
+    info = {"identity": {"file_name": "identity.json"}, "chosen": {"file_name": "chosen.json"},
             "pairs": {"file_name": "pairs.json", "ranking": True},
             "tagged": {"file_name": "tagged.json", "columns": {"kto_tag": "label"}},
             "corpus": {"file_name": "corpus.txt"}}
@@ -69,8 +75,8 @@ def build_assets(root: Path) -> dict[str, str]:
 
 
 def stage_config(name: str, assets: dict[str, str], out: Path, steps: int, batch: int) -> dict:
-    stage = {"orpo": "dpo", "simpo": "dpo"}.get(name, name)
-    dataset = {"sft": "identity", "pt": "corpus", "ppo": "identity", "kto": "tagged"}.get(name, "pairs")
+    stage = {"orpo": "dpo", "simpo": "dpo", "dpo_joint": "dpo"}.get(name, name)
+    dataset = {"sft": "chosen", "pt": "corpus", "ppo": "identity", "kto": "tagged"}.get(name, "pairs")
     cfg = {"model_name_or_path": assets["model"], "stage": stage, "finetuning_type": "lora",
            "lora_rank": 16, "dataset": dataset, "dataset_dir": assets["data"], "template": "chatml",
            "cutoff_len": 128, "per_device_train_batch_size": batch, "max_steps": steps,
@@ -78,6 +84,8 @@ def stage_config(name: str, assets: dict[str, str], out: Path, steps: int, batch
            "output_dir": str(out / name)}
     if name in ("orpo", "simpo"):
         cfg["pref_loss"] = name
+    if name == "dpo_joint":
+        cfg["pref_split_backward"] = False
     if name == "ppo":
         cfg.update(reward_model=str(out / "rm"), max_new_tokens=32, ppo_epochs=1)
     return cfg
@@ -142,11 +150,15 @@ def main() -> None:
     if "sft" in by and "dpo" in by:
         ratio = round(by["dpo"]["stage_mb"] / by["sft"]["stage_mb"], 3)
         print(f"DPO/SFT memory above the import baseline: {ratio} (target <= 1.3)")
+    joint = None
+    if "sft" in by and "dpo_joint" in by:
+        joint = round(by["dpo_joint"]["stage_mb"] / by["sft"]["stage_mb"], 3)
+        print(f"DPO (joint pass)/SFT memory: {joint}")
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
               "command": "python benchmarks/stages_bench.py " + " ".join(sys.argv[1:]),
               "model": "Llama, hidden 512, 8 layers, vocab 2048 (~30M parameters), fp32, LoRA r16 all linear",
               "steps": args.steps, "per_device_train_batch_size": args.batch, "cutoff_len": 128,
-              "dpo_over_sft_memory": ratio, "runs": runs}
+              "dpo_over_sft_memory": ratio, "dpo_joint_over_sft_memory": joint, "runs": runs}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"Wrote {args.output}")

@@ -80,11 +80,12 @@ def as_overrides(args: dict) -> list[str]:
 
 
 def run_cli(*argv: str, cwd: Path | None = None, launcher: list[str] | None = None,
-            timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real `lathe` command line in a fresh process."""
+            timeout: int = 600, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real `lathe` command line in a fresh process (`input` is piped to stdin)."""
     cmd = (launcher or [sys.executable, "-m", "lathe"]) + list(argv)
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                          env=dict(os.environ))
+                          env=dict(os.environ), input=input,
+                          stdin=None if input is not None else subprocess.DEVNULL)
 
 
 def write_yaml(path: Path, args: dict) -> Path:

@@ -1,4 +1,4 @@
-"""`lathe <command>`: train, pipeline, data inspect, demo, keys.
+"""`lathe <command>`: train, pipeline, data inspect, eval, export, chat, demo, keys.
 
 A user's mistake (a `LatheError`) prints one line and exits with code 2; `--debug`
 or LATHE_DEBUG=1 shows the full traceback instead.
@@ -36,6 +36,29 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="keys to override in every stage")
     pl.add_argument("--dry-run", action="store_true", help="only say which stages would run")
     pl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    e = sub.add_parser("eval", help="score a model on multiple-choice benchmarks (MMLU / C-Eval / CMMLU layout)",
+                       description="Answer every question of a benchmark by comparing the logits of the "
+                                   "choice letters; report accuracy per subject and category.")
+    e.add_argument("config", help="YAML with model_name_or_path (+ adapter_name_or_path), template, task, task_dir")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    x = sub.add_parser("export", help="merge adapters into the base model, save shards, verify the result",
+                       description="Merge LoRA adapters into the base model and save it with its "
+                                   "tokenizer, chat template and stop tokens; then reload the export with "
+                                   "plain transformers and check its logits and chat template.")
+    x.add_argument("config", help="YAML with model_name_or_path, adapter_name_or_path, template, export_dir")
+    x.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
+    x.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    c = sub.add_parser("chat", help="chat in the terminal (or with messages piped in, one per line)",
+                       description="Multi-turn chat with streaming replies, using the training template. "
+                                   "Type /clear to forget the history, /exit to leave.")
+    c.add_argument("config", help="YAML with model_name_or_path (+ adapter_name_or_path) and template")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
+    c.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     d = sub.add_parser("demo", help="build the tiny demo model and teach it who it is")
     d.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
@@ -103,6 +126,21 @@ def main(argv: list[str] | None = None) -> int:
             from lathe.pipeline import run_pipeline
 
             run_pipeline(args.config, args.overrides, dry_run=args.dry_run)
+        elif args.command == "eval":
+            from lathe.config.load import load_config
+            from lathe.eval.bench import run_benchmark
+
+            run_benchmark(load_config(args.config, args.overrides, command="eval"))
+        elif args.command == "export":
+            from lathe.config.load import load_config
+            from lathe.export import run_export
+
+            run_export(load_config(args.config, args.overrides, command="export"))
+        elif args.command == "chat":
+            from lathe.chat import run_chat
+            from lathe.config.load import load_config
+
+            run_chat(load_config(args.config, args.overrides, command="chat"), system=args.system)
         elif args.command == "demo":
             from lathe.demo.run import run_demo
 

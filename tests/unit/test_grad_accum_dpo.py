@@ -41,8 +41,7 @@ def _first_step_grads(cfg_dict: dict) -> dict[str, torch.Tensor]:
     return grads
 
 
-@pytest.mark.parametrize("pref_loss", ["sigmoid", "simpo"])
-def test_accumulated_gradient_equals_the_big_batch_gradient(tiny_model, tmp_path, pref_loss):
+def _base(tiny_model, tmp_path, pref_loss: str) -> dict:
     data = tmp_path / "data"
     data.mkdir()
     (data / "pairs.json").write_text(json.dumps(_pairs()))
@@ -53,12 +52,51 @@ def test_accumulated_gradient_equals_the_big_batch_gradient(tiny_model, tmp_path
             "dataset_dir": str(data), "template": "chatml", "cutoff_len": 64, "lora_target": "all",
             "lora_dropout": 0.0, "learning_rate": 1e-3, "max_steps": 1, "max_grad_norm": 0.0,
             "logging_steps": 1, "save_steps": 1000, "seed": 0}
+    return base
+
+
+def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a and a.keys() == b.keys()
+    norm = torch.cat([g.flatten() for g in a.values()]).norm()
+    assert norm > 0
+    return float(torch.cat([(a[k] - b[k]).flatten() for k in a]).norm() / norm)
+
+
+@pytest.mark.parametrize("pref_loss,split", [("sigmoid", True), ("simpo", True), ("sigmoid", False)])
+def test_accumulated_gradient_equals_the_big_batch_gradient(tiny_model, tmp_path, pref_loss, split):
+    base = {**_base(tiny_model, tmp_path, pref_loss), "pref_split_backward": split}
     big = _first_step_grads({**base, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                              "output_dir": str(tmp_path / "big")})
     acc = _first_step_grads({**base, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
                              "output_dir": str(tmp_path / "acc")})
-    assert big and big.keys() == acc.keys()
-    norm = torch.cat([g.flatten() for g in big.values()]).norm()
-    assert norm > 0
-    diff = torch.cat([(big[k] - acc[k]).flatten() for k in big]).norm()
-    assert diff / norm < 1e-4, f"relative gradient difference {diff / norm:.2e}"
+    diff = _relative_difference(big, acc)
+    assert diff < 1e-4, f"relative gradient difference {diff:.2e}"
+
+
+@pytest.mark.parametrize("pref_loss", ["sigmoid", "orpo"])
+def test_split_backward_gives_the_joint_gradient(tiny_model, tmp_path, pref_loss):
+    """Chosen and rejected pushed back one after the other = one joint pass."""
+    base = {**_base(tiny_model, tmp_path, pref_loss), "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 2}
+    joint = _first_step_grads({**base, "pref_split_backward": False, "output_dir": str(tmp_path / "joint")})
+    split = _first_step_grads({**base, "pref_split_backward": True, "output_dir": str(tmp_path / "split")})
+    diff = _relative_difference(joint, split)
+    assert diff < 1e-5, f"relative gradient difference {diff:.2e}"
+
+
+def test_rng_replay_repeats_the_dropout_masks_then_carries_on():
+    from lathe.recipes.dpo import _RngReplay
+
+    torch.manual_seed(0)
+    rng = _RngReplay("cpu")
+    with rng.record():
+        first = torch.rand(5)
+    later = torch.rand(5)
+    with rng.replay():
+        again = torch.rand(5)
+    after = torch.rand(5)
+    torch.manual_seed(0)
+    torch.rand(5), torch.rand(5)
+    expected_after = torch.rand(5)
+    assert torch.equal(first, again) and not torch.equal(first, later)
+    assert torch.equal(after, expected_after)

@@ -9,22 +9,30 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
-from lathe.config.schema import STAGES, FinetuneConfig, LatheConfig
+from lathe.config.schema import COMMANDS, STAGES, FinetuneConfig, LatheConfig
 from lathe.errors import ConfigError, did_you_mean
 
 Check = Callable[[LatheConfig], None]
-CHECKS: list[tuple[str, Check]] = []
+CHECKS: list[tuple[str, Check, tuple[str, ...]]] = []
+EVERY = COMMANDS
 
 
-def check(fn: Check) -> Check:
-    CHECKS.append((fn.__name__, fn))
-    return fn
+def check(fn: Check | None = None, *, commands: tuple[str, ...] = ("train",)) -> Any:
+    """Register a check; by default it guards `lathe train` only (an export or chat
+    config needs no dataset or output_dir)."""
+    def register(f: Check) -> Check:
+        CHECKS.append((f.__name__, f, commands))
+        return f
+
+    return register(fn) if fn is not None else register
 
 
 def run_checks(cfg: LatheConfig) -> None:
-    for _name, fn in CHECKS:
-        fn(cfg)
+    for _name, fn, commands in CHECKS:
+        if cfg.command in commands:
+            fn(cfg)
 
 
 def _changed(section: object, prefix: str) -> list[str]:
@@ -47,7 +55,7 @@ def _pronoun(keys: list[str]) -> str:
     return "it" if len(keys) == 1 else "them"
 
 
-@check
+@check(commands=EVERY)
 def stage_is_known(cfg: LatheConfig) -> None:
     stage = cfg.finetune.stage
     if stage not in STAGES:
@@ -57,7 +65,7 @@ def stage_is_known(cfg: LatheConfig) -> None:
         )
 
 
-@check
+@check(commands=EVERY)
 def lora_keys_need_lora(cfg: LatheConfig) -> None:
     ft: FinetuneConfig = cfg.finetune
     if ft.finetuning_type != "lora":
@@ -74,7 +82,7 @@ def lora_keys_need_lora(cfg: LatheConfig) -> None:
             )
 
 
-@check
+@check(commands=EVERY)
 def freeze_keys_need_freeze(cfg: LatheConfig) -> None:
     ft = cfg.finetune
     if ft.finetuning_type != "freeze":
@@ -91,7 +99,7 @@ def freeze_keys_need_freeze(cfg: LatheConfig) -> None:
         )
 
 
-@check
+@check(commands=EVERY)
 def lora_values_in_range(cfg: LatheConfig) -> None:
     ft = cfg.finetune
     if ft.lora_rank < 1:
@@ -102,7 +110,7 @@ def lora_values_in_range(cfg: LatheConfig) -> None:
         raise ConfigError("lora_target is empty; use `all` or module names such as q_proj,v_proj")
 
 
-@check
+@check(commands=EVERY)
 def model_is_given(cfg: LatheConfig) -> None:
     if not cfg.model.model_name_or_path:
         raise ConfigError(
@@ -168,8 +176,9 @@ def resume_or_overwrite(cfg: LatheConfig) -> None:
 
 @check
 def something_to_do(cfg: LatheConfig) -> None:
-    if not cfg.train.do_train and not cfg.train.do_eval:
-        raise ConfigError("do_train and do_eval are both false; nothing to do")
+    t = cfg.train
+    if not t.do_train and not t.do_eval and not t.do_predict:
+        raise ConfigError("do_train, do_eval and do_predict are all false; nothing to do")
 
 
 @check
@@ -233,6 +242,7 @@ def packing_needs_a_known_length(cfg: LatheConfig) -> None:
 _ALIGN_STAGES = {
     "pref_beta": ("dpo", "kto"), "pref_loss": ("dpo",), "pref_ftx": ("dpo",),
     "pref_label_smoothing": ("dpo",), "simpo_gamma": ("dpo",),
+    "pref_split_backward": ("dpo",),
     "kto_chosen_weight": ("kto",), "kto_rejected_weight": ("kto",),
     "ref_model": ("dpo", "kto", "ppo"), "reward_model": ("ppo",),
 }
@@ -279,7 +289,7 @@ def align_values_in_range(cfg: LatheConfig) -> None:
         raise ConfigError("ppo_gamma and ppo_lam must be in [0, 1]")
 
 
-@check
+@check(commands=EVERY)
 def generation_values_in_range(cfg: LatheConfig) -> None:
     g = cfg.generate
     if g.max_new_tokens < 1:
@@ -290,3 +300,44 @@ def generation_values_in_range(cfg: LatheConfig) -> None:
         raise ConfigError(f"top_p={g.top_p} must be in (0, 1]")
     if g.top_k < 0 or g.num_beams < 1 or g.repetition_penalty <= 0:
         raise ConfigError("top_k must be >= 0, num_beams >= 1 and repetition_penalty > 0")
+
+
+@check
+def predict_needs_an_eval_set(cfg: LatheConfig) -> None:
+    t = cfg.train
+    if (t.do_predict or t.predict_with_generate) and cfg.data.val_size == 0 and not cfg.data.eval_dataset:
+        key = "predict_with_generate" if t.predict_with_generate else "do_predict"
+        raise ConfigError(
+            f"{key} needs rows to predict on, but there is no eval set; "
+            "set eval_dataset (or val_size, e.g. val_size: 0.1)"
+        )
+
+
+@check
+def early_stopping_needs_evaluation(cfg: LatheConfig) -> None:
+    t = cfg.train
+    if t.early_stopping_steps is None:
+        return
+    if t.early_stopping_steps < 1:
+        raise ConfigError(f"early_stopping_steps={t.early_stopping_steps} must be at least 1")
+    if cfg.data.val_size == 0 and not cfg.data.eval_dataset:
+        raise ConfigError("early_stopping_steps needs an eval set to watch; set val_size or eval_dataset")
+    if t.eval_strategy == "no":
+        raise ConfigError("early_stopping_steps needs evaluations; remove eval_strategy: no")
+
+
+@check(commands=("export",))
+def export_dir_is_given(cfg: LatheConfig) -> None:
+    if not cfg.export.export_dir:
+        raise ConfigError("export_dir is missing; say where the merged model goes, e.g. export_dir: exports/my-model")
+    if cfg.export.export_size < 1:
+        raise ConfigError(f"export_size={cfg.export.export_size} must be at least 1 (GB per shard)")
+
+
+@check(commands=("eval",))
+def benchmark_is_given(cfg: LatheConfig) -> None:
+    b = cfg.bench
+    if not b.task:
+        raise ConfigError("task is missing; name a benchmark folder under task_dir, e.g. task: lathe_bench_test")
+    if b.n_shot < 0:
+        raise ConfigError(f"n_shot={b.n_shot} must be 0 or more")

@@ -53,8 +53,10 @@ def known_keys() -> list[str]:
 def load_config(
     source: str | os.PathLike | Mapping[str, Any] | None = None,
     overrides: Iterable[str] | Mapping[str, Any] | None = None,
+    command: str = "train",
 ) -> LatheConfig:
-    """Build a validated `LatheConfig` from a file path or a dict plus overrides."""
+    """Build a validated `LatheConfig` from a file path or a dict plus overrides,
+    checked for what `command` (train, export, chat, eval) needs."""
     path: str | None = None
     if source is None:
         raw: dict[str, Any] = {}
@@ -64,7 +66,7 @@ def load_config(
         path = str(source)
         raw = read_config_file(path)
     raw.update(parse_overrides(overrides))
-    return build_config(raw, source=path)
+    return build_config(raw, source=path, command=command)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -108,7 +110,7 @@ def parse_overrides(overrides: Iterable[str] | Mapping[str, Any] | None) -> dict
     return out
 
 
-def build_config(raw: Mapping[str, Any], source: str | None = None) -> LatheConfig:
+def build_config(raw: Mapping[str, Any], source: str | None = None, command: str = "train") -> LatheConfig:
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     extra: dict[str, Any] = {}
     passthrough: dict[str, Any] = {}
@@ -126,7 +128,7 @@ def build_config(raw: Mapping[str, Any], source: str | None = None) -> LatheConf
     sections["train"]["extra"] = extra
     built = {name: cls(**sections[name]) for name, cls in SECTIONS.items()}
     explicit = frozenset(ALIASES.get(k, k) for k in raw)
-    cfg = LatheConfig(**built, explicit=explicit, source=source)
+    cfg = LatheConfig(**built, command=command, explicit=explicit, source=source)
     run_checks(cfg)
     return cfg
 
@@ -226,6 +228,6 @@ def replace(cfg: LatheConfig, **changes: Any) -> LatheConfig:
     """A copy of `cfg` with flat keys changed (validated like any other input)."""
     flat = {k: v for k, v in to_flat_dict(cfg).items()}
     flat.update(changes)
-    new = build_config(flat, source=cfg.source)
+    new = build_config(flat, source=cfg.source, command=cfg.command)
     return dataclasses.replace(new, explicit=cfg.explicit | frozenset(changes))
 

@@ -101,6 +101,10 @@ class AlignConfig:
     pref_ftx: float = _f(0.0, "dpo: weight of an SFT loss on the chosen replies added to the loss.")
     pref_label_smoothing: float = _f(0.0, "dpo (sigmoid): robust DPO label smoothing in [0, 0.5).")
     simpo_gamma: float = _f(0.5, "simpo: the target reward margin.")
+    pref_split_backward: bool = _f(
+        True, "dpo: chosen and rejected replies go forward and backward one after the other, so "
+        "activations are held for one side only (about 12% more compute); false: one joint pass."
+    )
     kto_chosen_weight: float = _f(1.0, "kto: weight of desirable examples in the loss.")
     kto_rejected_weight: float = _f(1.0, "kto: weight of undesirable examples in the loss.")
     ref_model: str | None = _f(
@@ -145,6 +149,10 @@ class TrainConfig:
     )
     do_train: bool = _f(True, "Train.")
     do_eval: bool = _f(False, "Evaluate on the validation split after training.")
+    do_predict: bool = _f(False, "After training, predict on the eval set (see predict_with_generate).")
+    predict_with_generate: bool = _f(
+        False, "do_predict generates a reply for every eval row and scores it (BLEU-4, ROUGE-1/2/L)."
+    )
     per_device_train_batch_size: int = _f(8, "Batch size per device for training.")
     per_device_eval_batch_size: int = _f(8, "Batch size per device for evaluation.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
@@ -167,8 +175,36 @@ class TrainConfig:
         None, "When to evaluate (default: every save_steps when there is a validation split)."
     )
     eval_steps: int | None = _f(None, "Evaluate every N steps (default: save_steps).")
+    early_stopping_steps: int | None = _f(
+        None, "Stop when metric_for_best_model has not improved for this many evaluations."
+    )
     report_to: list[str] = _f(["none"], "none, tensorboard, wandb, ... (comma-separated).")
     extra: dict[str, Any] = _f({}, "Other transformers.TrainingArguments fields, passed through.")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`lathe export`: merge adapters into the base model, save, verify."""
+
+    export_dir: str | None = _f(None, "Folder the merged model is written to (must not hold files).")
+    export_size: int = _f(5, "Largest weight shard, in GB.")
+    export_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
+        "auto", "dtype of the exported weights (auto: the dtype the base checkpoint was saved in)."
+    )
+    export_legacy_format: bool = _f(False, "Write pytorch_model*.bin instead of safetensors.")
+    export_hub_model_id: str | None = _f(None, "Also push the export to this hub repo (needs network).")
+    export_verify: bool = _f(True, "Reload the export and check its logits and chat template.")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """`lathe eval`: multiple-choice benchmarks in the MMLU / C-Eval / CMMLU layout."""
+
+    task: str | None = _f(None, "Benchmark folder name under task_dir, optionally _split (e.g. mmlu_test).")
+    task_dir: str = _f("evaluation", "Folder holding the benchmark folders.")
+    n_shot: int = _f(5, "Few-shot examples taken from the dev split.")
+    lang: Literal["en", "zh"] = _f("en", "Language of the prompt wording.")
+    save_dir: str | None = _f(None, "Folder results.json is written to (must not hold files).")
 
 
 # Stage names; each has a recipe module `lathe.recipes.<name>` (a test keeps them in step).
@@ -181,7 +217,12 @@ SECTIONS: dict[str, type] = {
     "align": AlignConfig,
     "generate": GenerateConfig,
     "train": TrainConfig,
+    "export": ExportConfig,
+    "bench": BenchConfig,
 }
+
+# What a config is loaded for: `lathe <command> cfg.yaml`; checks declare which they serve.
+COMMANDS: tuple[str, ...] = ("train", "export", "chat", "eval")
 
 
 @dataclass(frozen=True)
@@ -194,6 +235,9 @@ class LatheConfig:
     align: AlignConfig
     generate: GenerateConfig
     train: TrainConfig
+    export: ExportConfig = field(default_factory=ExportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    command: str = "train"  # what it was loaded for (decides which checks apply)
     explicit: frozenset[str] = frozenset()  # keys the user set (file or command line)
     source: str | None = None  # the file it came from, if any
 

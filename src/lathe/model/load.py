@@ -114,3 +114,64 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any) -> Any:
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+# --- inference: a trained model as chat, eval, predict and export see it ------------------
+
+def load_for_inference(cfg: LatheConfig, merge: bool = True) -> tuple[Any, Any, str]:
+    """Base model + the adapters of `adapter_name_or_path` (merged into the weights when
+    `merge`), in eval mode, with its tokenizer; also returns the resolved model path.
+
+    An adapter that does not fit the base model is a ModelError naming the first
+    tensor whose shape differs."""
+    path = resolve_model_path(cfg.model.model_name_or_path)
+    tokenizer = load_tokenizer(cfg.model, path)
+    fix_pad_token(tokenizer)
+    model = load_model(cfg, path, tokenizer)
+    for adapter in cfg.model.adapter_name_or_path or []:
+        model = load_adapter(model, adapter, path)
+        if merge:
+            model = model.merge_and_unload()
+    model.eval()
+    return model, tokenizer, path
+
+
+def load_adapter(model: Any, adapter: str, base_path: str) -> Any:
+    """PeftModel.from_pretrained with a one-line error when the adapter is missing, or was
+    trained on another base model (shapes or module names differ)."""
+    import json
+
+    from peft import PeftModel
+
+    folder = Path(adapter).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        what = "does not exist" if not folder.exists() else "has no adapter_config.json"
+        raise ModelError(f"adapter_name_or_path {adapter} {what}; point it at a run's output_dir "
+                         "(or a checkpoint folder) trained with finetuning_type: lora")
+    try:
+        trained_on = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        trained_on = None
+    hint = f" (its adapter_config.json names base model {trained_on})" if trained_on else ""
+    try:
+        return PeftModel.from_pretrained(model, str(folder))
+    except RuntimeError as e:
+        detail = _first_size_mismatch(str(e))
+        raise ModelError(f"adapter {adapter} does not fit base model {base_path}: {detail}; "
+                         f"was it trained on another model?{hint}") from None
+    except (ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelError(f"adapter {adapter} does not fit base model {base_path}: {first}{hint}") from None
+
+
+def _first_size_mismatch(message: str) -> str:
+    """'size mismatch for <name>: copying a param with shape A ..., the shape in current
+    model is B' -> '<name> is A in the adapter but B in the model'."""
+    import re
+
+    m = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\((\[[^\]]*\])\)"
+                  r".*?current model is torch.Size\((\[[^\]]*\])\)", message, re.S)
+    if not m:
+        return message.strip().splitlines()[0][:200]
+    name = m.group(1).replace("base_model.model.", "")
+    return f"{name} is {m.group(2)} in the adapter but {m.group(3)} in the model"

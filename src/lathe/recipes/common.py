@@ -157,6 +157,7 @@ def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any
         eval_strategy=eval_strategy if has_eval else "no",
         eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
         report_to=[] if t.report_to == ["none"] else t.report_to,
+        do_predict=t.do_predict,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
     )
@@ -166,6 +167,8 @@ def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any
         kwargs["use_cpu"] = True
     kwargs.update(stage_overrides)
     kwargs.update(t.extra)
+    if t.early_stopping_steps and not kwargs.get("metric_for_best_model"):
+        kwargs["metric_for_best_model"] = "eval_loss"  # what early stopping watches by default
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as e:
@@ -248,13 +251,18 @@ def make_callbacks(output_dir: str, perplexity: bool = True) -> list[Any]:
     return [ProgressBar(), JsonlLog()]
 
 
-def install_callbacks(trainer: Any, output_dir: str, perplexity: bool = True) -> None:
+def install_callbacks(trainer: Any, cfg: LatheConfig, perplexity: bool = True) -> None:
+    """Our progress bar and JSONL log instead of transformers' printing; early stopping
+    when `early_stopping_steps` is set."""
+    from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    for cb in make_callbacks(output_dir, perplexity):
+    for cb in make_callbacks(cfg.train.output_dir, perplexity):
         trainer.add_callback(cb)
+    if cfg.train.early_stopping_steps:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_steps))
 
 
 def _ppl(loss: float) -> float:
@@ -367,8 +375,12 @@ def lm_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any
 
 
 def final_eval(trainer: Any) -> dict[str, float] | None:
-    """The evaluation the trainer already ran at the last step, if any (no second pass)."""
+    """The evaluation the trainer already ran at the last step, if any (no second pass).
+    Not when the best checkpoint was loaded at the end: that model needs its own."""
     state = trainer.state
+    best = state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and not best.endswith(f"-{state.global_step}"):
+        return None
     last = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
     if last is None or last.get("step") != state.global_step:
         return None

@@ -1,12 +1,16 @@
 """Direct preference optimisation (pref_loss sigmoid | hinge | ipo | orpo | simpo).
 
-tokenizer -> preference pairs -> policy (+ reference) -> trainer -> save. Chosen and
-rejected replies go through one forward pass (one right-padded batch: chosen rows,
-then rejected rows); orpo and simpo need no reference, so none is loaded or run.
+tokenizer -> preference pairs -> policy (+ reference) -> trainer -> save. A batch is
+one right-padded block (chosen rows, then rejected rows). By default the two halves go
+forward and backward one after the other (`pref_split_backward`, see `training_step`),
+so DPO holds the activations of one side only; orpo and simpo need no reference, so
+none is loaded or run.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from lathe.config.schema import LatheConfig
@@ -68,7 +72,7 @@ def build(cfg: LatheConfig) -> Setup:
         processing_class=tokenizer, data_collator=PairCollator(tokenizer.pad_token_id),
         ref_model=ref_model, use_reference=use_reference, align=cfg.align,
     )
-    install_callbacks(trainer, cfg.train.output_dir, perplexity=False)
+    install_callbacks(trainer, cfg, perplexity=False)
     return Setup(trainer, data, tokenizer, template.stop_token_ids(tokenizer), resume_from)
 
 
@@ -108,14 +112,17 @@ def make_dpo_trainer_class() -> type:
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             """Mean over pairs (+ pref_ftx x mean NLL per chosen token), metrics recorded."""
-            a = self.align
             total, count = self.logps(model, inputs)
             n = total.shape[0] // 2
-            chosen, rejected = (total[:n], count[:n]), (total[n:], count[n:])
-            ref_chosen = ref_rejected = None
-            if self.use_reference:
-                ref_total, ref_count = self.reference_logps(model, inputs)
-                ref_chosen, ref_rejected = (ref_total[:n], ref_count[:n]), (ref_total[n:], ref_count[n:])
+            refs = self._reference_halves(model, inputs, n)
+            loss = self.pair_loss(model, (total[:n], count[:n]), (total[n:], count[n:]), *refs)
+            return (loss, None) if return_outputs else loss
+
+        def pair_loss(self, model: Any, chosen: tuple[Any, Any], rejected: tuple[Any, Any],
+                      ref_chosen: Any, ref_rejected: Any) -> Any:
+            """The loss from per-row (summed log-prob, token count); records the metrics."""
+            a = self.align
+            n = chosen[0].shape[0]
             out = preference_loss(a.pref_loss, chosen, rejected, ref_chosen, ref_rejected,
                                   beta=a.pref_beta, label_smoothing=a.pref_label_smoothing,
                                   simpo_gamma=a.simpo_gamma)
@@ -125,8 +132,62 @@ def make_dpo_trainer_class() -> type:
                 losses = losses + a.pref_ftx * sft
                 self.record(model, "sft_loss", sft.detach().sum().item(), n)
             self._record_pairs(model, out, chosen[0].detach(), rejected[0].detach(), n)
-            loss = losses.mean()
-            return (loss, None) if return_outputs else loss
+            return losses.mean()
+
+        def _reference_halves(self, model: Any, inputs: dict[str, Any], n: int) -> tuple[Any, Any]:
+            if not self.use_reference:
+                return None, None
+            total, count = self.reference_logps(model, inputs)
+            return (total[:n], count[:n]), (total[n:], count[n:])
+
+        # -- split backward: activations of one side at a time
+        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+            """With pref_split_backward, chosen and rejected rows go forward and backward
+            one after the other instead of in one joint batch.
+
+            The loss depends on the policy only through each row's summed log-prob, so
+            its gradient is sum_i dL/dlogp_i * grad(logp_i): the coefficients dL/dlogp_i
+            come from a first, gradient-free pass over the rejected rows, then each side
+            is pushed back with its coefficients. Peak activation memory is that of one
+            side (what SFT on the chosen replies costs), for one extra forward pass.
+            Dropout masks of the rejected rows are replayed so both passes agree.
+            """
+            if not self._can_split():
+                return super().training_step(model, inputs, num_items_in_batch)
+            import torch
+
+            model.train()
+            if callable(getattr(self.optimizer, "train", None)):
+                self.optimizer.train()
+            inputs = self._prepare_inputs(inputs)
+            n = inputs["input_ids"].shape[0] // 2
+            chosen_rows = {k: v[:n] for k, v in inputs.items()}
+            rejected_rows = {k: v[n:] for k, v in inputs.items()}
+            scale = 1.0 / self.current_gradient_accumulation_steps
+            rng = _RngReplay(self.args.device)
+            with self.compute_loss_context_manager():
+                refs = self._reference_halves(model, inputs, n)
+                with torch.no_grad(), rng.record():
+                    rejected_value = self.logps(model, rejected_rows)
+                with self.accelerator.no_sync(model):  # the rejected pass below syncs both
+                    chosen = self.logps(model, chosen_rows)
+                    leaves = [chosen[0].detach().requires_grad_(), rejected_value[0].detach().requires_grad_()]
+                    with torch.enable_grad():
+                        loss = self.pair_loss(model, (leaves[0], chosen[1]), (leaves[1], rejected_value[1]),
+                                              *refs) * scale
+                    coef_chosen, coef_rejected = torch.autograd.grad(loss, leaves)
+                    self.accelerator.backward((chosen[0] * coef_chosen).sum())
+                    del chosen
+                with rng.replay():
+                    rejected = self.logps(model, rejected_rows)
+            self.accelerator.backward((rejected[0] * coef_rejected).sum())
+            return loss.detach()
+
+        def _can_split(self) -> bool:
+            """Only where two backward passes per micro-batch are safe (not DeepSpeed/FSDP)."""
+            return (self.align.pref_split_backward and not self.is_deepspeed_enabled
+                    and not self.is_fsdp_enabled and self.args.n_gpu <= 1
+                    and not getattr(self.args, "parallelism_config", None))
 
         def _record_pairs(self, model: Any, out: Any, chosen_logps: Any, rejected_logps: Any,
                           n: int) -> None:
@@ -139,3 +200,41 @@ def make_dpo_trainer_class() -> type:
                 self.record(model, key, value.float().sum().item(), n)
 
     return DPOTrainer
+
+
+class _RngReplay:
+    """Record the random state before a pass and replay it later (same dropout masks),
+    then continue the stream where it would have been without the replay."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self.start: Any = None
+
+    def _get(self) -> Any:
+        import torch
+
+        return (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.cuda else None)
+
+    def _set(self, state: Any) -> None:
+        import torch
+
+        torch.set_rng_state(state[0])
+        if self.cuda:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        self.start = self._get()
+        yield
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        after = self._get()
+        self._set(self.start)
+        try:
+            yield
+        finally:
+            self._set(after)

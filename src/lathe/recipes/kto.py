@@ -78,7 +78,7 @@ def build(cfg: LatheConfig) -> Setup:
         data_collator=KTOCollator(tokenizer.pad_token_id, cfg.data.cutoff_len),
         ref_model=ref_model, align=cfg.align,
     )
-    install_callbacks(trainer, cfg.train.output_dir, perplexity=False)
+    install_callbacks(trainer, cfg, perplexity=False)
     return Setup(trainer, data, tokenizer, template.stop_token_ids(tokenizer), resume_from)
 
 

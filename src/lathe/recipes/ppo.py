@@ -245,16 +245,18 @@ class PPO:
         history: list[dict[str, Any]] = []
         t0 = time.time()
         bar = tqdm(total=plan.steps, desc="ppo", unit="step", dynamic_ncols=True)
-        seen = 0
+        seen = tokens = 0
         for step in range(1, plan.steps + 1):
             idx = next(batches)
             seen += len(idx)
             rollout = self.rollout([prompts[i]["input_ids"] for i in idx])
+            tokens += int(rollout.attention_mask.sum())  # prompt + reply tokens, no padding
             stats = self.prepare(rollout)
             stats.update(self.optimise(rollout, optimizer, scheduler, generator))
             self.kl_ctl.update(stats["kl"], len(idx))
             record = {"step": step, "max_steps": plan.steps, "epoch": round(seen / plan.num_prompts, 4),
-                      "elapsed_s": round(time.time() - t0, 2), **_rounded(stats),
+                      "elapsed_s": round(time.time() - t0, 2), "num_input_tokens_seen": tokens,
+                      **_rounded(stats),
                       "learning_rate": scheduler.get_last_lr()[0]}
             history.append(record)
             with open(out / "trainer_log.jsonl", "a", encoding="utf-8") as f:
@@ -478,7 +480,8 @@ def _summarise(history: list[dict[str, Any]]) -> dict[str, float]:
     return {"reward_first": mean(history[:window], "reward"), "reward_last": mean(history[-window:], "reward"),
             "reward_window_steps": window, "kl_final": history[-1]["kl"],
             "kl_coef_final": history[-1]["kl_coef"], "train_steps": len(history),
-            "train_runtime": history[-1].get("train_runtime", 0.0), "epoch": history[-1]["epoch"]}
+            "train_runtime": history[-1].get("train_runtime", 0.0), "epoch": history[-1]["epoch"],
+            "num_input_tokens_seen": history[-1]["num_input_tokens_seen"]}
 
 
 def _save(cfg: LatheConfig, model: Any, tokenizer: Any, stop_ids: list[int], history: list[dict[str, Any]],

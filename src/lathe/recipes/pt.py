@@ -54,7 +54,7 @@ def run(cfg: LatheConfig) -> RunResult:
                   example_caption=f"one block of {len(example['input_ids'])} tokens, all trained")
 
     trainer = lm_trainer(model, args, tokenizer, data.train, data.eval)
-    install_callbacks(trainer, cfg.train.output_dir)
+    install_callbacks(trainer, cfg)
 
     train_metrics = {}
     if cfg.train.do_train:

@@ -78,7 +78,7 @@ def run(cfg: LatheConfig) -> RunResult:
                   example_caption="chosen, then rejected; each is scored at its last token")
 
     trainer = build_trainer(model, args, tokenizer, data.train, data.eval)
-    install_callbacks(trainer, cfg.train.output_dir, perplexity=False)
+    install_callbacks(trainer, cfg, perplexity=False)
 
     train_metrics: dict[str, Any] = {}
     if cfg.train.do_train:

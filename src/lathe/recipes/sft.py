@@ -55,7 +55,7 @@ def run(cfg: LatheConfig) -> RunResult:
                   notes)
 
     trainer = lm_trainer(model, args, tokenizer, data.train, data.eval, collator)
-    install_callbacks(trainer, cfg.train.output_dir)
+    install_callbacks(trainer, cfg)
 
     train_metrics = {}
     if cfg.train.do_train:
