@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lathe.config.schema import GenerateConfig
 from lathe.data.templates import Template
 
 
@@ -11,17 +12,74 @@ def answer(model: Any, tokenizer: Any, template: Template, query: str,
            history: list[tuple[str, str]] | None = None, system: str | None = None,
            max_new_tokens: int = 64) -> str:
     """Greedy reply to `query`, stopping at the template's stop tokens."""
+    ids = template.encode_prompt(history or [], query, tokenizer, system=system)
+    gen = GenerateConfig(max_new_tokens=max_new_tokens, do_sample=False)
+    [reply] = generate_replies(model, tokenizer, [ids], gen, template.stop_token_ids(tokenizer),
+                               batch_size=1, progress=False)
+    return tokenizer.decode(reply, skip_special_tokens=True).strip()
+
+
+def generate_replies(model: Any, tokenizer: Any, prompts: list[list[int]], gen: GenerateConfig,
+                     stop_ids: list[int], batch_size: int, progress: bool = True) -> list[list[int]]:
+    """The reply ids to each prompt, cut before the first stop token, in the prompts' order.
+
+    Prompts are sorted by length so a batch holds similar lengths (little padding), and
+    padded on the LEFT: every row then ends where its reply starts, and `generate`
+    derives each row's positions from the attention mask, so a padded row gets the same
+    tokens as the row generated alone. One `generate` call per batch.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)  # OOM early
+    batches = [order[i:i + batch_size] for i in range(0, len(order), max(1, batch_size))]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
+    kwargs = generation_kwargs(gen, stop_ids, pad_id)
+    replies: list[list[int]] = [[] for _ in prompts]
+    bar = tqdm(total=len(prompts), desc="generate", unit="row", disable=not progress,
+               dynamic_ncols=True)
+    with torch.no_grad():
+        for batch in batches:
+            input_ids, mask = _left_pad([prompts[i] for i in batch], pad_id, model.device)
+            out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+            for row, i in enumerate(batch):
+                replies[i] = cut_at_stop(out[row, input_ids.shape[1]:].tolist(), stop_ids)
+            bar.update(len(batch))
+    bar.close()
+    return replies
+
+
+def generation_kwargs(gen: GenerateConfig, stop_ids: list[int], pad_id: int) -> dict[str, Any]:
+    """`generate` keyword arguments from the generate keys; sampling knobs only when sampling
+    (transformers warns about them otherwise). They override the checkpoint's own
+    generation_config."""
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=gen.max_new_tokens,
+        do_sample=gen.do_sample,
+        num_beams=gen.num_beams,
+        repetition_penalty=gen.repetition_penalty,
+        eos_token_id=list(stop_ids) or None,
+        pad_token_id=pad_id,
+    )
+    if gen.do_sample:
+        kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)  # top_k 0: off
+    return kwargs
+
+
+def cut_at_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    """Everything before the first stop token (what follows it is padding)."""
+    stops = set(stop_ids)
+    return next((ids[:k] for k, t in enumerate(ids) if t in stops), ids)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
     import torch
 
-    ids = template.encode_prompt(history or [], query, tokenizer, system=system)
-    input_ids = torch.tensor([ids], device=model.device)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=template.stop_token_ids(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        if r:
+            ids[k, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[k, width - len(r):] = 1
+    return ids.to(device), mask.to(device)

@@ -15,7 +15,8 @@ from lathe.pipeline import load_pipeline
 REPO = Path(__file__).resolve().parents[2]
 ALL = sorted((REPO / "examples").rglob("*.yaml"))
 PIPELINES = [p for p in ALL if "stages" in (yaml.safe_load(p.read_text()) or {})]
-EXAMPLES = [p for p in ALL if p not in PIPELINES]
+BENCHMARKS = [p for p in ALL if "task" in (yaml.safe_load(p.read_text()) or {})]  # `lathe eval` configs
+EXAMPLES = [p for p in ALL if p not in PIPELINES and p not in BENCHMARKS]
 
 
 def test_there_are_examples():
@@ -29,6 +30,17 @@ def test_example_loads_and_its_data_resolves(path, monkeypatch):
     get_template(cfg.data.template)
     rows, stats = load_conversations(cfg.data, stage_kind(cfg.finetune.stage))
     assert rows and sum(stats.rows_read.values()) == len(rows)
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=[p.name for p in BENCHMARKS])
+def test_eval_example_loads_and_its_benchmark_resolves(path, monkeypatch):
+    from lathe.eval.bench_data import load_benchmark
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(path, command="eval")
+    get_template(cfg.data.template)
+    bench = load_benchmark(cfg.bench.task, cfg.bench.task_dir, cfg.bench.n_shot)
+    assert bench.total and all(len(s.shots) == cfg.bench.n_shot for s in bench.subjects)
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])

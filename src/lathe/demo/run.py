@@ -36,7 +36,10 @@ def run_demo(output_dir: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lathe.api import train
+    from lathe.chat import chat_once
+    from lathe.config.load import load_config
     from lathe.data.templates import get_template
+    from lathe.export import run_export
     from lathe.infer import answer
 
     output_dir = output_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -51,12 +54,21 @@ def run_demo(output_dir: str | None = None) -> Path:
     result = train({**DEMO_CONFIG, "output_dir": output_dir})
     after = answer(_reload(result.output_dir, base), tokenizer, template, QUESTION)
     out = Path(result.output_dir)
+
+    # ship it: merge the adapter into a standalone model (verified), then ask the export
+    export_dir = out.with_name(out.name + "-export")
+    run_export(load_config({"model_name_or_path": str(base), "adapter_name_or_path": str(out),
+                            "export_dir": str(export_dir)}, command="export"))
+    exported = chat_once({"model_name_or_path": str(export_dir), "do_sample": False,
+                          "max_new_tokens": 64}, QUESTION)
     print(
         f"\nBefore fine-tuning: {before!r}"
         f"\nAfter fine-tuning:  {after!r}"
         f"\nTrained in {time.time() - started:.0f} s; training loss {result.losses()[0]:.3f} -> {result.losses()[-1]:.3f}"
         f"\nAdapter:   {out}/adapter_model.safetensors"
         f"\nLoss plot: {out}/training_loss.png"
+        f"\nExported:  {export_dir} (verified: {export_dir}/export_verification.json)"
+        f"\nThe export, asked {QUESTION!r} by `lathe chat`: {exported!r}"
         f"\nRepeat:    lathe train {out}/config.yaml",
         flush=True,
     )

@@ -236,6 +236,9 @@ def make_callbacks(output_dir: str, perplexity: bool = True) -> list[Any]:
     class JsonlLog(TrainerCallback):
         """Every log line, as JSON, in output_dir/trainer_log.jsonl (rank 0)."""
 
+        def __init__(self) -> None:
+            self.t0 = time.time()  # also when there is no training (do_train: false)
+
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.time()
 

@@ -25,12 +25,14 @@ from lathe.recipes.common import (
     ready_for_training,
     run_eval,
 )
+from lathe.recipes.predict import check_predict, run_predict
 
 
 def run(cfg: LatheConfig) -> RunResult:
     if cfg.data.packing:
         raise ConfigError("packing applies to stage sft; stage pt already cuts the text into full "
                           "blocks of cutoff_len, so remove packing")
+    check_predict(cfg)  # predict_with_generate: no replies to compare with
     template = get_template(cfg.data.template)  # unused by plain text, but part of the cache key
     resume_from = check_output_dir(cfg)
     model_path = resolve_model_path(cfg.model.model_name_or_path)
@@ -61,5 +63,8 @@ def run(cfg: LatheConfig) -> RunResult:
         train_metrics = dict(trainer.train(resume_from_checkpoint=resume_from).metrics)
         trainer.save_model()
     eval_metrics = run_eval(trainer) if data.eval is not None else None
-    return finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
+    predict_metrics = run_predict(trainer, cfg, tokenizer) if cfg.train.do_predict else {}
+    result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
+    result.metrics.update(predict_metrics)
+    return result
 

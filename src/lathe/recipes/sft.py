@@ -22,6 +22,7 @@ from lathe.recipes.common import (
     ready_for_training,
     run_eval,
 )
+from lathe.recipes.predict import run_predict
 
 
 def run(cfg: LatheConfig) -> RunResult:
@@ -43,6 +44,7 @@ def run(cfg: LatheConfig) -> RunResult:
 
     model = load_model(cfg, model_path, tokenizer)
     collator = lm_collator(tokenizer)
+    eval_rows = data.eval  # unpacked: predict_with_generate needs each row's own prompt
     if cfg.data.packing:  # refuses a model whose attention would cross example boundaries
         data, collator, note = pack_for_training(data, model, tokenizer, cfg.data.cutoff_len,
                                                  cfg.train.per_device_train_batch_size)
@@ -63,7 +65,11 @@ def run(cfg: LatheConfig) -> RunResult:
         _set_stop_tokens(trainer.model, template.stop_token_ids(tokenizer))
         trainer.save_model()
     eval_metrics = run_eval(trainer) if data.eval is not None else None
-    return finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
+    predict_metrics = run_predict(trainer, cfg, tokenizer, template, eval_rows) \
+        if cfg.train.do_predict else {}
+    result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
+    result.metrics.update(predict_metrics)
+    return result
 
 
 def _set_stop_tokens(model, stop_ids: list[int]) -> None:
