@@ -320,6 +320,14 @@ def test_nothing_to_do():
     assert "do_train" in msg and "do_eval" in msg
 
 
+def test_predict_only_needs_eval_rows_but_no_training_data():
+    src = {"model_name_or_path": "x", "output_dir": "o", "do_train": False, "do_predict": True}
+    assert "eval_dataset" in config_error(source=src)  # no data at all: one line, not a crash
+    assert "dataset is missing" in config_error(source={**src, "do_train": True})
+    cfg = load_config({**src, "eval_dataset": "identity"})
+    assert cfg.data.dataset is None and cfg.data.eval_dataset == ["identity"]
+
+
 def test_unknown_stage_suggests_sft():
     msg = config_error("stage=sfft")
     assert "sfft" in msg and "did you mean sft" in msg

@@ -121,8 +121,13 @@ def model_is_given(cfg: LatheConfig) -> None:
 
 @check
 def dataset_is_given(cfg: LatheConfig) -> None:
-    if cfg.train.do_train and not cfg.data.dataset:
+    if cfg.data.dataset:
+        return
+    if cfg.train.do_train:
         raise ConfigError("dataset is missing; name one or more entries of dataset_info.json")
+    if not cfg.data.eval_dataset:  # evaluate / predict only: the eval set is all it reads
+        raise ConfigError("no data: with do_train: false name the rows to evaluate or predict on "
+                          "in eval_dataset (or give dataset with val_size)")
 
 
 @check

@@ -261,14 +261,17 @@ def load_tokenized(data: DataConfig, tokenizer: Any, template: Template, seed: i
         return SplitData(train, ev, stats)
 
     rows, stats = conversations or load_conversations(data, kind)
-    parts = [Dataset.from_list(part) for part in _per_dataset(rows, stats.rows_read)]
-    train = _tokenize(_mix(parts, data, seed), preprocess, data, stats, kind)
     ev = None
     if data.eval_dataset:
         eval_rows, eval_stats = load_conversations(data, kind, names=data.eval_dataset)
         ev = _tokenize(Dataset.from_list(eval_rows), preprocess, data, DataStats(), kind)
-    elif data.val_size:
-        train, ev = _split(train, data.val_size, seed)
+    if data.dataset:
+        parts = [Dataset.from_list(part) for part in _per_dataset(rows, stats.rows_read)]
+        train = _tokenize(_mix(parts, data, seed), preprocess, data, stats, kind)
+        if ev is None and data.val_size:
+            train, ev = _split(train, data.val_size, seed)
+    else:  # evaluate / predict only (do_train: false, a config check): the eval rows stand in
+        train = ev
     _count(train, ev, stats)
     stats.cache = "miss"
     _save_cache(cache_dir, train, ev, stats)

@@ -185,7 +185,8 @@ def _has_cuda() -> bool:
 # --- callbacks -------------------------------------------------------------------------
 
 # Eval log keys that are bookkeeping, not results (left out of the progress bar's eval line).
-_EVAL_PLUMBING = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
+_EVAL_PLUMBING = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
+                  "eval_model_preparation_time"}
 
 
 def make_callbacks(output_dir: str, perplexity: bool = True) -> list[Any]:
@@ -315,7 +316,8 @@ def _indent(text: str, pad: str) -> str:
 def save_run_outputs(trainer: Any, cfg: LatheConfig, train_metrics: dict[str, Any],
                      eval_metrics: dict[str, Any] | None) -> None:
     """trainer_state.json, train/eval/all_results.json and, if asked, the loss plots."""
-    trainer.save_metrics("train", train_metrics)
+    if train_metrics:  # none when do_train is false
+        trainer.save_metrics("train", train_metrics)
     if eval_metrics:
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()
@@ -407,6 +409,9 @@ def finish_run(trainer: Any, cfg: LatheConfig, tokenizer: Any, train_metrics: di
     """train/eval/all_results.json, trainer_state.json and the plots; the RunResult."""
     save_run_outputs(trainer, cfg, train_metrics, eval_metrics)
     metrics = {**train_metrics, **(eval_metrics or {})}
-    log(f"Saved {cfg.finetune.finetuning_type} weights, tokenizer and config to {cfg.train.output_dir}")
+    if cfg.train.do_train:
+        log(f"Saved {cfg.finetune.finetuning_type} weights, tokenizer and config to {cfg.train.output_dir}")
+    else:  # evaluate / predict only: nothing was trained, so no weights were written
+        log(f"Saved the results (no weights: do_train is false) to {cfg.train.output_dir}")
     return RunResult(cfg.train.output_dir, metrics, trainer.model, tokenizer,
                      list(trainer.state.log_history))
