@@ -324,6 +324,8 @@ def test_predict_only_needs_eval_rows_but_no_training_data():
     src = {"model_name_or_path": "x", "output_dir": "o", "do_train": False, "do_predict": True}
     assert "eval_dataset" in config_error(source=src)  # no data at all: one line, not a crash
     assert "dataset is missing" in config_error(source={**src, "do_train": True})
+    assert "streaming" in config_error(source={**src, "eval_dataset": "identity", "streaming": True,
+                                               "max_steps": 5})
     cfg = load_config({**src, "eval_dataset": "identity"})
     assert cfg.data.dataset is None and cfg.data.eval_dataset == ["identity"]
 

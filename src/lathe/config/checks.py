@@ -128,6 +128,9 @@ def dataset_is_given(cfg: LatheConfig) -> None:
     if not cfg.data.eval_dataset:  # evaluate / predict only: the eval set is all it reads
         raise ConfigError("no data: with do_train: false name the rows to evaluate or predict on "
                           "in eval_dataset (or give dataset with val_size)")
+    if cfg.data.streaming:
+        raise ConfigError("streaming reads dataset, which is missing; set streaming: false to "
+                          "evaluate or predict on eval_dataset alone")
 
 
 @check
