@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
 from lathe.config.schema import GenerateConfig, LatheConfig
@@ -52,13 +51,11 @@ def choose_template(cfg: LatheConfig, tokenizer: Any, model_path: str, note: Not
     """`template` when the user set it; else the one the run was trained with (the config.yaml
     of the last adapter, or of the model folder for a full fine-tuning run), as export does;
     else the model's own chat_template (`auto`, e.g. an exported model); else the default."""
-    from lathe.export import run_template
+    from lathe.export import trained_template
 
     if cfg.is_set("template"):
         return get_template(cfg.data.template)
-    adapters = cfg.model.adapter_name_or_path or []
-    run_dir = adapters[-1] if adapters else model_path
-    recorded = run_template(Path(run_dir).expanduser())
+    run_dir, recorded = trained_template(cfg, model_path)
     if recorded:
         try:
             template = get_template(recorded)
@@ -114,30 +111,6 @@ def build_prompt(session: ChatSession, message: str) -> list[int]:
     return ids
 
 
-def generation_kwargs(gen: GenerateConfig, stop_ids: list[int], pad_id: int | None) -> dict[str, Any]:
-    """`generate()` arguments from the generate section; sampling knobs only when sampling."""
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": gen.max_new_tokens,
-        "do_sample": gen.do_sample,
-        "num_beams": gen.num_beams,
-        "repetition_penalty": gen.repetition_penalty,
-        "eos_token_id": stop_ids,
-        "pad_token_id": pad_id,
-    }
-    if gen.do_sample:
-        kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)  # top_k 0: off
-    return kwargs
-
-
-def until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
-    """The reply's ids before its first stop token."""
-    stop = set(stop_ids)
-    for i, t in enumerate(ids):
-        if t in stop:
-            return ids[:i]
-    return ids
-
-
 def _streamer(tokenizer: Any, stop_ids: list[int], write: Callable[[str], None]) -> Any:
     """A TextStreamer that hands finished text to `write`, leaving out the prompt, special
     tokens, stop tokens and the reply's leading blanks."""
@@ -176,6 +149,8 @@ def reply(session: ChatSession, message: str, on_text: Callable[[str], None] | N
     identical whether streamed or not."""
     import torch
 
+    from lathe.infer import cut_at_stop, generation_kwargs
+
     prompt = build_prompt(session, message)
     tok = session.tokenizer
     streamer = None
@@ -186,7 +161,7 @@ def reply(session: ChatSession, message: str, on_text: Callable[[str], None] | N
         out = session.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
             **generation_kwargs(session.generate, session.stop_ids, tok.pad_token_id))
-    ids = until_stop(out[0, len(prompt):].tolist(), session.stop_ids)
+    ids = cut_at_stop(out[0, len(prompt):].tolist(), session.stop_ids)
     text = tok.decode(ids, skip_special_tokens=True).strip()
     if on_text is not None and streamer is None and text:
         on_text(text)

@@ -27,6 +27,7 @@ from lathe.data.conversation import Conversation, Message
 from lathe.data.template_jinja import template_to_jinja
 from lathe.data.templates import Template, get_template
 from lathe.errors import ModelError, OutputError
+from lathe.infer import set_stop_tokens
 from lathe.recipes.common import log
 
 __all__ = ["run_export", "template_to_jinja", "save_weights", "verify_export", "logit_bound"]
@@ -127,9 +128,7 @@ def publish(tmp: Path, out: Path) -> None:
 def resolve_template(cfg: LatheConfig) -> str:
     """`template` when the user set it; else the one recorded in the trained run's config.yaml
     (the last adapter's folder, or model_name_or_path when it is a full fine-tuning run)."""
-    adapters = cfg.model.adapter_name_or_path or []
-    run_dir = adapters[-1] if adapters else cfg.model.model_name_or_path
-    recorded = run_template(Path(run_dir).expanduser())
+    run_dir, recorded = trained_template(cfg, cfg.model.model_name_or_path)
     if cfg.is_set("template"):
         if recorded and recorded != cfg.data.template:
             log(f"Note: {run_dir} was trained with template {recorded}, but template: {cfg.data.template} "
@@ -142,6 +141,14 @@ def resolve_template(cfg: LatheConfig) -> str:
     log(f"Template: {cfg.data.template} (the default: template is not set and {run_dir} holds no "
         "config.yaml; set template to the one the model was trained with)")
     return cfg.data.template
+
+
+def trained_template(cfg: LatheConfig, model_path: str) -> tuple[str, str | None]:
+    """The run that trained the model (the last adapter's folder, or `model_path` for a full
+    fine-tuning run) and the template its config.yaml records (export and chat share this)."""
+    adapters = cfg.model.adapter_name_or_path or []
+    run_dir = adapters[-1] if adapters else model_path
+    return run_dir, run_template(Path(run_dir).expanduser())
 
 
 def run_template(folder: Path) -> str | None:
@@ -182,11 +189,9 @@ def save_export(model: Any, tokenizer: Any, folder: Path, *, dtype: str, max_sha
     import torch
 
     model = model.to(getattr(torch, dtype))
-    gen = model.generation_config
-    if gen is not None:
-        if stop_ids:  # plain `generate` stops where training taught the model to
-            gen.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
-        gen.pad_token_id = tokenizer.pad_token_id
+    set_stop_tokens(model, stop_ids)  # plain `generate` stops where training taught the model to
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     log(f"Saving weights ({dtype}, shards of at most {max_shard_size}"
         f"{', pytorch_model*.bin' if legacy else ''}) and the tokenizer")
     files = save_weights(model, folder, max_shard_size, legacy)

@@ -40,7 +40,7 @@ def generate_replies(model: Any, tokenizer: Any, prompts: list[list[int]], gen: 
                dynamic_ncols=True)
     with torch.no_grad():
         for batch in batches:
-            input_ids, mask = _left_pad([prompts[i] for i in batch], pad_id, model.device)
+            input_ids, mask = left_pad([prompts[i] for i in batch], pad_id, model.device)
             out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
             for row, i in enumerate(batch):
                 replies[i] = cut_at_stop(out[row, input_ids.shape[1]:].tolist(), stop_ids)
@@ -66,13 +66,23 @@ def generation_kwargs(gen: GenerateConfig, stop_ids: list[int], pad_id: int) -> 
     return kwargs
 
 
+def set_stop_tokens(model: Any, stop_ids: list[int]) -> None:
+    """Saved generation_config.json stops at the template's stop words, not only at eos
+    (what every stage and the export save with the weights)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and stop_ids:
+        gen.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
+
+
 def cut_at_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
     """Everything before the first stop token (what follows it is padding)."""
     stops = set(stop_ids)
     return next((ids[:k] for k, t in enumerate(ids) if t in stops), ids)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
+def left_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) with every row ending at the right edge: the next token
+    of each row is then predicted at the last position (generation, scoring, rollouts)."""
     import torch
 
     width = max(len(r) for r in rows)

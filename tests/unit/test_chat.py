@@ -8,8 +8,9 @@ import io
 import pytest
 
 from lathe.chat import (ChatSession, build_prompt, chat_loop, chat_once, choose_template,
-                        generation_kwargs, load_session, reply)
+                        load_session, reply)
 from lathe.config.load import load_config
+from lathe.infer import generation_kwargs  # what chat generates with
 
 QUERY = "Who are you?"
 

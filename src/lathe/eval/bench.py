@@ -253,16 +253,13 @@ def choice_logits(model: Any, prompts: list[list[int]], choice_ids: list[int], p
 
     import torch
 
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[row, width - len(p):] = 1
-    kwargs: dict[str, Any] = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
+    from lathe.infer import left_pad
+
+    ids, mask = left_pad(prompts, pad_id, model.device)
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
     accepted = inspect.signature(model.forward).parameters
     if "position_ids" in accepted:
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(model.device)
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     if "logits_to_keep" in accepted:
         kwargs["logits_to_keep"] = 1
     with torch.no_grad():

@@ -36,6 +36,7 @@ from lathe.data.loader import load_conversations, load_stage_data, stage_kind
 from lathe.data.processors import IGNORE_INDEX
 from lathe.data.templates import check_against_tokenizer, get_template
 from lathe.errors import ConfigError
+from lathe.infer import left_pad, set_stop_tokens
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import fix_pad_token, load_model, load_tokenizer, pick_dtype, resolve_model_path
 from lathe.model.reward import read_marker
@@ -274,7 +275,7 @@ class PPO:
 
         from lathe.recipes.ppo_core import response_mask
 
-        ids, attn = _left_pad(prompts, self.pad_id, self.device)
+        ids, attn = left_pad(prompts, self.pad_id, self.device)
         gen = self._generation_config()
         replies = []
         self.model.eval()
@@ -445,15 +446,6 @@ def _prompt_batches(n: int, size: int, generator: Any):
             yield order[s:s + size]
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
-    attn = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, attn
-
-
 def _right_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
     import torch
 
@@ -494,9 +486,7 @@ def _save(cfg: LatheConfig, model: Any, tokenizer: Any, stop_ids: list[int], his
     policy = model.policy
     if is_peft(policy) and REF_ADAPTER in policy.peft_config:
         policy.delete_adapter(REF_ADAPTER)  # the run directory holds just the trained adapter
-    gen = getattr(policy, "generation_config", None)
-    if gen is not None and stop_ids:
-        gen.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
+    set_stop_tokens(policy, stop_ids)
     policy.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     model.save_value_head(out)

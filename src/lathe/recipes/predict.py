@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from lathe.config.schema import LatheConfig
+from lathe.data.processors import IGNORE_INDEX
 from lathe.errors import ConfigError
 from lathe.recipes.common import is_main_process, log
 
-IGNORE_INDEX = -100
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 
 

@@ -197,7 +197,7 @@ class Setup:
 
 def train_and_save(setup: Setup, cfg: LatheConfig) -> RunResult:
     """Train, evaluate (the reference is still needed), drop "ref", save like sft."""
-    from lathe.recipes.sft import _set_stop_tokens
+    from lathe.infer import set_stop_tokens
 
     trainer = setup.trainer
     train_metrics: dict[str, float] = {}
@@ -206,6 +206,6 @@ def train_and_save(setup: Setup, cfg: LatheConfig) -> RunResult:
     eval_metrics = run_eval(trainer, perplexity=False) if setup.data.eval is not None else None
     drop_reference_adapter(trainer.model)
     if cfg.train.do_train:
-        _set_stop_tokens(trainer.model, setup.stop_ids)
+        set_stop_tokens(trainer.model, setup.stop_ids)
         trainer.save_model()
     return finish_run(trainer, cfg, setup.tokenizer, train_metrics, eval_metrics)

@@ -7,6 +7,7 @@ from lathe.data.inspect import mark_trained
 from lathe.data.loader import load_sft_data
 from lathe.data.packing import pack_for_training
 from lathe.data.templates import check_against_tokenizer, get_template
+from lathe.infer import set_stop_tokens
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import fix_pad_token, load_model, load_tokenizer, resolve_model_path
 from lathe.recipes.common import (
@@ -62,7 +63,7 @@ def run(cfg: LatheConfig) -> RunResult:
     train_metrics = {}
     if cfg.train.do_train:
         train_metrics = dict(trainer.train(resume_from_checkpoint=resume_from).metrics)
-        _set_stop_tokens(trainer.model, template.stop_token_ids(tokenizer))
+        set_stop_tokens(trainer.model, template.stop_token_ids(tokenizer))
         trainer.save_model()
     eval_metrics = run_eval(trainer) if data.eval is not None else None
     predict_metrics = run_predict(trainer, cfg, tokenizer, template, eval_rows) \
@@ -70,10 +71,3 @@ def run(cfg: LatheConfig) -> RunResult:
     result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
     result.metrics.update(predict_metrics)
     return result
-
-
-def _set_stop_tokens(model, stop_ids: list[int]) -> None:
-    """Generation stops at the template's stop words, not only at eos."""
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and stop_ids:
-        gen.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
