@@ -23,8 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="<command>")
 
     t = sub.add_parser("train", help="train from a YAML/JSON config (key=value overrides win)")
-    t.add_argument("config", help="path to a YAML or JSON config (e.g. examples/sft_lora.yaml)")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
+    t.add_argument("config", nargs="?", help="path to a YAML or JSON config (e.g. examples/sft_lora.yaml); "
+                   "optional when every key is given as key=value or --key value")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config keys to override; --key value, --key=value and --flag work too")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     p.set_defaults(data_parser=_data_parser(sub))
@@ -40,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score a model on multiple-choice benchmarks (MMLU / C-Eval / CMMLU layout)",
                        description="Answer every question of a benchmark by comparing the logits of the "
                                    "choice letters; report accuracy per subject and category.")
-    e.add_argument("config", help="YAML with model_name_or_path (+ adapter_name_or_path), template, task, task_dir")
+    e.add_argument("config", nargs="?", help="YAML with model_name_or_path (+ adapter_name_or_path), template, task, task_dir")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
@@ -48,14 +50,14 @@ def _parser() -> argparse.ArgumentParser:
                        description="Merge LoRA adapters into the base model and save it with its "
                                    "tokenizer, chat template and stop tokens; then reload the export with "
                                    "plain transformers and check its logits and chat template.")
-    x.add_argument("config", help="YAML with model_name_or_path, adapter_name_or_path, template, export_dir")
+    x.add_argument("config", nargs="?", help="YAML with model_name_or_path, adapter_name_or_path, template, export_dir")
     x.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
     x.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     c = sub.add_parser("chat", help="chat in the terminal (or with messages piped in, one per line)",
                        description="Multi-turn chat with streaming replies, using the training template. "
                                    "Type /clear to forget the history, /exit to leave.")
-    c.add_argument("config", help="YAML with model_name_or_path (+ adapter_name_or_path) and template")
+    c.add_argument("config", nargs="?", help="YAML with model_name_or_path (+ adapter_name_or_path) and template")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
     c.add_argument("--system", default=None, help="system prompt (default: the template's)")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -64,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
-    sub.add_parser("keys", help="list every config key with its default and meaning")
+    k = sub.add_parser("keys", help="list every config key with its default and meaning",
+                       description="Every key Lathe reads: its own, then the transformers "
+                                   "TrainingArguments fields it passes through.")
+    k.add_argument("--from-llamafactory", action="store_true",
+                   help="instead: every LLaMA-Factory key and what Lathe does with it")
     return p
 
 
@@ -78,7 +84,7 @@ def _data_parser(sub) -> argparse.ArgumentParser:
                     "truncation and padding, and warn about common data mistakes. Reads the same "
                     "config as `lathe train`; nothing is trained and output_dir is never written.",
     )
-    i.add_argument("config", help="path to a YAML or JSON training config")
+    i.add_argument("config", nargs="?", help="path to a YAML or JSON training config")
     i.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
     i.add_argument("-n", type=int, default=3, metavar="N", help="rendered examples to show (default 3)")
     i.add_argument("--output", default=None, metavar="REPORT.json", help="also write the figures as JSON")
@@ -91,16 +97,92 @@ def _data_parser(sub) -> argparse.ArgumentParser:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    """Parse; `key=value` overrides may also follow options (`... -n 5 cutoff_len=256`)."""
+    """Parse; `key=value` overrides may also follow options (`... -n 5 cutoff_len=256`).
+
+    Config keys may also be written the way LLaMA-Factory's and Hugging Face's guides write
+    them: `--stage sft --do_train --lora_target q_proj,v_proj --fp16` (`--key value`,
+    `--key=value`, or a bare `--flag` for true), with or without a config file first and
+    mixed with `key=value`; all of them are overrides, applied in the order given.
+    """
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _flags_to_overrides(argv, parser)
     args, extra = parser.parse_known_args(argv)
-    late = [x for x in extra if "=" in x and not x.startswith("-")]
+    late = [x for x in extra if _is_override(x)]
     if late and getattr(args, "overrides", None) is not None:
         args.overrides += late
         extra = [x for x in extra if x not in late]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    config = getattr(args, "config", None)
+    if config is not None and _is_override(config) and not os.path.exists(config):
+        args.overrides.insert(0, config)  # no config file: the first token was already a key
+        args.config = None
     return args
+
+
+def _is_override(token: str) -> bool:
+    key, sep, _ = token.partition("=")
+    return bool(sep) and not token.startswith("-") and key.replace("-", "_").isidentifier()
+
+
+def _flags_to_overrides(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`--key value`, `--key=value` and bare `--flag` -> `key=value` / `flag=true`, for every
+    option that is not one of the command's own (`--debug`, `--dry-run`, `--system` ...)."""
+    start = _subcommand_index(argv)
+    if start < 0:
+        return argv
+    sub = _subcommand_parser(argv[start], parser)
+    own = set(sub._option_string_actions)
+    out = argv[:start + 1]
+    i = start + 1
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        if token == "--" or not token.startswith("--") or name in own:
+            out.append(token)
+            if name in own and "=" not in token and _takes_value(sub, name) and i + 1 < len(argv):
+                out.append(argv[i + 1])  # the option's own value, never a config key
+                i += 1
+            i += 1
+            continue
+        key = name[2:]
+        if "=" in token:
+            out.append(f"{key}={token.split('=', 1)[1]}")
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--") and not _is_override(argv[i + 1]):
+            out.append(f"{key}={argv[i + 1]}")
+            i += 1
+        else:
+            out.append(f"{key}=true")  # a bare flag
+        i += 1
+    return out
+
+
+_CONFIG_COMMANDS = ("train", "pipeline", "eval", "export", "chat", "data")
+
+
+def _subcommand_index(argv: list[str]) -> int:
+    """Where the verb is (`lathe --debug train ...`: 1), or -1; for `data`, its sub-verb."""
+    for i, token in enumerate(argv):
+        if token.startswith("-"):
+            continue
+        if token == "data":
+            return i + 1 if i + 1 < len(argv) and argv[i + 1] == "inspect" else -1
+        return i if token in _CONFIG_COMMANDS else -1
+    return -1
+
+
+def _subcommand_parser(verb: str, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if verb == "inspect":
+        data = subs.choices["data"]
+        subs = next(a for a in data._actions if isinstance(a, argparse._SubParsersAction))
+    return subs.choices[verb]
+
+
+def _takes_value(sub: argparse.ArgumentParser, option: str) -> bool:
+    action = sub._option_string_actions[option]
+    return action.nargs != 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             inspect_data(args.config, args.overrides, n=args.n, output=args.output,
                          plot=args.plot or DEFAULT_PLOT, color=args.color)
         elif args.command == "keys":
-            print_keys()
+            print_llamafactory_keys() if args.from_llamafactory else print_keys()
         return 0
     except LatheError as e:
         if debug:
@@ -161,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lathe keys | head -1`: the reader has gone, which is fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 def _quiet_library_warnings() -> None:
@@ -175,17 +261,64 @@ def _quiet_library_warnings() -> None:
 def print_keys() -> None:
     import dataclasses
 
+    from lathe.config.load import NOT_PASSED
     from lathe.config.schema import SECTIONS
 
+    width = 100
+    own: set[str] = set()
     for section, cls in SECTIONS.items():
         print(f"[{section}]")
         for f in dataclasses.fields(cls):
             if f.name == "extra":
                 continue
+            own.add(f.name)
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            help_text = textwrap.shorten(f.metadata.get("help", ""), 90)
-            print(f"  {f.name:<28} {str(default):<12} {help_text}")
-    print("Any other transformers.TrainingArguments field is passed through as is.")
+            _print_key(f.name, default, f.metadata.get("help", ""), width)
+    from transformers import TrainingArguments
+
+    print("[transformers.TrainingArguments, passed through as given]")
+    for f in dataclasses.fields(TrainingArguments):
+        if not f.init or f.name in own or f.name in NOT_PASSED:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        _print_key(f.name, default, _first_sentence(f.metadata.get("help", "")), width)
+
+
+def _print_key(name: str, default: object, help_text: str, width: int) -> None:
+    head = f"  {name:<30} {_short(default):<12} "
+    if len(head) > 46:  # a long default: the help text goes on the next line
+        print(head.rstrip())
+        head = " " * 46
+    lines = textwrap.wrap(" ".join(help_text.split()), width - len(head)) or [""]
+    print(head + lines[0])
+    for line in lines[1:]:
+        print(" " * len(head) + line)
+
+
+def _short(value: object) -> str:
+    return str(getattr(value, "value", value))
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split())
+    end = text.find(". ")
+    return text if end < 0 else text[:end + 1]
+
+
+def print_llamafactory_keys() -> None:
+    from lathe.config.llamafactory import KEYS, describe
+
+    group = None
+    for key, entry in KEYS.items():
+        if entry.group != group:
+            group = entry.group
+            print(f"[{group}]")
+        lines = textwrap.wrap(describe(key, entry), 66) or [""]
+        print(f"  {key:<32} {lines[0]}")
+        for line in lines[1:]:
+            print(" " * 35 + line)
+    print("Keys of transformers.TrainingArguments (learning_rate, bf16, ddp_timeout ...) are "
+          "read as they are.")
 
 
 if __name__ == "__main__":

@@ -176,8 +176,61 @@ def test_dpo_on_sft_data_is_one_line(args, data_dir, tmp_path):
     assert "rm/dpo" in lines[0] and "preference" in lines[0] and "ranking: true" in lines[0]
 
 
-def test_kto_with_batch_size_one_is_refused(args):
-    from lathe.errors import ConfigError
+def test_kto_trains_at_batch_size_one(args):
+    """The KL rows are made in the data, so batch 1 with accumulation works (LLaMA-Factory's
+    KTO example trains that way)."""
+    result = lathe.train({**args, "stage": "kto", "dataset": "kto_rows", "per_device_train_batch_size": 1,
+                          "gradient_accumulation_steps": 4, "max_steps": 3})
+    kl = [h["kl"] for h in result.log_history if "kl" in h]
+    assert kl and all(k >= 0 for k in kl) and result.metrics["train_loss"] > 0
 
-    with pytest.raises(ConfigError, match="per_device_train_batch_size >= 2"):
-        lathe.train({**args, "stage": "kto", "dataset": "kto_rows", "per_device_train_batch_size": 1})
+
+def test_kto_kl_term_equals_the_in_batch_estimate(args):
+    """With one batch holding the whole dataset in order, the KL rows formed in the data
+    (row i's prompt + row i+1's reply, cyclic) give the reference point the in-batch
+    pairing gives; computed here by hand from the batch's own rows."""
+    from lathe.config.load import load_config
+    from lathe.recipes import kto
+    from lathe.recipes.losses import IGNORE_INDEX, sequence_logps
+    from lathe.recipes.preference import pad_rows
+
+    cfg = load_config({**args, "stage": "kto", "dataset": "kto_rows", "max_samples": 12,
+                       "per_device_train_batch_size": 12})
+    setup = kto.build(cfg)
+    trainer, rows = setup.trainer, list(setup.data.train)
+    batch = trainer.data_collator(rows)
+    model = trainer.model
+    model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the policy away from the reference (a fresh LoRA equals it)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    trainer.compute_loss(model, batch)
+    kl_logged = trainer._stats["eval"]["kl"]
+    data_kl = kl_logged[0] / kl_logged[1]
+
+    def split(r):
+        start = next(i for i, t in enumerate(r["labels"]) if t != IGNORE_INDEX)
+        return r["input_ids"][:start], r["input_ids"][start:]
+
+    parts = [split(r) for r in rows]
+    in_batch = []
+    for i, (prompt, _) in enumerate(parts):
+        reply = parts[(i + 1) % len(parts)][1][:cfg.data.cutoff_len - len(prompt)]
+        in_batch.append((prompt + reply, [IGNORE_INDEX] * len(prompt) + reply))
+    padded = pad_rows(in_batch, trainer.processing_class.pad_token_id)
+    with torch.no_grad():
+        policy = sequence_logps(model(input_ids=padded["input_ids"],
+                                      attention_mask=padded["attention_mask"]).logits, padded["labels"])[0]
+        with trainer.reference(model) as ref:
+            reference = sequence_logps(ref(input_ids=padded["input_ids"],
+                                           attention_mask=padded["attention_mask"]).logits,
+                                       padded["labels"])[0]
+    assert [r["kl_input_ids"] for r in rows] == [ids for ids, _ in in_batch]
+    assert [r["kl_labels"] for r in rows] == [lab for _, lab in in_batch]
+    with torch.no_grad():
+        from_data = trainer.logps(model, batch, prefix="kl_")[0]
+    assert torch.allclose(from_data, policy, atol=1e-5)
+    assert float((policy - reference).abs().max()) > 1e-3  # the term is not trivially zero
+    assert data_kl == pytest.approx(max(float((policy - reference).mean()), 0.0), abs=1e-6)

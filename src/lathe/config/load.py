@@ -20,6 +20,7 @@ import yaml
 
 from lathe.config.checks import run_checks
 from lathe.config.coerce import coerce
+from lathe.config.llamafactory import translate
 from lathe.config.schema import SECTIONS, LatheConfig
 from lathe.errors import ConfigError, did_you_mean
 
@@ -36,7 +37,6 @@ RENAMED = {
     "evaluation_strategy": "eval_strategy (renamed in transformers 5)",
     "no_cuda": "use_cpu (renamed in transformers 5)",
     "max_seq_length": "cutoff_len",
-    "max_length": "cutoff_len",
     "lora_rank_": "lora_rank",
     "logging_dir": "report_to: tensorboard (logs go to output_dir/runs)",
     "save_safetensors": "nothing: weights are always saved as safetensors",
@@ -114,10 +114,11 @@ def build_config(raw: Mapping[str, Any], source: str | None = None, command: str
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     extra: dict[str, Any] = {}
     passthrough: dict[str, Any] = {}
+    raw = {ALIASES.get(k, k) if isinstance(k, str) else k: v for k, v in raw.items()}
+    raw, notes = translate(raw, set(_FIELDS))  # LLaMA-Factory's names -> Lathe's
     for key, value in raw.items():
         if not isinstance(key, str):
             raise ConfigError(f"config key {key!r} must be a string")
-        key = ALIASES.get(key, key)
         if key in _FIELDS:
             section, tp = _FIELDS[key]
             sections[section][key] = coerce(key, value, tp)
@@ -127,8 +128,8 @@ def build_config(raw: Mapping[str, Any], source: str | None = None, command: str
         extra = _check_passthrough(passthrough)
     sections["train"]["extra"] = extra
     built = {name: cls(**sections[name]) for name, cls in SECTIONS.items()}
-    explicit = frozenset(ALIASES.get(k, k) for k in raw)
-    cfg = LatheConfig(**built, command=command, explicit=explicit, source=source)
+    cfg = LatheConfig(**built, command=command, explicit=frozenset(raw), source=source,
+                      notes=tuple(notes))
     run_checks(cfg)
     return cfg
 
@@ -153,13 +154,13 @@ def _check_passthrough(values: dict[str, Any]) -> dict[str, Any]:
                 f"{key} is not a known key{did_you_mean(key, candidates)}; "
                 "see `lathe keys` for the keys Lathe accepts"
             )
-        if key in _NOT_PASSED:
-            raise ConfigError(f"{key} is set by Lathe itself and cannot be given: {_NOT_PASSED[key]}")
+        if key in NOT_PASSED:
+            raise ConfigError(f"{key} is set by Lathe itself and cannot be given: {NOT_PASSED[key]}")
         out[key] = coerce(key, value, ta_fields[key])
     return out
 
 
-_NOT_PASSED = {
+NOT_PASSED = {
     "local_rank": "launch with torchrun or accelerate instead",
     "do_predict": "prediction is not part of this stage yet",
 }
@@ -229,5 +230,5 @@ def replace(cfg: LatheConfig, **changes: Any) -> LatheConfig:
     flat = {k: v for k, v in to_flat_dict(cfg).items()}
     flat.update(changes)
     new = build_config(flat, source=cfg.source, command=cfg.command)
-    return dataclasses.replace(new, explicit=cfg.explicit | frozenset(changes))
+    return dataclasses.replace(new, explicit=cfg.explicit | frozenset(changes), notes=cfg.notes)
 

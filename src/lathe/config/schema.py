@@ -32,6 +32,10 @@ class ModelConfig:
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
         "auto", "Weight dtype: auto picks float32 on CPU, bfloat16/float16 for LoRA on GPU."
     )
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2", "fa3"] = _f(
+        "auto", "Attention kernel: auto (sdpa where the model has it), disabled (eager), sdpa, "
+        "fa2 / fa3 (FlashAttention 2 / 3: a CUDA GPU and the flash-attn package; else sdpa, said)."
+    )
     cache_dir: str | None = _f(None, "Where hub downloads are cached.")
     model_revision: str = _f("main", "Hub revision (branch, tag or commit) of the model.")
 
@@ -240,6 +244,7 @@ class LatheConfig:
     command: str = "train"  # what it was loaded for (decides which checks apply)
     explicit: frozenset[str] = frozenset()  # keys the user set (file or command line)
     source: str | None = None  # the file it came from, if any
+    notes: tuple[str, ...] = ()  # remarks for the run summary (e.g. LLaMA-Factory keys with no effect)
 
     def is_set(self, key: str) -> bool:
         return key in self.explicit

@@ -70,7 +70,8 @@ def conversation(row: Row, spec: DatasetSpec, need_response: bool) -> Conversati
     else:
         messages, system, tools = _sharegpt_messages(row, spec)
     _check_alternation(messages, row, spec, ends_with_response=need_response)
-    return Conversation(tuple(messages), system=system, tools=tools, origin=row.where)
+    return Conversation(tuple(messages), system=system or spec.system_prompt, tools=tools,
+                        origin=row.where)
 
 
 # --- alpaca ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ COLUMN_ROLES = ("prompt", "query", "response", "history", "system", "messages", 
 TAG_NAMES = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag",
              "function_tag", "system_tag")
 ENTRY_KEYS = ("file_name", "hf_hub_url", "ms_hub_url", "script_url", "formatting", "columns",
-              "tags", "ranking", "subset", "split", "folder", "num_samples")
+              "tags", "ranking", "subset", "split", "folder", "num_samples", "system_prompt")
 
 DEFAULT_COLUMNS: dict[str, dict[str, str | None]] = {
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output",
@@ -55,6 +55,7 @@ class DatasetSpec:
     subset: str | None = None
     split: str = "train"
     folder: str | None = None
+    system_prompt: str | None = None  # the system message of rows that carry none
 
     def column(self, role: str) -> str | None:
         return self.columns.get(role)
@@ -111,11 +112,15 @@ def spec_from_entry(name: str, entry: dict[str, Any], dataset_dir: Path, where: 
     columns.update(_mapping(entry, "columns", COLUMN_ROLES, name, where))
     tags = dict(DEFAULT_TAGS.get(formatting, {}))
     tags.update(_mapping(entry, "tags", TAG_NAMES, name, where))
+    system_prompt = entry.get("system_prompt")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise DataError(f"{where}: dataset {name!r}: system_prompt must be a string (the default "
+                        "system message for this dataset's rows)")
 
     common = dict(name=name, formatting=formatting, columns=columns, tags=tags,
                   ranking=bool(entry.get("ranking", False)), num_samples=entry.get("num_samples"),
                   subset=entry.get("subset"), split=entry.get("split", "train"),
-                  folder=entry.get("folder"))
+                  folder=entry.get("folder"), system_prompt=system_prompt or None)
     if "file_name" in entry:
         return DatasetSpec(path=dataset_dir / entry["file_name"], **common)
     if "hf_hub_url" in entry:

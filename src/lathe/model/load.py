@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,27 @@ def pick_dtype(cfg: LatheConfig) -> Any:
     return torch.bfloat16
 
 
+_ATTENTION = {"disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2", "fa3": "flash_attention_3"}
+_FLASH_PACKAGE = {"fa2": "flash_attn", "fa3": "flash_attn_interface"}
+
+
+def attention_kwargs(flash_attn: str) -> dict[str, str]:
+    """`flash_attn` -> from_pretrained's attn_implementation (auto: transformers chooses). A
+    FlashAttention kernel this machine cannot run falls back to sdpa, and says so."""
+    import importlib.util
+
+    import torch
+
+    if flash_attn == "auto":
+        return {}
+    package = _FLASH_PACKAGE.get(flash_attn)
+    if package and not (torch.cuda.is_available() and importlib.util.find_spec(package)):
+        print(f"flash_attn: {flash_attn} needs a CUDA GPU and the {package} package; using sdpa",
+              file=sys.stderr, flush=True)
+        return {"attn_implementation": "sdpa"}
+    return {"attn_implementation": _ATTENTION[flash_attn]}
+
+
 def load_model(cfg: LatheConfig, path: str, tokenizer: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -98,6 +120,7 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any) -> Any:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=pick_dtype(cfg),
+            **attention_kwargs(cfg.model.flash_attn),
             trust_remote_code=cfg.model.trust_remote_code,
             cache_dir=cfg.model.cache_dir,
             revision=cfg.model.model_revision,

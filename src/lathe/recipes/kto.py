@@ -1,19 +1,21 @@
 """Kahneman-Tversky optimisation: single replies tagged desirable or not (kto_tag).
 
-The reference point z0 of the KTO loss is a KL estimate from mismatched pairs: the
-collator joins each prompt with the next row's reply; those rows are scored by the
-policy (no gradient) and the reference, and z0 = max(0, mean log-ratio), detached.
+The reference point z0 of the KTO loss is a KL estimate from mismatched pairs: each row
+of the data carries, beside itself, its prompt joined with the next row's reply
+(`kl_input_ids`, `kl_labels`, formed once over the whole dataset), so any batch size
+works, 1 included. Those rows are scored by the policy (no gradient) and the reference,
+and z0 = max(0, mean log-ratio over the batch), detached.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from lathe.config.schema import LatheConfig
 from lathe.data.inspect import mark_trained
 from lathe.data.loader import load_stage_data
 from lathe.data.templates import check_against_tokenizer, get_template
-from lathe.errors import ConfigError
 from lathe.model.load import fix_pad_token, load_tokenizer, resolve_model_path
 from lathe.recipes.common import (
     RunResult,
@@ -41,12 +43,6 @@ def run(cfg: LatheConfig) -> RunResult:
 
 def build(cfg: LatheConfig) -> Setup:
     """Everything up to a ready trainer (tests inspect it before training)."""
-    if cfg.train.per_device_train_batch_size < 2:
-        raise ConfigError(
-            "stage kto needs per_device_train_batch_size >= 2 "
-            f"(it is {cfg.train.per_device_train_batch_size}): the KL estimate pairs each prompt "
-            "with another row's reply in the same batch"
-        )
     template = get_template(cfg.data.template)
     resume_from = check_output_dir(cfg)
     model_path = resolve_model_path(cfg.model.model_name_or_path)
@@ -59,6 +55,8 @@ def build(cfg: LatheConfig) -> Setup:
     notes = [n for n in [fix_pad_token(tokenizer), check_against_tokenizer(template, tokenizer)] if n]
     data = load_stage_data(STAGE, cfg.data, tokenizer, template, seed=cfg.train.seed,
                            conversations=conversations)
+    data = replace(data, train=with_kl_rows(data.train, cfg.data.cutoff_len),
+                   eval=with_kl_rows(data.eval, cfg.data.cutoff_len) if data.eval is not None else None)
     example = next(iter(data.train))
 
     model, ref_model = load_policy_and_reference(cfg, model_path, tokenizer, use_reference=True)
@@ -75,7 +73,7 @@ def build(cfg: LatheConfig) -> Setup:
     trainer = make_kto_trainer_class()(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         processing_class=tokenizer,
-        data_collator=KTOCollator(tokenizer.pad_token_id, cfg.data.cutoff_len),
+        data_collator=KTOCollator(tokenizer.pad_token_id),
         ref_model=ref_model, align=cfg.align,
     )
     install_callbacks(trainer, cfg, perplexity=False)
@@ -98,17 +96,38 @@ def mismatched_rows(features: list[dict[str, Any]], cutoff_len: int) -> list[tup
     return rows
 
 
-class KTOCollator:
-    """Rows and their mismatched KL rows, padded to one width (`kl_` prefix for the latter)."""
+# Rows paired per map() call when the data is a stream (its length is unknown).
+STREAM_CHUNK = 1000
 
-    def __init__(self, pad_id: int, cutoff_len: int) -> None:
-        self.pad_id, self.cutoff_len = pad_id, cutoff_len
+
+def with_kl_rows(ds: Any, cutoff_len: int) -> Any:
+    """`ds` with each row's mismatched KL row (its prompt + the next row's reply, cyclic over
+    the whole dataset; over chunks of STREAM_CHUNK rows for a stream)."""
+    from datasets import Dataset
+
+    def pair(batch: dict[str, list]) -> dict[str, list]:
+        features = [{"input_ids": i, "labels": lab} for i, lab in zip(batch["input_ids"], batch["labels"])]
+        rows = mismatched_rows(features, cutoff_len)
+        return {"kl_input_ids": [r[0] for r in rows], "kl_labels": [r[1] for r in rows]}
+
+    if isinstance(ds, Dataset):
+        return ds.map(pair, batched=True, batch_size=max(len(ds), 1), keep_in_memory=True)
+    return ds.map(pair, batched=True, batch_size=STREAM_CHUNK)
+
+
+class KTOCollator:
+    """Rows and their mismatched KL rows (made in the data), padded to one width (`kl_` prefix
+    for the latter)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
         rows = [(f["input_ids"], f["labels"]) for f in features]
-        both = pad_rows(rows + mismatched_rows(features, self.cutoff_len), self.pad_id)
+        kl_rows = [(f["kl_input_ids"], f["kl_labels"]) for f in features]
+        both = pad_rows(rows + kl_rows, self.pad_id)
         n = len(rows)
         batch = {k: v[:n] for k, v in both.items()}
         batch.update({f"kl_{k}": v[n:] for k, v in both.items()})
