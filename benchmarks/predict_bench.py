@@ -1,6 +1,7 @@
 """Examples/s of predict_with_generate-style generation: batch 1 vs batch 16, on CPU.
 
-    python benchmarks/predict_bench.py                 # writes benchmarks/results/predict.json
+    python benchmarks/predict_bench.py                 # writes benchmarks/results/local/predict.json
+    python benchmarks/predict_bench.py --record        # replaces the recorded results/predict.json
     python benchmarks/predict_bench.py --threads 2     # torch threads (default 1, see below)
 
 The demo-sized model (lathe.demo.build's TinySpec: Llama, hidden 128, 4 layers, vocab
@@ -27,7 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _output import add_output_args, output_path  # benchmarks/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
+
 
 
 def other_processes() -> list[str]:
@@ -70,7 +74,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "predict.json"))
+    add_output_args(ap, "predict")
     args = ap.parse_args()
 
     import torch
@@ -125,9 +129,9 @@ def main() -> None:
                             "note": "the machine was shared: other processes were running"
                             if busy_before or busy_after else "no other busy process seen"},
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"Wrote {args.output}")
+    out = output_path(args, "predict")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Pre-processing speed: 50k synthetic alpaca rows and 10k multi-turn sharegpt rows.
 
-    python benchmarks/preprocess_bench.py            # writes benchmarks/results/preprocess.json
+    python benchmarks/preprocess_bench.py            # writes benchmarks/results/local/preprocess.json
+    python benchmarks/preprocess_bench.py --record   # replaces the recorded results/preprocess.json
 
 Measures the whole data path a training run takes (read files -> convert -> template ->
 tokenize -> filter -> split), first with an empty cache, then again (cache hit), on the
@@ -9,6 +10,7 @@ demo model's byte-level BPE tokenizer. Target: 50k alpaca rows in under 60 s on 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -17,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _output import add_output_args, output_path  # benchmarks/ is on sys.path when run as a script
 
 
 def synth(d: Path, seed: int = 0) -> None:
@@ -60,6 +64,9 @@ def run(dataset: str, d: Path, workers: int | None, overwrite: bool) -> tuple[fl
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_output_args(ap, "preprocess")
+    args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["LATHE_HOME"] = tempfile.mkdtemp(prefix="lathe-bench-")
@@ -78,8 +85,7 @@ def main() -> None:
         results["runs"].append({"dataset": dataset, "workers": 1, "cache": "hit",
                                 "seconds": round(seconds, 2), "rows": n, "rows_per_s": round(n / seconds)})
         print(results["runs"][-1], flush=True)
-    out = Path(__file__).parent / "results" / "preprocess.json"
-    out.parent.mkdir(exist_ok=True)
+    out = output_path(args, "preprocess")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -1,6 +1,7 @@
 """Peak memory and tokens/s of every training stage on one small Llama, on CPU.
 
-    python benchmarks/stages_bench.py              # writes benchmarks/results/stages.json
+    python benchmarks/stages_bench.py              # writes benchmarks/results/local/stages.json
+    python benchmarks/stages_bench.py --record     # replaces the recorded results/stages.json
     python benchmarks/stages_bench.py --steps 10   # shorter
 
 Each stage runs in a fresh process (so peaks do not mix) through `lathe.train`, with
@@ -31,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _output import add_output_args, output_path  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["sft", "pt", "rm", "dpo", "dpo_joint", "orpo", "simpo", "kto", "ppo"]
@@ -121,7 +124,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--stages", default=",".join(STAGES))
-    ap.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "stages.json"))
+    add_output_args(ap, "stages")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -159,9 +162,9 @@ def main() -> None:
               "model": "Llama, hidden 512, 8 layers, vocab 2048 (~30M parameters), fp32, LoRA r16 all linear",
               "steps": args.steps, "per_device_train_batch_size": args.batch, "cutoff_len": 128,
               "dpo_over_sft_memory": ratio, "dpo_joint_over_sft_memory": joint, "runs": runs}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"Wrote {args.output}")
+    out = output_path(args, "stages")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Wrote {out}")
 
 
 if __name__ == "__main__":

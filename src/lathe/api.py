@@ -16,8 +16,11 @@ def train(config: str | os.PathLike | Mapping[str, Any] | None = None,
     Returns a `RunResult` with the output directory, metrics, the trained model and
     the tokenizer.
     """
+    from lathe.quiet import quiet_warnings
     from lathe.recipes import run
     from lathe.recipes.common import repeat_target
+
+    quiet_warnings()
 
     extra = parse_overrides(overrides)
     extra.update(keys)

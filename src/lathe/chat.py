@@ -82,10 +82,64 @@ def load_session(cfg: LatheConfig, system: str | None = None, note: Note = _to_s
     model, tokenizer, path = load_for_inference(cfg)
     template = choose_template(cfg, tokenizer, path, note)
     stop_ids = template.stop_token_ids(tokenizer)  # also checks that template: auto can render
-    return ChatSession(model=model, tokenizer=tokenizer, template=template, generate=cfg.generate,
+    generate, source = chat_generation(cfg, model, path)
+    note(f"Generation: {describe_generation(generate)} ({source})")
+    return ChatSession(model=model, tokenizer=tokenizer, template=template, generate=generate,
                        cutoff_len=cfg.data.cutoff_len,
                        system=system if system is not None else template.default_system or None,
                        stop_ids=stop_ids, note=note)
+
+
+_SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "num_beams")
+
+
+def chat_generation(cfg: LatheConfig, model: Any, model_path: str) -> tuple[GenerateConfig, str]:
+    """The settings chat decodes with, and where they came from: the keys the user set win;
+    the rest come from the model's own generation_config.json when it ships one (a released
+    chat model's tuned sampling); otherwise greedy, which a freshly tuned small model answers
+    best with (sampling at temperature 1 corrupts its replies)."""
+    import dataclasses
+
+    gen_cfg = getattr(model, "generation_config", None)
+    shipped = gen_cfg is not None and _ships_generation_config(model_path)
+    values: dict[str, Any] = {"do_sample": False}  # transformers' default, and ours for chat
+    if shipped:
+        for key in _SAMPLING_KEYS:
+            value = getattr(gen_cfg, key, None)
+            if value is not None:
+                values[key] = value
+        source = "the model's generation_config.json"
+    else:
+        source = "greedy: the model ships no generation_config.json"
+    values = {k: v for k, v in values.items() if not cfg.is_set(k)}
+    if values.get("top_k") is None and "top_k" in values:
+        values.pop("top_k")
+    chosen = dataclasses.replace(cfg.generate, **values)
+    if any(cfg.is_set(k) for k in (*_SAMPLING_KEYS, "max_new_tokens")):
+        source += "; your keys win"
+    return chosen, source
+
+
+def _ships_generation_config(model_path: str) -> bool:
+    """Whether the model folder (or the hub repo, as cached by the load) has generation_config.json."""
+    from pathlib import Path
+
+    if Path(model_path).is_dir():
+        return (Path(model_path) / "generation_config.json").is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_path, "generation_config.json"), str)
+
+
+def describe_generation(gen: GenerateConfig) -> str:
+    if gen.num_beams > 1:
+        how = f"beam search, {gen.num_beams} beams"
+    elif gen.do_sample:
+        how = f"sampling, temperature {gen.temperature}, top_p {gen.top_p}, top_k {gen.top_k or 'off'}"
+    else:
+        how = "greedy"
+    extra = f", repetition_penalty {gen.repetition_penalty}" if gen.repetition_penalty != 1.0 else ""
+    return f"{how}{extra}, max_new_tokens {gen.max_new_tokens}"
 
 
 # --- one reply ---------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="chat in the terminal (or with messages piped in, one per line)",
                        description="Multi-turn chat with streaming replies, using the training template. "
                                    "Type /clear to forget the history, /exit to leave.")
-    c.add_argument("config", nargs="?", help="YAML with model_name_or_path (+ adapter_name_or_path) and template")
+    c.add_argument("config", nargs="?", help="YAML with model_name_or_path (+ adapter_name_or_path) and "
+                   "template; or an export or run directory")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
     c.add_argument("--system", default=None, help="system prompt (default: the template's)")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -119,6 +120,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.overrides.insert(0, config)  # no config file: the first token was already a key
         args.config = None
     return args
+
+
+def _model_folder(args: argparse.Namespace) -> dict | None:
+    """`lathe chat|eval|export <folder>`: an export or a run directory stands for its model
+    keys (the overrides still win); None when `config` is a file (or absent)."""
+    if args.config is None or not os.path.isdir(args.config):
+        return None
+    from lathe.runs import model_keys
+
+    keys = model_keys(args.config)
+    args.config = None
+    return keys
 
 
 def _is_override(token: str) -> bool:
@@ -197,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     from lathe.errors import LatheError
 
     if not debug:
-        _quiet_library_warnings()
+        from lathe.quiet import quiet_warnings
+
+        quiet_warnings()
 
     try:
         if args.command == "train":
@@ -208,21 +223,24 @@ def main(argv: list[str] | None = None) -> int:
             from lathe.pipeline import run_pipeline
 
             run_pipeline(args.config, args.overrides, dry_run=args.dry_run)
-        elif args.command == "eval":
-            from lathe.config.load import load_config
-            from lathe.eval.bench import run_benchmark
+        elif args.command in ("eval", "export", "chat"):
+            from lathe.config.load import load_config, parse_overrides
 
-            run_benchmark(load_config(args.config, args.overrides, command="eval"))
-        elif args.command == "export":
-            from lathe.config.load import load_config
-            from lathe.export import run_export
+            folder = _model_folder(args)
+            keys = {**(folder or {}), **parse_overrides(args.overrides)}
+            cfg = load_config(None if folder is not None else args.config, keys, command=args.command)
+            if args.command == "eval":
+                from lathe.eval.bench import run_benchmark
 
-            run_export(load_config(args.config, args.overrides, command="export"))
-        elif args.command == "chat":
-            from lathe.chat import run_chat
-            from lathe.config.load import load_config
+                run_benchmark(cfg)
+            elif args.command == "export":
+                from lathe.export import run_export
 
-            run_chat(load_config(args.config, args.overrides, command="chat"), system=args.system)
+                run_export(cfg)
+            else:
+                from lathe.chat import run_chat
+
+                run_chat(cfg, system=args.system)
         elif args.command == "demo":
             from lathe.demo.run import run_demo
 
@@ -247,15 +265,6 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-
-
-def _quiet_library_warnings() -> None:
-    """Library deprecation chatter is for developers (`--debug` shows it), not users."""
-    import warnings
-
-    for module in ("transformers", "peft", "torch", "accelerate", "datasets"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
 def print_keys() -> None:

@@ -27,6 +27,7 @@ from lathe.data.conversation import Conversation, Message
 from lathe.data.template_jinja import template_to_jinja
 from lathe.data.templates import Template, get_template
 from lathe.errors import ModelError, OutputError
+from lathe.files import respect_umask
 from lathe.infer import set_stop_tokens
 from lathe.recipes.common import log
 
@@ -120,6 +121,7 @@ def publish(tmp: Path, out: Path) -> None:
     check_export_dir(out)  # again: something may have been written there meanwhile
     if out.is_dir():
         out.rmdir()
+    respect_umask(tmp)  # mkdtemp made it 0700 and safetensors writes 0600
     os.replace(tmp, out)
 
 

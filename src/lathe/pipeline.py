@@ -102,5 +102,6 @@ def run_pipeline(path: str, overrides: list[str] | None = None, dry_run: bool = 
 
         result = run(stage.cfg)
         report.append(f"stage {stage.name}: done, {result.output_dir}")
-    log("Pipeline: " + "; ".join(report))
+    if not dry_run:  # a dry run's lines were the plan; no summary repeating them
+        log("Pipeline done: " + "; ".join(report))
     return report

@@ -58,3 +58,37 @@ def check_inputs(cfg: LatheConfig, where: str = "") -> None:
             f"{where}{key} {path} {what}; run the stage that writes it first "
             "(or rerun it: delete the folder, or resume it with resume_from_checkpoint: true)"
         )
+
+
+def model_keys(folder: str) -> dict[str, object]:
+    """`lathe chat|eval|export <folder>`: the model keys that load what the folder holds. A
+    LoRA run is its base model (from the run's config.yaml, else adapter_config.json) with
+    the adapters it was trained on top of and its own; an export or a full run is the
+    model itself."""
+    import json
+
+    import yaml
+
+    p = Path(folder)
+    if (p / "adapter_config.json").is_file():
+        recorded: dict = {}
+        if is_lathe_run(p):
+            try:
+                recorded = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError):
+                recorded = {}
+        base = recorded.get("model_name_or_path")
+        if not base:
+            try:
+                base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            except (OSError, ValueError):
+                base = None
+        if not base:
+            raise ConfigError(f"{folder} holds a LoRA adapter but names no base model; give "
+                              "model_name_or_path=<base> adapter_name_or_path=" + folder)
+        earlier = list(recorded.get("adapter_name_or_path") or [])[:-1]  # the last one became this
+        return {"model_name_or_path": base, "adapter_name_or_path": [*earlier, str(folder)]}
+    if (p / "config.json").is_file():
+        return {"model_name_or_path": str(folder)}
+    raise ConfigError(f"{folder} is a folder but neither a model (config.json) nor a LoRA run "
+                      "(adapter_config.json); pass a config file, an export or a run directory")

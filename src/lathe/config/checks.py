@@ -349,3 +349,34 @@ def benchmark_is_given(cfg: LatheConfig) -> None:
         raise ConfigError("task is missing; name a benchmark folder under task_dir, e.g. task: lathe_bench_test")
     if b.n_shot < 0:
         raise ConfigError(f"n_shot={b.n_shot} must be 0 or more")
+
+
+# report_to names transformers knows, and the package each needs.
+_REPORTERS = {
+    "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",),
+    "dvclive": ("dvclive",), "codecarbon": ("codecarbon",), "azure_ml": ("azureml",),
+    "dagshub": ("dagshub",), "flyte": ("flytekit",), "swanlab": ("swanlab",),
+    "trackio": ("trackio",), "kubeflow": ("kubeflow",),
+}
+
+
+@check
+def report_to_is_installed(cfg: LatheConfig) -> None:
+    """Checked before anything is written: a logger whose package is missing would
+    otherwise fail inside the Trainer, after the run directory exists."""
+    import importlib.util
+
+    names = cfg.train.report_to
+    for name in names:
+        if name in ("none", "all") and len(names) > 1:
+            raise ConfigError(f"report_to: {name} cannot be combined with other loggers ({', '.join(names)})")
+        if name in ("none", "all"):
+            continue
+        if name not in _REPORTERS:
+            raise ConfigError(f"report_to: {name} is not a logger transformers knows"
+                              f"{did_you_mean(name, _REPORTERS)}; known: none, all, {', '.join(_REPORTERS)}")
+        packages = _REPORTERS[name]
+        if not any(importlib.util.find_spec(p) for p in packages):
+            raise ConfigError(f"report_to: {name} needs the {packages[0]} package, which is not "
+                              f"installed; pip install {packages[0]}, or use report_to: tensorboard or none")

@@ -163,7 +163,11 @@ class TrainConfig:
     learning_rate: float = _f(5e-5, "Peak learning rate.")
     num_train_epochs: float = _f(3.0, "Epochs over the training set.")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (overrides epochs).")
-    lr_scheduler_type: str = _f("linear", "linear, cosine, constant, constant_with_warmup, ...")
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+        "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+        "warmup_stable_decay", "greedy",
+    ] = _f("linear", "Learning-rate schedule (transformers' SchedulerType names).")
     warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up the learning rate.")
     warmup_steps: int = _f(0, "Warm-up steps (wins over warmup_ratio when > 0).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -182,7 +186,8 @@ class TrainConfig:
     early_stopping_steps: int | None = _f(
         None, "Stop when metric_for_best_model has not improved for this many evaluations."
     )
-    report_to: list[str] = _f(["none"], "none, tensorboard, wandb, ... (comma-separated).")
+    report_to: list[str] = _f(["none"], "none, tensorboard, wandb, mlflow, ... (comma-separated; "
+                              "each needs its package installed).")
     extra: dict[str, Any] = _f({}, "Other transformers.TrainingArguments fields, passed through.")
 
 

@@ -34,6 +34,7 @@ from lathe.data.registry import DatasetSpec, get_spec, load_hub_rows
 from lathe.data.sources import Row, data_files, iter_rows
 from lathe.data.templates import Template
 from lathe.errors import DataError
+from lathe.quiet import datasets_bars_off
 
 CACHE_VERSION = "1"
 STREAM_CHECK_ROWS = 100  # rows of each streamed dataset validated before training starts
@@ -256,8 +257,9 @@ def load_tokenized(data: DataConfig, tokenizer: Any, template: Template, seed: i
     if cache_dir.is_dir() and not data.overwrite_cache:
         stats = DataStats(**json.loads((cache_dir / "stats.json").read_text()))
         stats.cache = "hit"
-        train = load_from_disk(str(cache_dir / "train"))
-        ev = load_from_disk(str(cache_dir / "eval")) if (cache_dir / "eval").is_dir() else None
+        with datasets_bars_off():
+            train = load_from_disk(str(cache_dir / "train"))
+            ev = load_from_disk(str(cache_dir / "eval")) if (cache_dir / "eval").is_dir() else None
         return SplitData(train, ev, stats)
 
     rows, stats = conversations or load_conversations(data, kind)
@@ -283,8 +285,9 @@ def _tokenize(ds: Any, preprocess: Callable, data: DataConfig, stats: DataStats,
                 num_proc=data.preprocessing_num_workers, remove_columns=ds.column_names,
                 load_from_cache_file=False, desc="Tokenizing")
     before = len(ds)
-    ds = ds.filter(lambda ids: len(ids) > 0, input_columns=_KEY_COLUMN.get(kind, "input_ids"),
-                   num_proc=data.preprocessing_num_workers, desc="Dropping rows with nothing to train")
+    with datasets_bars_off():
+        ds = ds.filter(lambda ids: len(ids) > 0, input_columns=_KEY_COLUMN.get(kind, "input_ids"),
+                       num_proc=data.preprocessing_num_workers)
     stats.dropped_empty_response += before - len(ds)
     if len(ds) == 0:
         raise DataError(
@@ -385,9 +388,10 @@ def _save_cache(cache_dir: Path, train: Any, ev: Any | None, stats: DataStats) -
     try:
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir.parent))
-        train.save_to_disk(str(tmp / "train"))
-        if ev is not None:
-            ev.save_to_disk(str(tmp / "eval"))
+        with datasets_bars_off():
+            train.save_to_disk(str(tmp / "train"))
+            if ev is not None:
+                ev.save_to_disk(str(tmp / "eval"))
         (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
         if cache_dir.exists():
             shutil.rmtree(cache_dir, ignore_errors=True)

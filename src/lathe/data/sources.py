@@ -62,10 +62,31 @@ def read_rows(path: Path, dataset: str) -> list[Row]:
     return list(iter_rows(path, dataset))
 
 
+def _decode(raw: bytes, path: Path, first_line: int = 1) -> str:
+    """UTF-8 text, or a DataError naming the file and line of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw[:e.start].count(b"\n")
+        raise DataError(
+            f"{path} line {line}: byte 0x{raw[e.start]:02x} is not UTF-8 text; save the file as "
+            "UTF-8 (e.g. iconv -f GBK -t UTF-8 old_file > new_file)"
+        ) from None
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """The file's lines as text, read lazily, with a line-numbered error for bad bytes."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            yield _decode(raw, path, lineno)
+
+
 def _read_json(path: Path) -> Iterator[Row]:
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path.read_bytes(), path)
     if not text.strip():
         return
+    if path.suffix == ".json" and text.lstrip().startswith("{"):
+        _refuse_single_object(path, text)
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
         yield from _read_jsonl(path, text)
         return
@@ -79,6 +100,24 @@ def _read_json(path: Path) -> Iterator[Row]:
                 f"{path} row {i}: expected an object with named columns, got {type(item).__name__}"
             )
         yield Row(item, f"{path} row {i}")
+
+
+def _refuse_single_object(path: Path, text: str) -> None:
+    """A .json file that is one object (not a list of rows, not JSON lines) is a mistake
+    worth naming: valid JSON, but not rows."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return  # not a single object: JSON lines, read (and checked) line by line
+    if not isinstance(data, dict) or "\n" not in text.strip():
+        return  # one object on one line is a one-row JSON-lines file
+    lists = [k for k, v in data.items() if isinstance(v, list)]
+    hint = (f"; its rows may be the list under {lists[0]!r}: save that list alone"
+            if lists else "")
+    raise DataError(
+        f"{path}: holds one JSON object, not a list of rows; write the rows as a JSON array "
+        f"[{{...}}, {{...}}] or one object per line (.jsonl){hint}"
+    )
 
 
 def _read_jsonl(path: Path, text: str) -> Iterator[Row]:
@@ -98,16 +137,15 @@ def _read_jsonl(path: Path, text: str) -> Iterator[Row]:
 
 
 def _read_csv(path: Path) -> Iterator[Row]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            return
-        for row in reader:
-            if None in row:  # more cells than header columns
-                raise DataError(
-                    f"{path} line {reader.line_num}: more cells than the header has columns"
-                )
-            yield Row(dict(row), f"{path} line {reader.line_num}")
+    reader = csv.DictReader(_lines(path))
+    if reader.fieldnames is None:
+        return
+    for row in reader:
+        if None in row:  # more cells than header columns
+            raise DataError(
+                f"{path} line {reader.line_num}: more cells than the header has columns"
+            )
+        yield Row(dict(row), f"{path} line {reader.line_num}")
 
 
 def _read_table(path: Path) -> Iterator[Row]:
@@ -127,11 +165,10 @@ def _read_table(path: Path) -> Iterator[Row]:
 
 
 def _read_txt(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            text = line.rstrip("\n")
-            if text.strip():
-                yield Row({"text": text}, f"{path} line {lineno}")
+    for lineno, line in enumerate(_lines(path), start=1):
+        text = line.rstrip("\r\n")
+        if text.strip():
+            yield Row({"text": text}, f"{path} line {lineno}")
 
 
 _READERS = {

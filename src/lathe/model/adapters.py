@@ -51,14 +51,17 @@ def apply_lora(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig,
     """LoRA on `model`. Given adapters: earlier ones are merged into the base and the last
     is trained further; with `continue_adapter=False` (a new head, e.g. a reward model)
     all of them are merged and a fresh adapter is made."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
+
+    from lathe.model.load import load_adapter  # one-line errors for a missing or misfit adapter
 
     adapters = model_cfg.adapter_name_or_path or []
     keep = adapters[-1:] if continue_adapter else []
+    base = str(model_cfg.model_name_or_path)
     for path in adapters[:len(adapters) - len(keep)]:  # merged into the base
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        model = load_adapter(model, path, base).merge_and_unload()
     if keep:
-        return PeftModel.from_pretrained(model, keep[0], is_trainable=True)
+        return load_adapter(model, keep[0], base, is_trainable=True)
     config = LoraConfig(
         task_type=task_type,
         r=ft.lora_rank,

@@ -9,12 +9,15 @@ from typing import Any
 
 from lathe.config.schema import LatheConfig, ModelConfig
 from lathe.errors import ModelError
+from lathe.integrity import weights_problem
+from lathe.quiet import quiet_weight_loading
 
 DEMO_MODEL = "lathe:demo"
 
 
 def resolve_model_path(name: str) -> str:
     """A local folder (checked), the demo model (built once), or a hub id (left as is)."""
+    quiet_weight_loading()  # every model load passes here first
     if name == DEMO_MODEL:
         from lathe.demo.build import ensure_demo_model
 
@@ -28,6 +31,9 @@ def resolve_model_path(name: str) -> str:
                 f"model_name_or_path {name} has no config.json; it is not a saved model folder "
                 "(an adapter folder goes in adapter_name_or_path)"
             )
+        problem = weights_problem(path)
+        if problem:
+            raise ModelError(f"model_name_or_path: {problem}; copy or download the model again")
         return str(path)
     if _looks_like_path(name):
         raise ModelError(f"model_name_or_path {name} does not exist; check the path")
@@ -159,7 +165,7 @@ def load_for_inference(cfg: LatheConfig, merge: bool = True) -> tuple[Any, Any, 
     return model, tokenizer, path
 
 
-def load_adapter(model: Any, adapter: str, base_path: str) -> Any:
+def load_adapter(model: Any, adapter: str, base_path: str, is_trainable: bool = False) -> Any:
     """PeftModel.from_pretrained with a one-line error when the adapter is missing, or was
     trained on another base model (shapes or module names differ)."""
     import json
@@ -168,16 +174,23 @@ def load_adapter(model: Any, adapter: str, base_path: str) -> Any:
 
     folder = Path(adapter).expanduser()
     if not (folder / "adapter_config.json").is_file():
+        if (folder / "config.json").is_file():
+            raise ModelError(f"adapter_name_or_path {adapter} holds a full model (config.json, no "
+                             "adapter_config.json), not a LoRA adapter; set model_name_or_path to it "
+                             "and remove adapter_name_or_path")
         what = "does not exist" if not folder.exists() else "has no adapter_config.json"
         raise ModelError(f"adapter_name_or_path {adapter} {what}; point it at a run's output_dir "
                          "(or a checkpoint folder) trained with finetuning_type: lora")
+    problem = weights_problem(folder)
+    if problem:
+        raise ModelError(f"adapter_name_or_path: {problem}; train or copy the adapter again")
     try:
         trained_on = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
     except (OSError, ValueError):
         trained_on = None
     hint = f" (its adapter_config.json names base model {trained_on})" if trained_on else ""
     try:
-        return PeftModel.from_pretrained(model, str(folder))
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
     except RuntimeError as e:
         detail = _first_size_mismatch(str(e))
         raise ModelError(f"adapter {adapter} does not fit base model {base_path}: {detail}; "

@@ -14,6 +14,8 @@ from typing import Any
 from lathe.config.load import save_config
 from lathe.config.schema import LatheConfig
 from lathe.errors import ConfigError, OutputError
+from lathe.files import respect_umask
+from lathe.integrity import checkpoint_problem
 
 
 def is_main_process() -> bool:
@@ -50,27 +52,69 @@ def check_output_dir(cfg: LatheConfig) -> str | None:
     resume = cfg.train.resume_from_checkpoint
     if resume:
         if isinstance(resume, str) and resume.lower() not in ("true", "1"):
-            if not Path(resume).is_dir():
-                raise OutputError(f"resume_from_checkpoint {resume} does not exist")
+            problem = checkpoint_problem(Path(resume))
+            if problem:
+                raise OutputError(f"resume_from_checkpoint: {problem}; point it at a complete "
+                                  "checkpoint-N folder (or true for the latest complete one)")
+            log(f"Resuming from {resume}")
             return resume
-        last = last_checkpoint(out)
-        if last is None:
-            raise OutputError(
-                f"resume_from_checkpoint: true, but {out} holds no checkpoint-N folder; "
-                "nothing to resume (drop the key to start a fresh run)"
-            )
-        return last
+        latest = _latest_to_resume(out)
+        log(f"Resuming from {latest} (the latest complete checkpoint in {out})")
+        return latest
     if out.exists() and not out.is_dir():
         raise OutputError(f"output_dir {out} is a file; choose a folder path")
+    _check_creatable(out)
     if cfg.train.overwrite_output_dir and out.is_dir():
         _refuse_to_empty(out)
-    if out.is_dir() and any(out.iterdir()) and not cfg.train.overwrite_output_dir:
-        held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
-        raise OutputError(
-            f"output_dir {out} already holds a run ({held}, ...); choose another output_dir, "
-            "or set overwrite_output_dir=true to replace it, or resume_from_checkpoint=true to continue it"
-        )
+    if out.is_dir() and not cfg.train.overwrite_output_dir:
+        held = sorted(p.name for p in out.iterdir())
+        if held and held != ["config.yaml"]:  # a config alone: a start that failed, safe to redo
+            raise OutputError(
+                f"output_dir {out} already holds a run ({', '.join(held[:4])}, ...); choose another "
+                "output_dir, or set overwrite_output_dir=true to replace it, or "
+                "resume_from_checkpoint=true to continue it"
+            )
     return None
+
+
+def _latest_to_resume(out: Path) -> str:
+    """resume_from_checkpoint: true -> the newest complete checkpoint (a newer one cut off
+    while saving is passed over, and said so)."""
+    found = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
+                   key=lambda p: int(p.name.split("-", 1)[1]), reverse=True) if out.is_dir() else []
+    if not found:
+        raise OutputError(
+            f"resume_from_checkpoint: true, but {out} holds no checkpoint-N folder; "
+            "nothing to resume (drop the key to start a fresh run)"
+        )
+    problems = []
+    for ckpt in found:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            if problems:
+                log(f"Passing over the newer checkpoint(s) that cannot be resumed: {problems[0]}")
+            return str(ckpt)
+        problems.append(problem)
+    raise OutputError(
+        f"resume_from_checkpoint: true, but no checkpoint in {out} is complete ({problems[0]}); "
+        "delete the broken checkpoint folders, or drop the key to start again"
+    )
+
+
+def _check_creatable(out: Path) -> None:
+    """The folder exists, or its nearest existing parent is a folder we may write in."""
+    parent = out
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if out.is_dir():
+        parent = out
+    if not parent.is_dir():
+        raise OutputError(f"output_dir {out} cannot be created: {parent} is a file; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output_dir {out} cannot be written: no permission to write in {parent}; "
+                          "choose a folder you own")
 
 
 def _refuse_to_empty(out: Path) -> None:
@@ -84,15 +128,6 @@ def _refuse_to_empty(out: Path) -> None:
         )
 
 
-def last_checkpoint(out: Path) -> str | None:
-    """The checkpoint-N folder with the highest N that holds a trainer_state.json."""
-    if not out.is_dir():
-        return None
-    done = [p for p in out.glob("checkpoint-*")
-            if p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
-    return str(max(done, key=lambda p: int(p.name.split("-", 1)[1]))) if done else None
-
-
 def prepare_output_dir(cfg: LatheConfig, resuming: bool) -> None:
     """Rank 0 only: empty the folder when asked to overwrite, then save the config."""
     out = Path(cfg.train.output_dir)
@@ -100,8 +135,12 @@ def prepare_output_dir(cfg: LatheConfig, resuming: bool) -> None:
         return
     if cfg.train.overwrite_output_dir and out.is_dir() and not resuming:
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"output_dir {out} cannot be created ({e.strerror}); choose another path") from None
+    if not resuming:  # a resume rewrites the run's config only once it has trained (finish_run)
+        save_config(cfg, out / "config.yaml")
 
 
 def repeat_target(cfg: LatheConfig, cli_keys: set[str]) -> LatheConfig:
@@ -167,6 +206,10 @@ def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any
         # Several CPU processes: only use_cpu makes accelerate wrap the model in DDP (gloo);
         # without it each rank silently trains its own copy.
         kwargs["use_cpu"] = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every trainable parameter (adapter, unfrozen block) gets a gradient each step; DDP's
+        # search for unused ones only costs time and prints a long warning
+        kwargs["ddp_find_unused_parameters"] = False
     kwargs.update(stage_overrides)
     kwargs.update(t.extra)
     if t.early_stopping_steps and not kwargs.get("metric_for_best_model"):
@@ -279,7 +322,14 @@ def make_callbacks(output_dir: str, perplexity: bool = True) -> list[Any]:
             with open(Path(output_dir) / "trainer_log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    return [ProgressBar(), JsonlLog()]
+    class Modes(TrainerCallback):
+        """Checkpoints readable like the rest of the run (safetensors writes 0600)."""
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                respect_umask(Path(output_dir) / f"checkpoint-{state.global_step}")
+
+    return [ProgressBar(), JsonlLog(), Modes()]
 
 
 def install_callbacks(trainer: Any, cfg: LatheConfig, perplexity: bool = True) -> None:
@@ -437,6 +487,10 @@ def finish_run(trainer: Any, cfg: LatheConfig, tokenizer: Any, train_metrics: di
                eval_metrics: dict[str, Any] | None) -> RunResult:
     """train/eval/all_results.json, trainer_state.json and the plots; the RunResult."""
     save_run_outputs(trainer, cfg, train_metrics, eval_metrics)
+    if trainer.is_world_process_zero():
+        if cfg.train.resume_from_checkpoint:
+            save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")  # the resume succeeded
+        respect_umask(cfg.train.output_dir)
     metrics = {**train_metrics, **(eval_metrics or {})}
     if cfg.train.do_train:
         log(f"Saved {cfg.finetune.finetuning_type} weights, tokenizer and config to {cfg.train.output_dir}")

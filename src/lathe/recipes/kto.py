@@ -25,6 +25,7 @@ from lathe.recipes.common import (
     print_summary,
     read_rows,
 )
+from lathe.quiet import datasets_bars_off
 from lathe.recipes.losses import IGNORE_INDEX, kto_loss
 from lathe.recipes.preference import (
     Setup,
@@ -111,7 +112,8 @@ def with_kl_rows(ds: Any, cutoff_len: int) -> Any:
         return {"kl_input_ids": [r[0] for r in rows], "kl_labels": [r[1] for r in rows]}
 
     if isinstance(ds, Dataset):
-        return ds.map(pair, batched=True, batch_size=max(len(ds), 1), keep_in_memory=True)
+        with datasets_bars_off():
+            return ds.map(pair, batched=True, batch_size=max(len(ds), 1), keep_in_memory=True)
     return ds.map(pair, batched=True, batch_size=STREAM_CHUNK)
 
 

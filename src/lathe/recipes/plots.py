@@ -1,4 +1,10 @@
-"""Loss curves as PNG files people can look at."""
+"""Loss curves as PNG files people can look at.
+
+The raw curve is drawn faint with a centred moving average over it (a trailing average,
+TensorBoard's, lags behind a falling loss by many steps); evaluations are drawn as
+points on the training curve's axes, so even a single evaluation is read against the
+training loss; steps are whole numbers.
+"""
 
 from __future__ import annotations
 
@@ -7,74 +13,89 @@ from pathlib import Path
 from typing import Any
 
 
-def smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average with bias correction (TensorBoard-style)."""
-    if len(values) < 5:
+def smooth(values: list[float]) -> list[float]:
+    """Centred moving average over about a tenth of the points (no lag); the window
+    shrinks near the ends so every point is an average of its neighbours on both sides."""
+    n = len(values)
+    if n < 5:
         return list(values)
-    out, last = [], 0.0
-    for i, v in enumerate(values, start=1):
-        last = weight * last + (1 - weight) * v
-        out.append(last / (1 - weight**i))
+    half = max(1, n // 20)
+    out = []
+    for i in range(n):
+        k = min(half, i, n - 1 - i)
+        window = values[i - k:i + k + 1]
+        out.append(sum(window) / len(window))
     return out
 
 
-def plot_losses(output_dir: str, log_history: list[dict[str, Any]]) -> list[Path]:
-    """training_loss.png (and training_eval_loss.png when there was evaluation)."""
+def _points(log_history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(h["step"], h[key]) for h in log_history
+           if isinstance(h.get(key), (int, float)) and math.isfinite(h[key]) and "step" in h]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _figure(title: str, ylabel: str) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig, ax
+
+
+def _curve(ax: Any, steps: list[int], values: list[float], color: str, label: str) -> None:
+    if len(values) >= 5:
+        ax.plot(steps, values, color=color, alpha=0.3, label=f"{label} (raw)")
+        ax.plot(steps, smooth(values), color=color, label=f"{label} (smoothed)")
+    else:
+        ax.plot(steps, values, color=color, marker="o", label=label)
+
+
+def _save(fig: Any, ax: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(output_dir: str, log_history: list[dict[str, Any]]) -> list[Path]:
+    """training_loss.png (training loss, with the evaluations on it) and, when there was
+    evaluation, training_eval_loss.png (eval loss, with the training loss faint behind it)."""
+    name = Path(output_dir).name
+    train = _points(log_history, "loss")
+    evals = _points(log_history, "eval_loss")
     written = []
-    for key, name in (("loss", "training_loss.png"), ("eval_loss", "training_eval_loss.png")):
-        points = [(h["step"], h[key]) for h in log_history
-                  if key in h and isinstance(h[key], (int, float)) and math.isfinite(h[key])]
-        if not points:
-            continue
-        steps, values = zip(*points)
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        ax.plot(steps, values, color="#1f77b4", alpha=0.35 if len(values) >= 5 else 1.0,
-                marker="o" if len(values) < 5 else None, label="original")
-        if len(values) >= 5:
-            ax.plot(steps, smooth(list(values)), color="#1f77b4", label="smoothed")
-        ax.set_xlabel("step")
-        ax.set_ylabel(key.replace("_", " "))
-        ax.set_title(f"{key.replace('_', ' ')} of {Path(output_dir).name}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = Path(output_dir) / name
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+    if train[0]:
+        fig, ax = _figure(f"loss of {name}", "loss")
+        _curve(ax, *train, "#1f77b4", "training loss")
+        if evals[0]:
+            ax.plot(*evals, color="#d62728", marker="o", linestyle="--", label="eval loss")
+        written.append(_save(fig, ax, Path(output_dir) / "training_loss.png"))
+    if evals[0]:
+        fig, ax = _figure(f"eval loss of {name}", "eval loss")
+        if train[0]:
+            ax.plot(*train, color="#1f77b4", alpha=0.2, label="training loss")
+        ax.plot(*evals, color="#d62728", marker="o", label="eval loss")
+        written.append(_save(fig, ax, Path(output_dir) / "training_eval_loss.png"))
     return written
 
 
 def plot_metric(output_dir: str, log_history: list[dict[str, Any]], key: str, name: str) -> Path | None:
-    """One curve of `key` against the step (e.g. ppo's reward), smoothed past 5 points;
-    None when no step logged it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [(h["step"], h[key]) for h in log_history
-              if isinstance(h.get(key), (int, float)) and math.isfinite(h[key])]
-    if not points:
+    """One curve of `key` against the step (e.g. ppo's reward); None when no step logged it."""
+    steps, values = _points(log_history, key)
+    if not steps:
         return None
-    steps, values = zip(*points)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, values, color="#2ca02c", alpha=0.35 if len(values) >= 5 else 1.0,
-            marker="o" if len(values) < 5 else None, label="original")
-    if len(values) >= 5:
-        ax.plot(steps, smooth(list(values)), color="#2ca02c", label="smoothed")
-    ax.set_xlabel("step")
-    ax.set_ylabel(key.replace("_", " "))
-    ax.set_title(f"{key.replace('_', ' ')} of {Path(output_dir).name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(output_dir) / name
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    label = key.replace("_", " ")
+    fig, ax = _figure(f"{label} of {Path(output_dir).name}", label)
+    _curve(ax, steps, values, "#2ca02c", label)
+    return _save(fig, ax, Path(output_dir) / name)

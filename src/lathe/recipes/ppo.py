@@ -36,6 +36,7 @@ from lathe.data.loader import load_conversations, load_stage_data, stage_kind
 from lathe.data.processors import IGNORE_INDEX
 from lathe.data.templates import check_against_tokenizer, get_template
 from lathe.errors import ConfigError
+from lathe.files import respect_umask
 from lathe.infer import left_pad, set_stop_tokens
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import fix_pad_token, load_model, load_tokenizer, pick_dtype, resolve_model_path
@@ -504,4 +505,5 @@ def _save(cfg: LatheConfig, model: Any, tokenizer: Any, stop_ids: list[int], his
     if len(metrics) > len(train_metrics):
         eval_only = {k: v for k, v in metrics.items() if k not in train_metrics}
         (out / "eval_results.json").write_text(json.dumps(eval_only, indent=2) + "\n", encoding="utf-8")
+    respect_umask(out)
     (out / "all_results.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
