@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 ALL = sorted((REPO / "examples").rglob("*.yaml"))
 PIPELINES = [p for p in ALL if "stages" in (yaml.safe_load(p.read_text()) or {})]
 BENCHMARKS = [p for p in ALL if "task" in (yaml.safe_load(p.read_text()) or {})]  # `lathe eval` configs
-EXAMPLES = [p for p in ALL if p not in PIPELINES and p not in BENCHMARKS]
+EXPORTS = [p for p in ALL if "export_dir" in (yaml.safe_load(p.read_text()) or {})]  # `lathe export`
+CHATS = [p for p in ALL if p.name.startswith("chat")]  # `lathe chat`
+EXAMPLES = [p for p in ALL if p not in PIPELINES + BENCHMARKS + EXPORTS + CHATS]
 
 
 def test_there_are_examples():
@@ -28,8 +30,17 @@ def test_example_loads_and_its_data_resolves(path, monkeypatch):
     monkeypatch.chdir(REPO)  # examples use repo-relative paths, as the README runs them
     cfg = load_config(path)
     get_template(cfg.data.template)
-    rows, stats = load_conversations(cfg.data, stage_kind(cfg.finetune.stage))
+    names = cfg.data.dataset or cfg.data.eval_dataset  # predict-only examples read eval_dataset
+    rows, stats = load_conversations(cfg.data, stage_kind(cfg.finetune.stage), names=names)
     assert rows and sum(stats.rows_read.values()) == len(rows)
+
+
+@pytest.mark.parametrize("path", EXPORTS + CHATS, ids=[p.name for p in EXPORTS + CHATS])
+def test_export_and_chat_examples_load(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    command = "export" if path in EXPORTS else "chat"
+    cfg = load_config(path, command=command)
+    assert cfg.model.model_name_or_path and cfg.model.adapter_name_or_path == ["runs/sft_lora"]
 
 
 @pytest.mark.parametrize("path", BENCHMARKS, ids=[p.name for p in BENCHMARKS])

@@ -173,6 +173,14 @@ def load_hub_rows(spec: DatasetSpec, streaming: bool = False):
     else:
         import datasets
 
+        from lathe import hub
+
+        if hub.offline() and not _in_datasets_cache(spec):
+            raise DataError(
+                f"dataset {spec.name!r}: cannot load {spec.hub_id} from the Hugging Face hub "
+                f"({hub.why_offline()}); download it where you are online and register the "
+                "local file with file_name"
+            )
         try:
             ds = datasets.load_dataset(spec.hub_id, spec.subset, split=spec.split,
                                        data_dir=spec.folder, streaming=streaming)
@@ -183,3 +191,14 @@ def load_hub_rows(spec: DatasetSpec, streaming: bool = False):
                 "download it where you are online and register the local file with file_name"
             ) from None
     return (Row(dict(item), f"{spec.hub_id} row {i}") for i, item in enumerate(ds))
+
+
+def _in_datasets_cache(spec: DatasetSpec) -> bool:
+    """Whether an earlier online run left this hub dataset in the hub cache (datasets then
+    reads it there with HF_HUB_OFFLINE)."""
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        return any(r.repo_id == spec.hub_id and r.repo_type == "dataset" for r in scan_cache_dir().repos)
+    except Exception:  # noqa: BLE001 - no cache folder at all, or an unreadable one
+        return False

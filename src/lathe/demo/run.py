@@ -69,10 +69,28 @@ def run_demo(output_dir: str | None = None) -> Path:
         f"\nLoss plot: {out}/training_loss.png"
         f"\nExported:  {export_dir} (verified: {export_dir}/export_verification.json)"
         f"\nThe export, asked {QUESTION!r} by `lathe chat`: {exported!r}"
-        f"\nRepeat:    lathe train {out}/config.yaml",
+        f"\nChat:      {lathe_command()} chat {export_dir}"
+        f"\nRepeat:    {lathe_command()} train {out}/config.yaml",
         flush=True,
     )
     return out
+
+
+def lathe_command() -> str:
+    """How to call lathe from the user's shell, as printed hints should: `lathe` when that
+    is on PATH, else the path of the lathe that is running (e.g. .venv/bin/lathe)."""
+    import os
+    import shutil
+    import sys
+
+    here = Path(sys.executable).parent / "lathe"
+    found = shutil.which("lathe")
+    if found and (not here.exists() or Path(found).resolve() == here.resolve()):
+        return "lathe"
+    if here.exists():
+        rel = os.path.relpath(here)
+        return rel if not rel.startswith("..") else str(here)
+    return f"{sys.executable} -m lathe"
 
 
 def _reload(output_dir: str, base: Path):

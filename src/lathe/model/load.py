@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,25 @@ def resolve_model_path(name: str) -> str:
         return str(path)
     if _looks_like_path(name):
         raise ModelError(f"model_name_or_path {name} does not exist; check the path")
-    return name
+    return hub_or_cached(name)
+
+
+def hub_or_cached(name: str) -> str:
+    """A hub id as is when the hub can be reached; else the folder of its copy in the local
+    hub cache (nothing then asks the network), or one line at once when there is none."""
+    from lathe import hub
+
+    if not hub.offline():
+        return name
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return str(Path(cached).parent)
+    raise ModelError(
+        f"cannot load {name!r}: it is not a local folder, {hub.why_offline()}, and the local hub "
+        "cache has no copy; download it where you are online and set model_name_or_path to that folder"
+    )
 
 
 def _looks_like_path(name: str) -> bool:
@@ -45,8 +62,10 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _hub_error(name: str, err: Exception) -> ModelError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    reason = "HF_HUB_OFFLINE is set" if offline else f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    from lathe import hub
+
+    reason = hub.why_offline() if hub.offline_by_choice() else \
+        f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
     return ModelError(
         f"cannot load {name!r}: it is not a local folder and the hub could not provide it "
         f"({reason}); download it where you are online and set model_name_or_path to that folder"
