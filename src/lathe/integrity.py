@@ -25,6 +25,8 @@ def safetensors_problem(path: Path) -> str | None:
         if len(head) < 8:
             return f"{path} is empty or cut short ({size} bytes)"
         n = int.from_bytes(head, "little")
+        if n <= _MAX_HEADER and n > size - 8 and f.read(1) == b"{":
+            return f"{path} is cut short: {size:,} bytes, less than its own header ({n:,} bytes)"
         if n > _MAX_HEADER or n > size - 8:
             start = head[:8].decode("latin-1").strip()
             looks = " (it starts like an HTML page: a download that saved an error page?)" \

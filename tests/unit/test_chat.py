@@ -155,3 +155,41 @@ def test_template_comes_from_the_run_when_not_set(tiny_model, tmp_path, loaded):
     plain = load_config({"model_name_or_path": str(tiny_model)}, command="chat")
     assert choose_template(plain, loaded.tokenizer, str(tiny_model), notes.append).name == "auto"
     assert len(notes) == 2 and "chat_template" in notes[1]
+
+
+class _Model:
+    generation_config = object()
+
+
+def test_chat_decodes_greedily_without_a_generation_config(tiny_model, tmp_path):
+    from lathe.chat import chat_generation
+
+    bare = tmp_path / "bare"
+    bare.mkdir()  # a folder with no generation_config.json
+    cfg = load_config({"model_name_or_path": str(tiny_model)}, command="chat")
+    gen, source = chat_generation(cfg, _Model(), str(bare))
+    assert gen.do_sample is False and "greedy" in source
+    cfg = load_config({"model_name_or_path": str(tiny_model), "do_sample": True, "temperature": 0.5},
+                      command="chat")
+    gen, source = chat_generation(cfg, _Model(), str(bare))
+    assert gen.do_sample is True and gen.temperature == 0.5 and "your keys win" in source
+
+
+def test_chat_uses_the_models_own_sampling_settings(tiny_model, tmp_path):
+    from transformers import GenerationConfig
+
+    from lathe.chat import chat_generation, describe_generation
+
+    folder = tmp_path / "released"
+    GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20).save_pretrained(folder)
+
+    class Released:
+        generation_config = GenerationConfig.from_pretrained(folder)
+
+    cfg = load_config({"model_name_or_path": str(tiny_model)}, command="chat")
+    gen, source = chat_generation(cfg, Released(), str(folder))
+    assert (gen.do_sample, gen.temperature, gen.top_p, gen.top_k) == (True, 0.7, 0.8, 20)
+    assert "generation_config.json" in source
+    assert describe_generation(gen).startswith("sampling, temperature 0.7, top_p 0.8, top_k 20")
+    cfg = load_config({"model_name_or_path": str(tiny_model), "do_sample": False}, command="chat")
+    assert chat_generation(cfg, Released(), str(folder))[0].do_sample is False  # the user's key wins

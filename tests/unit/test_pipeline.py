@@ -94,6 +94,8 @@ def test_complete_stages_are_skipped_and_unfinished_ones_stop_the_pipeline(tmp_p
               {**BASE, "output_dir": str(tmp_path / "sft")}]
     report = run_pipeline(_pipeline(tmp_path, stages), dry_run=True)
     assert report[0].startswith("stage 1 (pt): skipped") and report[1].startswith("stage 2 (sft): would run")
+    printed = capsys.readouterr().out
+    assert printed.count("stage 1 (pt)") == 1 and printed.count("stage 2 (sft)") == 1  # the plan, once
     _run_dir(tmp_path / "sft", done=False)
     with pytest.raises(ConfigError, match=r"stage 2 \(sft\): .*unfinished run; resume it"):
         run_pipeline(_pipeline(tmp_path, stages), dry_run=True)
