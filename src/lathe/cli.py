@@ -251,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             inspect_data(args.config, args.overrides, n=args.n, output=args.output,
                          plot=args.plot or DEFAULT_PLOT, color=args.color)
         elif args.command == "keys":
-            print_llamafactory_keys() if args.from_llamafactory else print_keys()
+            if args.from_llamafactory:
+                print_llamafactory_keys()
+            else:
+                print_keys()
         return 0
     except LatheError as e:
         if debug:
@@ -293,19 +296,18 @@ def print_keys() -> None:
         _print_key(f.name, default, _first_sentence(f.metadata.get("help", "")), width)
 
 
+_HELP_COLUMN = 46  # "  <key, 30> <default, 12> "
+
+
 def _print_key(name: str, default: object, help_text: str, width: int) -> None:
-    head = f"  {name:<30} {_short(default):<12} "
-    if len(head) > 46:  # a long default: the help text goes on the next line
+    head = f"  {name:<30} {str(getattr(default, 'value', default)):<12} "
+    if len(head) > _HELP_COLUMN:  # a long default: the help text goes on the next line
         print(head.rstrip())
-        head = " " * 46
+        head = " " * _HELP_COLUMN
     lines = textwrap.wrap(" ".join(help_text.split()), width - len(head)) or [""]
     print(head + lines[0])
     for line in lines[1:]:
         print(" " * len(head) + line)
-
-
-def _short(value: object) -> str:
-    return str(getattr(value, "value", value))
 
 
 def _first_sentence(text: str) -> str:

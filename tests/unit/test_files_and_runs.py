@@ -135,3 +135,16 @@ def test_system_prompt_of_a_dataset_entry(tmp_path):
                                    "columns": {"system": "sys"}}, tmp_path, "info")
     own = conversation(Row({"instruction": "q", "output": "a", "sys": "Be kind."}, "r1"), spec2, True)
     assert own.system == "Be kind."  # a row's own system message wins
+
+
+def test_flash_attn_maps_to_an_attention_kernel(capsys):
+    import torch
+
+    from lathe.model.load import attention_kwargs
+
+    assert attention_kwargs("auto") == {}
+    assert attention_kwargs("disabled") == {"attn_implementation": "eager"}
+    assert attention_kwargs("sdpa") == {"attn_implementation": "sdpa"}
+    if not torch.cuda.is_available():
+        assert attention_kwargs("fa2") == {"attn_implementation": "sdpa"}
+        assert "fa2 needs a CUDA GPU" in capsys.readouterr().err

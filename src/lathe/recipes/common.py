@@ -80,8 +80,8 @@ def check_output_dir(cfg: LatheConfig) -> str | None:
 def _latest_to_resume(out: Path) -> str:
     """resume_from_checkpoint: true -> the newest complete checkpoint (a newer one cut off
     while saving is passed over, and said so)."""
-    found = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
-                   key=lambda p: int(p.name.split("-", 1)[1]), reverse=True) if out.is_dir() else []
+    numbered = [p for p in out.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+    found = sorted(numbered, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
     if not found:
         raise OutputError(
             f"resume_from_checkpoint: true, but {out} holds no checkpoint-N folder; "
@@ -104,12 +104,8 @@ def _latest_to_resume(out: Path) -> str:
 def _check_creatable(out: Path) -> None:
     """The folder exists, or its nearest existing parent is a folder we may write in."""
     parent = out
-    while not parent.exists():
-        if parent.parent == parent:
-            break
+    while not parent.exists() and parent.parent != parent:
         parent = parent.parent
-    if out.is_dir():
-        parent = out
     if not parent.is_dir():
         raise OutputError(f"output_dir {out} cannot be created: {parent} is a file; choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -200,13 +196,14 @@ def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
     )
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not _has_cuda():
         kwargs.update(cpu_precision(t.bf16, t.fp16, cpu_half_support()))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_cuda():
-        # Several CPU processes: only use_cpu makes accelerate wrap the model in DDP (gloo);
-        # without it each rank silently trains its own copy.
-        kwargs["use_cpu"] = True
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if several:
+            # Several CPU processes: only use_cpu makes accelerate wrap the model in DDP (gloo);
+            # without it each rank silently trains its own copy.
+            kwargs["use_cpu"] = True
+    if several:
         # every trainable parameter (adapter, unfrozen block) gets a gradient each step; DDP's
         # search for unused ones only costs time and prints a long warning
         kwargs["ddp_find_unused_parameters"] = False
