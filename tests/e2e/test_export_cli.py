@@ -77,3 +77,33 @@ def test_an_adapter_trained_on_another_base_names_the_tensor(adapter, tmp_path):
     assert msg.startswith("ModelError:") and "does not fit base model" in msg
     assert "lora_A" in msg and "[8, 32] in the adapter but [8, 48] in the model" in msg
     assert not (tmp_path / "out").exists()
+
+
+def test_lora_variants_train_reload_and_export_verified(tiny_model, data_dir, tmp_path):
+    """DoRA + rsLoRA + a fully trained embedding beside the adapter: the run dir reloads with
+    plain peft to the logits training left, and the export merges it and passes verification."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import lathe
+
+    run = tmp_path / "dora"
+    result = lathe.train({"model_name_or_path": str(tiny_model), "dataset": "identity",
+                          "dataset_dir": str(data_dir), "template": "chatml", "cutoff_len": 64,
+                          "max_samples": 16, "per_device_train_batch_size": 8, "learning_rate": 5e-3,
+                          "max_steps": 3, "save_steps": 1000, "output_dir": str(run), "seed": 0,
+                          "use_dora": True, "use_rslora": True, "additional_target": "embed_tokens"})
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["use_dora"] and config["use_rslora"] and config["modules_to_save"] == ["embed_tokens"]
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    trained = result.model.eval()
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run).eval()
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()(input_ids=ids).logits
+        assert not torch.allclose(base, expected, atol=1e-4)  # the adapter changed something
+    proc = run_cli("export", str(run), f"export_dir={tmp_path / 'exported'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "exported" / "export_verification.json").read_text())["passed"]

@@ -86,3 +86,36 @@ def test_full_trains_everything():
     model = apply_finetuning(_tiny("llama"), cfg.finetune, cfg.model)
     trainable, total = count_parameters(model)
     assert trainable == total > 0
+
+
+def test_dora_adds_a_trained_magnitude_per_output():
+    cfg = _cfg(lora_rank=2, lora_target="q_proj,v_proj", use_dora=True)
+    model = apply_finetuning(_tiny("llama"), cfg.finetune, cfg.model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_magnitude_vector" in n for n in trainable)
+    assert model.peft_config["default"].use_dora is True
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank():
+    cfg = _cfg(lora_rank=4, lora_alpha=8, lora_target="q_proj", use_rslora=True)
+    model = apply_finetuning(_tiny("llama"), cfg.finetune, cfg.model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(8 / 4 ** 0.5)
+    plain = _cfg(lora_rank=4, lora_alpha=8, lora_target="q_proj")
+    layer = apply_finetuning(_tiny("llama"), plain.finetune, plain.model).base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(8 / 4)
+
+
+def test_additional_target_trains_whole_modules_beside_the_adapter():
+    cfg = _cfg(lora_rank=2, lora_target="q_proj", additional_target="embed_tokens")
+    model = apply_finetuning(_tiny("llama"), cfg.finetune, cfg.model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("embed_tokens.modules_to_save" in n for n in trainable)
+    bad = _cfg(additional_target="embed_token")
+    with pytest.raises(ConfigError, match="did you mean embed_tokens"):
+        apply_finetuning(_tiny("llama"), bad.finetune, bad.model)
+
+
+def test_lora_variant_keys_need_lora():
+    with pytest.raises(ConfigError, match="use_dora applies only to finetuning_type: lora"):
+        _cfg(finetuning_type="full", use_dora=True)

@@ -85,8 +85,8 @@ def test_translate():
     assert len(notes) == 1 and "tokenized_path" in notes[0]
     with pytest.raises(ConfigError, match=r"quantization_bit .*issue 12"):
         translate({"quantization_bit": 4}, set(_FIELDS))
-    with pytest.raises(ConfigError, match="use_dora .*issue 12"):
-        translate({"use_dora": "true"}, set(_FIELDS))
+    with pytest.raises(ConfigError, match="pissa_init .*issue 12"):
+        translate({"pissa_init": "true"}, set(_FIELDS))
     with pytest.raises(ConfigError, match="infer_backend: vllm"):
         translate({"infer_backend": "vllm"}, set(_FIELDS))
 

@@ -65,11 +65,15 @@ def stage_is_known(cfg: LatheConfig) -> None:
         )
 
 
+# LoRA's keys that do not start with lora_ (LLaMA-Factory's names).
+_LORA_VARIANT_KEYS = ("use_dora", "use_rslora", "additional_target")
+
+
 @check(commands=EVERY)
 def lora_keys_need_lora(cfg: LatheConfig) -> None:
     ft: FinetuneConfig = cfg.finetune
     if ft.finetuning_type != "lora":
-        keys = _changed(ft, "lora_")
+        keys = _changed(ft, "lora_") + [k for k in _LORA_VARIANT_KEYS if k in _changed(ft, "")]
         if keys:
             raise ConfigError(
                 f"{', '.join(keys)} {_verb(keys)} only to finetuning_type: lora, but finetuning_type is "

@@ -211,17 +211,17 @@ KEYS: dict[str, Key] = {
             "kto_rejected_weight", "simpo_gamma", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm",
             "ppo_target", "ppo_whiten_rewards", "ref_model", "reward_model", "early_stopping_steps",
             "plot_loss"),
-    "additional_target": Key("finetuning", "later", "extra modules trained fully beside LoRA",
-                             _PEFT + "; finetuning_type: freeze trains whole modules", None),
+    "additional_target": Key("finetuning", "same"),
     "loraplus_lr_ratio": Key("finetuning", "later", "LoRA+ (a larger learning rate for B)", _PEFT, None),
     "loraplus_lr_embedding": Key("finetuning", "later", "LoRA+ learning rate of embeddings", _PEFT, 1e-6),
-    "use_rslora": Key("finetuning", "later", "rank-stabilised LoRA scaling", _PEFT, False),
-    "use_dora": Key("finetuning", "later", "DoRA (weight-decomposed LoRA)", _PEFT, False),
+    "use_rslora": Key("finetuning", "same"),
+    "use_dora": Key("finetuning", "same"),
     "pissa_init": Key("finetuning", "later", "PiSSA initialisation of LoRA", _PEFT, False),
     "pissa_iter": Key("finetuning", "later", "PiSSA's fast SVD iterations", _PEFT, 16),
     "pissa_convert": Key("finetuning", "later", "turn a PiSSA adapter into a plain LoRA", _PEFT, False),
-    "create_new_adapter": Key("finetuning", "accepted", note="with adapter_name_or_path, Lathe "
-                              "keeps training the last adapter; lathe export merges them"),
+    "create_new_adapter": Key("finetuning", "later", "merge the given adapters and train a fresh "
+                              "one", _PEFT + "; today the last adapter in adapter_name_or_path is "
+                              "trained further", False),
     "module_dropout": Key("finetuning", "no", "OFT dropout", "use LoRA (or IA3 with issue 12)", 0.0),
     "oft_rank": Key("finetuning", "no", "OFT rank", "use LoRA (or IA3 with issue 12)", 0),
     "oft_block_size": Key("finetuning", "no", "OFT block size", "use LoRA (or IA3 with issue 12)", 32),

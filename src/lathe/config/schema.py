@@ -82,6 +82,14 @@ class FinetuneConfig:
     lora_target: list[str] = _f(
         ["all"], "Modules that get LoRA: `all` (every linear layer but the head) or names."
     )
+    use_dora: bool = _f(False, "LoRA: DoRA (weight-decomposed LoRA: a trained magnitude per output "
+                        "feature beside the low-rank direction).")
+    use_rslora: bool = _f(False, "LoRA: rank-stabilised scaling lora_alpha / sqrt(r) instead of "
+                          "lora_alpha / r (keeps high ranks learning).")
+    additional_target: list[str] | None = _f(
+        None, "LoRA: modules trained in full beside the adapter and saved with it (e.g. "
+        "embed_tokens,lm_head after adding tokens)."
+    )
     freeze_trainable_layers: int = _f(
         2, "freeze: train the last N blocks (negative: the first N)."
     )

@@ -68,8 +68,25 @@ def apply_lora(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig,
         lora_alpha=ft.lora_alpha if ft.lora_alpha is not None else 2 * ft.lora_rank,
         lora_dropout=ft.lora_dropout,
         target_modules=resolve_lora_targets(model, ft.lora_target),
+        use_dora=ft.use_dora,
+        use_rslora=ft.use_rslora,
+        modules_to_save=resolve_additional_targets(model, ft.additional_target) or None,
     )
     return get_peft_model(model, config)
+
+
+def resolve_additional_targets(model: Any, requested: list[str] | None) -> list[str]:
+    """additional_target names must be modules of the model (peft would skip a typo silently)."""
+    if not requested:
+        return []
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
+    for name in requested:
+        if name not in leaves:
+            raise ConfigError(
+                f"additional_target {name!r} is not a module of {type(model).__name__}"
+                f"{did_you_mean(name, leaves)}; e.g. embed_tokens or lm_head"
+            )
+    return list(requested)
 
 
 def num_blocks(model: Any) -> tuple[str, int]:
