@@ -31,6 +31,8 @@ def quiet_warnings() -> None:
     for module in LIBRARIES:
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    # 8-bit matmuls say this on every call: the cast is what 8-bit training means
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
 
 
 def quiet_weight_loading() -> None:

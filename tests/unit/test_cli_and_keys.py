@@ -79,12 +79,12 @@ def test_refusals_say_what_the_key_does_and_what_to_do():
 
 def test_translate():
     raw = {"mask_history": True, "disable_gradient_checkpointing": True, "tokenized_path": "x",
-           "use_unsloth": False, "quantization_bit": None, "infer_backend": "huggingface", "seed": 1}
+           "use_unsloth": False, "pissa_init": "false", "infer_backend": "huggingface", "seed": 1}
     out, notes = translate(raw, set(_FIELDS))
     assert out == {"train_on_last_turn_only": True, "gradient_checkpointing": False, "seed": 1}
     assert len(notes) == 1 and "tokenized_path" in notes[0]
-    with pytest.raises(ConfigError, match=r"quantization_bit .*issue 12"):
-        translate({"quantization_bit": 4}, set(_FIELDS))
+    with pytest.raises(ConfigError, match=r"export_quantization_bit .*issue 14"):
+        translate({"export_quantization_bit": 4}, set(_FIELDS))
     with pytest.raises(ConfigError, match="pissa_init .*issue 12"):
         translate({"pissa_init": "true"}, set(_FIELDS))
     with pytest.raises(ConfigError, match="infer_backend: vllm"):

@@ -384,3 +384,36 @@ def report_to_is_installed(cfg: LatheConfig) -> None:
         if not any(importlib.util.find_spec(p) for p in packages):
             raise ConfigError(f"report_to: {name} needs the {packages[0]} package, which is not "
                               f"installed; pip install {packages[0]}, or use report_to: tensorboard or none")
+
+
+@check(commands=EVERY)
+def quantization_fits(cfg: LatheConfig) -> None:
+    """QLoRA's keys: the bits bitsandbytes has, an adapter to train, the package installed."""
+    import importlib.util
+
+    m = cfg.model
+    if m.quantization_bit is None:
+        keys = [k for k in ("quantization_type", "double_quantization", "quantization_method") if
+                k in _changed(m, "quantization_") + _changed(m, "double_")]
+        if keys:
+            raise ConfigError(f"{', '.join(keys)} {_verb(keys)} only with quantization_bit (4 or 8); "
+                              f"set quantization_bit or remove {_pronoun(keys)}")
+        return
+    if m.quantization_bit not in (4, 8):
+        raise ConfigError(f"quantization_bit: {m.quantization_bit} is not a width bitsandbytes has; "
+                          "use 4 (QLoRA) or 8")
+    if m.quantization_bit == 8 and "quantization_type" in _changed(m, "quantization_"):
+        raise ConfigError("quantization_type applies to 4-bit only; remove it or set quantization_bit: 4")
+    if cfg.command == "export":
+        raise ConfigError("quantization_bit: lathe export merges the adapter into the full-precision "
+                          "base (export_dtype picks its dtype); remove quantization_bit")
+    if cfg.command == "train" and cfg.finetune.finetuning_type != "lora":
+        raise ConfigError(f"quantization_bit needs finetuning_type: lora (QLoRA trains an adapter on "
+                          f"the frozen quantized base; {cfg.finetune.finetuning_type} would update the "
+                          "quantized weights themselves)")
+    if cfg.command == "train" and cfg.finetune.stage in ("rm", "ppo"):
+        raise ConfigError(f"quantization_bit with stage {cfg.finetune.stage} is not in Lathe yet "
+                          "(issue 12); sft, pt, dpo and kto take it")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("quantization_bit needs the bitsandbytes package, which is not installed; "
+                          "pip install bitsandbytes (or pip install 'lathe[qlora]')")

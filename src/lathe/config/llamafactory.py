@@ -13,7 +13,7 @@ key does there and what Lathe offers instead. The kinds:
 - no:       deliberately not supported; `note` says what Lathe offers instead.
 
 A `later` or `no` key set to LLaMA-Factory's own default changes nothing there, so it is
-accepted too (`use_unsloth: false`, `quantization_bit: null`). `lathe keys
+accepted too (`use_unsloth: false`, `pissa_init: false`). `lathe keys
 --from-llamafactory` prints this table.
 """
 
@@ -135,13 +135,8 @@ KEYS: dict[str, Key] = {
     "block_diag_attn": Key("model", "accepted", note="packing: true never lets packed examples "
                            "see each other", values=(None, False)),
     # --- quantization -------------------------------------------------------------------
-    "quantization_method": Key("quantization", "later", "how the base model is quantized (bnb, "
-                               "hqq, eetq)", _QLORA, "bnb"),
-    "quantization_bit": Key("quantization", "later", "quantize the base model to 4 or 8 bits on "
-                            "the fly", _QLORA, None),
-    "quantization_type": Key("quantization", "later", "the 4-bit data type (nf4, fp4)", _QLORA, "nf4"),
-    "double_quantization": Key("quantization", "later", "quantize the quantization constants",
-                               _QLORA, True),
+    **_same("quantization", "quantization_method", "quantization_bit", "quantization_type",
+            "double_quantization"),
     "quantization_device_map": Key("quantization", "later", "device map of a 4-bit model at "
                                    "inference", _QLORA, None),
     # --- vision / audio -----------------------------------------------------------------

@@ -36,6 +36,14 @@ class ModelConfig:
         "auto", "Attention kernel: auto (sdpa where the model has it), disabled (eager), sdpa, "
         "fa2 / fa3 (FlashAttention 2 / 3: a CUDA GPU and the flash-attn package; else sdpa, said)."
     )
+    quantization_bit: int | None = _f(
+        None, "QLoRA: load the base model quantized to 4 or 8 bits (bitsandbytes) and train a LoRA "
+        "on it; chat, eval and predict load it the same way."
+    )
+    quantization_method: Literal["bnb"] = _f("bnb", "How the base is quantized: bnb (bitsandbytes).")
+    quantization_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type: nf4 (normal float) or fp4.")
+    double_quantization: bool = _f(True, "4-bit: also quantize the quantization constants (saves "
+                                   "about 0.4 bits per weight).")
     cache_dir: str | None = _f(None, "Where hub downloads are cached.")
     model_revision: str = _f("main", "Hub revision (branch, tag or commit) of the model.")
 

@@ -142,6 +142,11 @@ def apply_freeze(model: Any, ft: FinetuneConfig) -> Any:
 
 def apply_finetuning(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig) -> Any:
     if ft.finetuning_type == "lora":
+        if model_cfg.quantization_bit is not None:  # QLoRA: norms in float32, inputs that take grads
+            from peft import prepare_model_for_kbit_training
+
+            # gradient checkpointing stays the run's choice (ready_for_training), not peft's default
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return apply_lora(model, ft, model_cfg)
     if ft.finetuning_type == "freeze":
         return apply_freeze(model, ft)
@@ -154,7 +159,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total), counting each tensor once."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel()
+        n = param.numel() * (2 if type(param).__name__ == "Params4bit" else 1)  # two 4-bit weights a byte
         total += n
         if param.requires_grad:
             trainable += n

@@ -138,6 +138,26 @@ def attention_kwargs(flash_attn: str) -> dict[str, str]:
     return {"attn_implementation": _ATTENTION[flash_attn]}
 
 
+def quantization_kwargs(cfg: LatheConfig) -> dict[str, Any]:
+    """quantization_bit -> from_pretrained's BitsAndBytesConfig (QLoRA's base); computations
+    run in the run's dtype (float32 on a CPU, bf16/fp16 on a GPU)."""
+    m = cfg.model
+    if m.quantization_bit is None:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if m.quantization_bit == 8:
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=m.quantization_type,
+        bnb_4bit_use_double_quant=m.double_quantization, bnb_4bit_compute_dtype=pick_dtype(cfg))}
+
+
+def is_quantized(model: Any) -> bool:
+    return bool(getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False)
+                or getattr(model, "is_loaded_in_8bit", False))
+
+
 def load_model(cfg: LatheConfig, path: str, tokenizer: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -146,6 +166,7 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any) -> Any:
             path,
             dtype=pick_dtype(cfg),
             **attention_kwargs(cfg.model.flash_attn),
+            **quantization_kwargs(cfg),
             trust_remote_code=cfg.model.trust_remote_code,
             cache_dir=cfg.model.cache_dir,
             revision=cfg.model.model_revision,
@@ -176,7 +197,13 @@ def load_for_inference(cfg: LatheConfig, merge: bool = True) -> tuple[Any, Any, 
     tokenizer = load_tokenizer(cfg.model, path)
     fix_pad_token(tokenizer)
     model = load_model(cfg, path, tokenizer)
-    for adapter in cfg.model.adapter_name_or_path or []:
+    adapters = cfg.model.adapter_name_or_path or []
+    if is_quantized(model):  # merging into 4/8-bit weights would round them: the adapter stays apart
+        merge = False
+        if len(adapters) > 1:
+            raise ModelError("quantization_bit with several adapters: merge them first with lathe export "
+                             "(in full precision), then load the export with quantization_bit")
+    for adapter in adapters:
         model = load_adapter(model, adapter, path)
         if merge:
             model = model.merge_and_unload()

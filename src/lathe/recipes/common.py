@@ -378,6 +378,12 @@ def print_summary(cfg: LatheConfig, model: Any, model_path: str, data: Any, exam
         f" (tokenized data: cache {st.cache})",
         f"  output     {cfg.train.output_dir}",
     ]
+    if cfg.model.quantization_bit:
+        m = cfg.model
+        kind = f"4-bit {m.quantization_type}" + (", double quantization" if m.double_quantization else "") \
+            if m.quantization_bit == 4 else "8-bit"
+        trained = next((p.dtype for p in model.parameters() if p.requires_grad), param.dtype)
+        lines.insert(3, f"  quantized  base in {kind} (bitsandbytes), LoRA trained in {trained}")
     if st.cleaning:
         lines.append("  cleaning   " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in st.cleaning.items()))
     lines += [f"  note       {n}" for n in [*cfg.notes, *notes]]
