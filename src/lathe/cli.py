@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    sub.add_parser("methods", help="each fine-tuning method: its keys, and what it can and cannot do",
+                   description="The finetuning_type values, from the method registry.")
+
     k = sub.add_parser("keys", help="list every config key with its default and meaning",
                        description="Every key Lathe reads: its own, then the transformers "
                                    "TrainingArguments fields it passes through.")
@@ -250,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
 
             inspect_data(args.config, args.overrides, n=args.n, output=args.output,
                          plot=args.plot or DEFAULT_PLOT, color=args.color)
+        elif args.command == "methods":
+            print_methods()
         elif args.command == "keys":
             if args.from_llamafactory:
                 print_llamafactory_keys()
@@ -314,6 +319,29 @@ def _first_sentence(text: str) -> str:
     text = " ".join(text.split())
     end = text.find(". ")
     return text if end < 0 else text[:end + 1]
+
+
+def print_methods() -> None:
+    import dataclasses
+
+    from lathe.config.checks import method_keys
+    from lathe.config.schema import FinetuneConfig
+    from lathe.model.methods import all_methods
+
+    fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+    for m in all_methods():
+        print(f"{m.name}: {m.summary}")
+        saved = ("an adapter; lathe export merges it into the base weights" if m.can_merge else
+                 "an adapter; lathe export writes base + adapter (it cannot merge)") if m.adapter \
+            else "the whole model"
+        print(f"  run dir      {saved}")
+        print(f"  dpo/kto/ppo  reference: {m.reference}")
+        print(f"  QLoRA        {'trains on a 4/8-bit base (quantization_bit)' if m.quantized_base else 'no'}")
+        for key in method_keys(m.name):
+            f = fields[key]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            _print_key(key, default, f.metadata.get("help", ""), 100)
+        print()
 
 
 def print_llamafactory_keys() -> None:

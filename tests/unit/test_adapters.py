@@ -7,7 +7,8 @@ import torch
 
 from lathe.config import load_config
 from lathe.errors import ConfigError
-from lathe.model.adapters import apply_finetuning, count_parameters, linear_module_names
+from lathe.model.adapters import apply_finetuning, count_parameters
+from lathe.model.methods.lora import linear_module_names
 
 
 def _tiny(arch: str):

@@ -65,38 +65,31 @@ def stage_is_known(cfg: LatheConfig) -> None:
         )
 
 
-# LoRA's keys that do not start with lora_ (LLaMA-Factory's names).
-_LORA_VARIANT_KEYS = ("use_dora", "use_rslora", "additional_target")
+def method_keys(method: str) -> list[str]:
+    """The FinetuneConfig keys that belong to `method` (schema metadata)."""
+    return [f.name for f in dataclasses.fields(FinetuneConfig) if f.metadata.get("method") == method]
 
 
 @check(commands=EVERY)
-def lora_keys_need_lora(cfg: LatheConfig) -> None:
+def method_keys_fit_the_method(cfg: LatheConfig) -> None:
+    """A key of one finetuning_type set while another is chosen would be silently ignored."""
     ft: FinetuneConfig = cfg.finetune
-    if ft.finetuning_type != "lora":
-        keys = _changed(ft, "lora_") + [k for k in _LORA_VARIANT_KEYS if k in _changed(ft, "")]
+    changed = _changed(ft, "")
+    others = sorted({f.metadata["method"] for f in dataclasses.fields(ft)
+                     if f.metadata.get("method") not in (None, ft.finetuning_type)})
+    for method in others:
+        keys = [k for k in method_keys(method) if k in changed]
         if keys:
             raise ConfigError(
-                f"{', '.join(keys)} {_verb(keys)} only to finetuning_type: lora, but finetuning_type is "
-                f"{ft.finetuning_type}; remove {_pronoun(keys)} or set finetuning_type: lora"
+                f"{', '.join(keys)} {_verb(keys)} only to finetuning_type: {method}, but finetuning_type "
+                f"is {ft.finetuning_type}; remove {_pronoun(keys)} or set finetuning_type: {method}"
             )
-        if cfg.model.adapter_name_or_path:
-            raise ConfigError(
-                "adapter_name_or_path needs finetuning_type: lora (to train on an exported "
-                "model, point model_name_or_path at the export instead)"
-            )
-
-
-@check(commands=EVERY)
-def freeze_keys_need_freeze(cfg: LatheConfig) -> None:
-    ft = cfg.finetune
-    if ft.finetuning_type != "freeze":
-        keys = _changed(ft, "freeze_")
-        if keys:
-            raise ConfigError(
-                f"{', '.join(keys)} {_verb(keys)} only to finetuning_type: freeze, but finetuning_type "
-                f"is {ft.finetuning_type}; remove {_pronoun(keys)} or set finetuning_type: freeze"
-            )
-    elif ft.freeze_trainable_layers == 0:
+    if ft.finetuning_type != "lora" and cfg.model.adapter_name_or_path:
+        raise ConfigError(
+            "adapter_name_or_path needs finetuning_type: lora (to train on an exported "
+            "model, point model_name_or_path at the export instead)"
+        )
+    if ft.finetuning_type == "freeze" and ft.freeze_trainable_layers == 0:
         raise ConfigError(
             "freeze_trainable_layers: 0 trains nothing; use N > 0 for the last N blocks "
             "or -N for the first N"

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-def _f(default: Any, help: str) -> Any:
-    """A field with a help text (used by `lathe train --help-keys` and the README)."""
+def _f(default: Any, help: str, method: str | None = None) -> Any:
+    """A field with a help text (`lathe keys`); `method`: the finetuning_type it belongs to
+    (`lathe methods` lists it there, and a check refuses it with another method)."""
+    meta = {"help": help, **({"method": method} if method else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -83,29 +85,31 @@ class DataConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     stage: str = _f("sft", "Training stage: pt, sft, rm, dpo, kto or ppo.")
-    finetuning_type: Literal["lora", "full", "freeze"] = _f("lora", "What is trained.")
-    lora_rank: int = _f(8, "LoRA rank r.")
-    lora_alpha: float | None = _f(None, "LoRA scaling alpha (default 2 x lora_rank).")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA path.")
+    finetuning_type: Literal["lora", "full", "freeze"] = _f(
+        "lora", "What is trained (one module each in lathe.model.methods; `lathe methods` lists them)."
+    )
+    lora_rank: int = _f(8, "LoRA rank r.", method="lora")
+    lora_alpha: float | None = _f(None, "LoRA scaling alpha (default 2 x lora_rank).", method="lora")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA path.", method="lora")
     lora_target: list[str] = _f(
-        ["all"], "Modules that get LoRA: `all` (every linear layer but the head) or names."
+        ["all"], "Modules that get LoRA: `all` (every linear layer but the head) or names.", method="lora"
     )
     use_dora: bool = _f(False, "LoRA: DoRA (weight-decomposed LoRA: a trained magnitude per output "
-                        "feature beside the low-rank direction).")
+                        "feature beside the low-rank direction).", method="lora")
     use_rslora: bool = _f(False, "LoRA: rank-stabilised scaling lora_alpha / sqrt(r) instead of "
-                          "lora_alpha / r (keeps high ranks learning).")
+                          "lora_alpha / r (keeps high ranks learning).", method="lora")
     additional_target: list[str] | None = _f(
         None, "LoRA: modules trained in full beside the adapter and saved with it (e.g. "
-        "embed_tokens,lm_head after adding tokens)."
+        "embed_tokens,lm_head after adding tokens).", method="lora"
     )
     freeze_trainable_layers: int = _f(
-        2, "freeze: train the last N blocks (negative: the first N)."
+        2, "freeze: train the last N blocks (negative: the first N).", method="freeze"
     )
     freeze_trainable_modules: list[str] = _f(
-        ["all"], "freeze: which modules inside the trainable blocks (e.g. mlp,self_attn)."
+        ["all"], "freeze: which modules inside the trainable blocks (e.g. mlp,self_attn).", method="freeze"
     )
     freeze_extra_modules: list[str] | None = _f(
-        None, "freeze: modules outside the blocks that also train (e.g. embed_tokens,norm)."
+        None, "freeze: modules outside the blocks that also train (e.g. embed_tokens,norm).", method="freeze"
     )
     plot_loss: bool = _f(False, "Save training_loss.png (and training_eval_loss.png).")
 
