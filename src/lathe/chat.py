@@ -112,8 +112,6 @@ def chat_generation(cfg: LatheConfig, model: Any, model_path: str) -> tuple[Gene
     else:
         source = "greedy: the model ships no generation_config.json"
     values = {k: v for k, v in values.items() if not cfg.is_set(k)}
-    if values.get("top_k") is None and "top_k" in values:
-        values.pop("top_k")
     chosen = dataclasses.replace(cfg.generate, **values)
     if any(cfg.is_set(k) for k in (*_SAMPLING_KEYS, "max_new_tokens")):
         source += "; your keys win"

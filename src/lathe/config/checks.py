@@ -386,8 +386,8 @@ def quantization_fits(cfg: LatheConfig) -> None:
 
     m = cfg.model
     if m.quantization_bit is None:
-        keys = [k for k in ("quantization_type", "double_quantization", "quantization_method") if
-                k in _changed(m, "quantization_") + _changed(m, "double_")]
+        changed = _changed(m, "")
+        keys = [k for k in ("quantization_type", "double_quantization", "quantization_method") if k in changed]
         if keys:
             raise ConfigError(f"{', '.join(keys)} {_verb(keys)} only with quantization_bit (4 or 8); "
                               f"set quantization_bit or remove {_pronoun(keys)}")
