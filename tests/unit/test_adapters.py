@@ -120,3 +120,29 @@ def test_additional_target_trains_whole_modules_beside_the_adapter():
 def test_lora_variant_keys_need_lora():
     with pytest.raises(ConfigError, match="use_dora applies only to finetuning_type: lora"):
         _cfg(finetuning_type="full", use_dora=True)
+
+
+@pytest.mark.parametrize("arch,targets,feedforward", [
+    ("llama", ["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    ("gpt2", ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    ("bloom", ["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
+])
+def test_ia3_default_layers_per_architecture(arch, targets, feedforward):
+    from lathe.model.methods.ia3 import ia3_modules
+
+    cfg = _cfg(finetuning_type="ia3")
+    assert ia3_modules(_tiny(arch), cfg.finetune) == (targets, feedforward)
+    model = apply_finetuning(_tiny(arch), cfg.finetune, cfg.model)
+    assert all("ia3_l" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_ia3_named_layers_are_checked():
+    from lathe.model.methods.ia3 import ia3_modules
+
+    cfg = _cfg(finetuning_type="ia3", ia3_target="q_proj,down_proj")
+    assert ia3_modules(_tiny("llama"), cfg.finetune) == (["q_proj", "down_proj"], ["down_proj"])
+    with pytest.raises(ConfigError, match="did you mean q_proj"):
+        ia3_modules(_tiny("llama"), _cfg(finetuning_type="ia3", ia3_target="q_prj").finetune)
+    with pytest.raises(ConfigError, match="ia3_feedforward 'up_proj' is not one of ia3_target"):
+        ia3_modules(_tiny("llama"), _cfg(finetuning_type="ia3", ia3_target="q_proj",
+                                         ia3_feedforward="up_proj").finetune)

@@ -89,6 +89,9 @@ def method_keys_fit_the_method(cfg: LatheConfig) -> None:
             "adapter_name_or_path needs finetuning_type: lora (to train on an exported "
             "model, point model_name_or_path at the export instead)"
         )
+    if ft.finetuning_type not in ("lora", "full", "freeze") and ft.stage in ("rm", "ppo"):
+        raise ConfigError(f"finetuning_type: {ft.finetuning_type} with stage {ft.stage} is not in Lathe "
+                          "yet (issue 12); use lora, freeze or full there")
     if ft.finetuning_type == "freeze" and ft.freeze_trainable_layers == 0:
         raise ConfigError(
             "freeze_trainable_layers: 0 trains nothing; use N > 0 for the last N blocks "

@@ -85,7 +85,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     stage: str = _f("sft", "Training stage: pt, sft, rm, dpo, kto or ppo.")
-    finetuning_type: Literal["lora", "full", "freeze"] = _f(
+    finetuning_type: Literal["lora", "full", "freeze", "ia3"] = _f(
         "lora", "What is trained (one module each in lathe.model.methods; `lathe methods` lists them)."
     )
     lora_rank: int = _f(8, "LoRA rank r.", method="lora")
@@ -101,6 +101,15 @@ class FinetuneConfig:
     additional_target: list[str] | None = _f(
         None, "LoRA: modules trained in full beside the adapter and saved with it (e.g. "
         "embed_tokens,lm_head after adding tokens).", method="lora"
+    )
+    ia3_target: list[str] = _f(
+        ["auto"], "IA3: modules whose activations get a learned scale: auto (peft's choice for the "
+        "architecture, e.g. k_proj,v_proj,down_proj for Llama), all (every linear layer) or names.",
+        method="ia3"
+    )
+    ia3_feedforward: list[str] | None = _f(
+        None, "IA3: which of ia3_target are feed-forward layers (their inputs are scaled, not their "
+        "outputs); default: the architecture's, as peft knows them.", method="ia3"
     )
     freeze_trainable_layers: int = _f(
         2, "freeze: train the last N blocks (negative: the first N).", method="freeze"

@@ -30,7 +30,7 @@ class Method:
 
 
 METHODS: Registry[Method] = Registry("finetuning_type")
-MODULES = ("lora", "freeze", "full")
+MODULES = ("lora", "freeze", "full", "ia3")
 
 
 def register(method: Method) -> Method:
