@@ -88,6 +88,16 @@ def run_cli(*argv: str, cwd: Path | None = None, launcher: list[str] | None = No
                           stdin=None if input is not None else subprocess.DEVNULL)
 
 
+def write_pref_pairs(folder: Path) -> Path:
+    """A dataset_dir with `pairs`: 8 preference pairs whose chosen reply is always the same."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [{"instruction": f"Say something nice about {t}.", "input": "", "chosen": "It is lovely.",
+              "rejected": "No."} for t in ("tea", "rain", "books", "cats", "maps", "bread", "songs", "trees")]
+    (folder / "pairs.json").write_text(json.dumps(pairs))
+    (folder / "dataset_info.json").write_text(json.dumps({"pairs": {"file_name": "pairs.json", "ranking": True}}))
+    return folder
+
+
 def write_yaml(path: Path, args: dict) -> Path:
     import yaml
 

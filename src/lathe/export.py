@@ -155,16 +155,9 @@ def trained_template(cfg: LatheConfig, model_path: str) -> tuple[str, str | None
 
 def run_template(folder: Path) -> str | None:
     """The `template` of a Lathe run's resolved config.yaml, if the folder holds one."""
-    import yaml
+    from lathe.runs import read_run_config
 
-    path = folder / "config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    value = data.get("template") if isinstance(data, dict) else None
+    value = read_run_config(folder).get("template")
     return value if isinstance(value, str) and value else None
 
 

@@ -60,6 +60,21 @@ def check_inputs(cfg: LatheConfig, where: str = "") -> None:
         )
 
 
+def read_run_config(folder: str | os.PathLike) -> dict:
+    """The resolved config.yaml a Lathe run wrote, as a mapping; {} when there is none or it
+    cannot be read (a folder Lathe did not write)."""
+    import yaml
+
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def model_keys(folder: str) -> dict[str, object]:
     """`lathe chat|eval|export <folder>`: the model keys that load what the folder holds. A
     LoRA run is its base model (from the run's config.yaml, else adapter_config.json) with
@@ -67,16 +82,9 @@ def model_keys(folder: str) -> dict[str, object]:
     model itself."""
     import json
 
-    import yaml
-
     p = Path(folder)
     if (p / "adapter_config.json").is_file():
-        recorded: dict = {}
-        if is_lathe_run(p):
-            try:
-                recorded = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8")) or {}
-            except (OSError, yaml.YAMLError):
-                recorded = {}
+        recorded = read_run_config(p)
         base = recorded.get("model_name_or_path")
         if not base:
             try:

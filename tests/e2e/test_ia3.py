@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lathe
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_pref_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +45,7 @@ def test_ia3_trains_reloads_exports_and_serves_as_dpo_policy(args, tiny_model, t
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "export_verification.json").read_text())["passed"]
 
-    pairs = [{"instruction": f"Say something nice about {t}.", "input": "", "chosen": "It is lovely.",
-              "rejected": "No."} for t in ("tea", "rain", "books", "cats", "maps", "bread", "songs", "trees")]
-    d = tmp_path / "pref"
-    d.mkdir()
-    (d / "pairs.json").write_text(json.dumps(pairs))
-    (d / "dataset_info.json").write_text(json.dumps({"pairs": {"file_name": "pairs.json", "ranking": True}}))
+    d = write_pref_pairs(tmp_path / "pref")
     dpo = lathe.train({**args, "stage": "dpo", "dataset": "pairs", "dataset_dir": str(d), "max_steps": 4,
                        "output_dir": str(tmp_path / "dpo")})
     margins = [h["rewards/margins"] for h in dpo.log_history if "rewards/margins" in h]

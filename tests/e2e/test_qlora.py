@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lathe
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_pref_pairs
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("bitsandbytes")
@@ -69,12 +69,7 @@ def test_qlora_4bit_trains_and_reloads_with_plain_peft(args, tiny_model, tmp_pat
 def test_qlora_8bit_and_dpo_on_a_4bit_base(args, tmp_path):
     result = lathe.train({**args, "quantization_bit": 8, "max_steps": 4})
     assert all(l == l for l in result.losses())
-    pairs = [{"instruction": f"Say something nice about {t}.", "input": "", "chosen": "It is lovely.",
-              "rejected": "No."} for t in ("tea", "rain", "books", "cats", "maps", "bread", "songs", "trees")]
-    d = tmp_path / "pref"
-    d.mkdir()
-    (d / "pairs.json").write_text(json.dumps(pairs))
-    (d / "dataset_info.json").write_text(json.dumps({"pairs": {"file_name": "pairs.json", "ranking": True}}))
+    d = write_pref_pairs(tmp_path / "pref")
     dpo = lathe.train({**args, "stage": "dpo", "dataset": "pairs", "dataset_dir": str(d), "max_steps": 3,
                        "output_dir": str(tmp_path / "dpo")})
     margins = [h["rewards/margins"] for h in dpo.log_history if "rewards/margins" in h]
