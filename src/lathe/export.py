@@ -26,7 +26,7 @@ from lathe.config.schema import LatheConfig
 from lathe.data.conversation import Conversation, Message
 from lathe.data.template_jinja import template_to_jinja
 from lathe.data.templates import Template, get_template
-from lathe.errors import ModelError, OutputError
+from lathe.errors import ConfigError, ModelError, OutputError
 from lathe.files import respect_umask
 from lathe.infer import set_stop_tokens
 from lathe.recipes.common import log
@@ -69,8 +69,13 @@ def run_export(cfg: LatheConfig) -> dict[str, Any]:
     template = get_template(template_name)
 
     adapters = cfg.model.adapter_name_or_path or []
-    log(f"Loading {cfg.model.model_name_or_path}" + (f" + {len(adapters)} adapter(s), merged" if adapters else ""))
-    model, tokenizer, base_path = load_for_inference(cfg, merge=True)
+    merge = merges_last_adapter(cfg)
+    log(f"Loading {cfg.model.model_name_or_path}" + (f" + {len(adapters)} adapter(s)" if adapters else "")
+        + (", merged" if adapters and merge else ""))
+    if adapters and not merge:
+        log(f"The last adapter stays an adapter: the export is the base model with it in {ADAPTER_DIR}/ "
+            "(load both, see LOADING.md)")
+    model, tokenizer, base_path = load_for_inference(cfg, merge=True, merge_last=merge)
     dtype = export_dtype(cfg, base_path)
     chat_template = template_to_jinja(template, tokenizer)
     stop_ids = template.stop_token_ids(tokenizer)
@@ -80,7 +85,7 @@ def run_export(cfg: LatheConfig) -> dict[str, Any]:
     try:
         files = save_export(model, tokenizer, tmp, dtype=dtype, max_shard_size=f"{cfg.export.export_size}GB",
                             legacy=cfg.export.export_legacy_format, chat_template=chat_template,
-                            stop_ids=stop_ids)
+                            stop_ids=stop_ids, final_dir=out)
         del model  # the verification loads the export and the reference one at a time
         report = None
         if cfg.export.export_verify:
@@ -178,12 +183,59 @@ def export_dtype(cfg: LatheConfig, base_path: str) -> str:
 
 # --- saving --------------------------------------------------------------------------
 
+def merges_last_adapter(cfg: LatheConfig) -> bool:
+    """export_merge, or by default whether the last adapter's method can merge. Asking to merge
+    one that cannot is a ConfigError."""
+    from lathe.model.methods import method_of_adapter
+
+    adapters = cfg.model.adapter_name_or_path or []
+    method = method_of_adapter(adapters[-1]) if adapters else None
+    can = method is None or method.can_merge
+    if cfg.export.export_merge and not can:
+        raise ConfigError(f"export_merge: true, but {adapters[-1]} is a {method.name} adapter, which adds "
+                          "virtual tokens instead of changing weights and cannot be merged; remove "
+                          "export_merge (the export is then the base with the adapter beside it)")
+    return can if cfg.export.export_merge is None else bool(cfg.export.export_merge)
+
+
+ADAPTER_DIR = "adapter"  # an export that keeps its adapter: the base at the top, the adapter here
+LOADING = """# Loading this model
+
+This folder is a base model with a {method} adapter beside it in `{adapter}/` ({why}).
+Load both:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{folder}")
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{folder}"), "{folder}/{adapter}")
+```
+
+`lathe chat {folder}` (and eval, predict) load it the same way.
+"""
+
+
 def save_export(model: Any, tokenizer: Any, folder: Path, *, dtype: str, max_shard_size: str | int,
-                legacy: bool, chat_template: str | None, stop_ids: list[int]) -> list[str]:
-    """Weights, config, generation_config.json and tokenizer; returns the weight file names."""
+                legacy: bool, chat_template: str | None, stop_ids: list[int], final_dir: Path) -> list[str]:
+    """Weights, config, generation_config.json and tokenizer; returns the weight file names.
+    A model that still carries an adapter is saved as its base plus the adapter in adapter/
+    (naming `final_dir` as its base), with a LOADING.md."""
     import torch
 
     model = model.to(getattr(torch, dtype))
+    if hasattr(model, "peft_config"):  # the adapter was kept apart
+        from lathe.model.methods import method_of_peft_type
+
+        config = model.peft_config["default"]
+        method = method_of_peft_type(str(config.peft_type.value))
+        config.base_model_name_or_path = str(final_dir.resolve())
+        model.save_pretrained(str(folder / ADAPTER_DIR))
+        name = method.name if method else str(config.peft_type.value)
+        why = "it cannot be merged into the weights" if method and not method.can_merge else "export_merge: false"
+        (folder / "LOADING.md").write_text(LOADING.format(method=name, adapter=ADAPTER_DIR, why=why,
+                                                          folder=final_dir.resolve()), encoding="utf-8")
+        model = model.get_base_model()
     set_stop_tokens(model, stop_ids)  # plain `generate` stops where training taught the model to
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -277,7 +329,11 @@ def compare_logits(cfg: LatheConfig, folder: Path, base_path: str, tokenizer: An
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=cfg.model.trust_remote_code)
-    ours = _logits(exported, inputs)
+    if (folder / ADAPTER_DIR / "adapter_config.json").is_file():  # the pair, loaded as LOADING.md says
+        from peft import PeftModel
+
+        exported = PeftModel.from_pretrained(exported, str(folder / ADAPTER_DIR))
+    ours = _logits(exported.eval(), inputs)
     del exported
     gc.collect()
     reference = reference_model(cfg, base_path, tokenizer, dtype)
@@ -320,8 +376,8 @@ def reference_model(cfg: LatheConfig, base_path: str, tokenizer: Any, dtype: str
 def _logits(model: Any, inputs: list[list[int]]) -> list[Any]:
     import torch
 
-    with torch.no_grad():
-        return [model(input_ids=torch.tensor([ids])).logits[0].float() for ids in inputs]
+    with torch.no_grad():  # P-tuning / prompt tuning put logits of their virtual tokens in front
+        return [model(input_ids=torch.tensor([ids])).logits[0, -len(ids):].float() for ids in inputs]
 
 
 def compare_chat_template(exported_tok: Any, tokenizer: Any, template: Template,

@@ -33,6 +33,9 @@ def quiet_warnings() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     # 8-bit matmuls say this on every call: the cast is what 8-bit training means
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
+    # P-tuning / prompt tuning: said on every forward; Lathe refuses packing (which needs them)
+    warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient",
+                            category=UserWarning)
 
 
 def quiet_weight_loading() -> None:

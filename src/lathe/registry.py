@@ -37,6 +37,10 @@ class Registry(Generic[T]):
             )
         return self._items[name]
 
+    def values(self) -> list[T]:
+        """The items in the order they registered."""
+        return list(self._items.values())
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

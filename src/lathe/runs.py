@@ -94,9 +94,13 @@ def model_keys(folder: str) -> dict[str, object]:
         if not base:
             raise ConfigError(f"{folder} holds a LoRA adapter but names no base model; give "
                               "model_name_or_path=<base> adapter_name_or_path=" + folder)
-        earlier = list(recorded.get("adapter_name_or_path") or [])[:-1]  # the last one became this
+        earlier = list(recorded.get("adapter_name_or_path") or [])
+        if not recorded.get("create_new_adapter"):
+            earlier = earlier[:-1]  # the last one was trained further into this one
         return {"model_name_or_path": base, "adapter_name_or_path": [*earlier, str(folder)]}
     if (p / "config.json").is_file():
+        if (p / "adapter" / "adapter_config.json").is_file():  # an export that kept its adapter
+            return {"model_name_or_path": str(folder), "adapter_name_or_path": [str(p / "adapter")]}
         return {"model_name_or_path": str(folder)}
     raise ConfigError(f"{folder} is a folder but neither a model (config.json) nor a LoRA run "
                       "(adapter_config.json); pass a config file, an export or a run directory")

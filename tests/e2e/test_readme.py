@@ -114,4 +114,4 @@ def test_every_readme_command_runs(sandbox):
     chat = next(v for k, v in outputs.items() if "lathe chat examples/chat.yaml" in k)
     assert "Assistant:" in chat and "Generation: greedy" in chat
     lf = next(v for k, v in outputs.items() if "--from-llamafactory" in k)
-    assert "pissa_init" in lf and "issue 12" in lf
+    assert "export_quantization_bit" in lf and "issue 14" in lf

@@ -81,12 +81,12 @@ def test_translate():
     raw = {"mask_history": True, "disable_gradient_checkpointing": True, "tokenized_path": "x",
            "use_unsloth": False, "pissa_init": "false", "infer_backend": "huggingface", "seed": 1}
     out, notes = translate(raw, set(_FIELDS))
-    assert out == {"train_on_last_turn_only": True, "gradient_checkpointing": False, "seed": 1}
+    assert out == {"train_on_last_turn_only": True, "gradient_checkpointing": False, "seed": 1,
+                   "pissa_init": "false"}
     assert len(notes) == 1 and "tokenized_path" in notes[0]
     with pytest.raises(ConfigError, match=r"export_quantization_bit .*issue 14"):
         translate({"export_quantization_bit": 4}, set(_FIELDS))
-    with pytest.raises(ConfigError, match="pissa_init .*issue 12"):
-        translate({"pissa_init": "true"}, set(_FIELDS))
+    assert translate({"pissa_init": "true"}, set(_FIELDS))[0] == {"pissa_init": "true"}  # landed: same
     with pytest.raises(ConfigError, match="infer_backend: vllm"):
         translate({"infer_backend": "vllm"}, set(_FIELDS))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -502,7 +503,20 @@ def _offenders(package: str, forbidden: tuple[str, ...]) -> list[str]:
 def test_import_directions():
     assert _offenders("data", ("lathe.model", "lathe.recipes")) == []
     assert _offenders("model", ("lathe.data", "lathe.recipes")) == []
-    assert _offenders("config", ("lathe.data", "lathe.model", "lathe.recipes")) == []
+    # config's checks read the method declarations (lathe.model.methods: names, stages, keys),
+    # never the loader or anything that touches weights
+    config = [b for b in _offenders("config", ("lathe.data", "lathe.model", "lathe.recipes"))
+              if not b.split(" imports ")[1].startswith(("lathe.model.methods", "lathe.model import methods"))]
+    assert config == []
+
+
+def test_the_method_declarations_import_no_heavy_library():
+    """config's checks read them, so listing the methods must stay cheap."""
+    code = ("import sys; from lathe.model.methods import all_methods; all_methods(); "
+            "import lathe.config.checks; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_import_scanner_sees_relative_and_nested_imports(tmp_path, monkeypatch):

@@ -13,9 +13,13 @@ from lathe.model.methods import MODULES, all_methods, get_method
 
 def test_registry_and_schema_agree():
     names = set(typing.get_args(typing.get_type_hints(FinetuneConfig)["finetuning_type"]))
-    assert {m.name for m in all_methods()} == names == set(MODULES)
+    assert {m.name for m in all_methods()} == names
+    assert len(MODULES) == len(set(MODULES)) < len(names)  # prompt_learning registers three
     assert method_keys("lora")[:4] == ["lora_rank", "lora_alpha", "lora_dropout", "lora_target"]
     assert method_keys("full") == []
+    assert "lora_target" in method_keys("adalora") and "num_virtual_tokens" in method_keys("prompt")
+    for m in all_methods():  # an adapter method names the peft_type its adapter_config.json records
+        assert (m.peft_type is not None) == m.adapter
 
 
 def test_an_unknown_method_names_the_known_ones():

@@ -67,36 +67,121 @@ def stage_is_known(cfg: LatheConfig) -> None:
 
 def method_keys(method: str) -> list[str]:
     """The FinetuneConfig keys that belong to `method` (schema metadata)."""
-    return [f.name for f in dataclasses.fields(FinetuneConfig) if f.metadata.get("method") == method]
+    return [f.name for f in dataclasses.fields(FinetuneConfig) if method in f.metadata.get("methods", ())]
 
 
 @check(commands=EVERY)
 def method_keys_fit_the_method(cfg: LatheConfig) -> None:
     """A key of one finetuning_type set while another is chosen would be silently ignored."""
+    from lathe.model.methods import get_method
+
     ft: FinetuneConfig = cfg.finetune
     changed = _changed(ft, "")
-    others = sorted({f.metadata["method"] for f in dataclasses.fields(ft)
-                     if f.metadata.get("method") not in (None, ft.finetuning_type)})
-    for method in others:
-        keys = [k for k in method_keys(method) if k in changed]
-        if keys:
+    for f in dataclasses.fields(ft):
+        owners = f.metadata.get("methods")
+        if owners and ft.finetuning_type not in owners and f.name in changed:
+            keys = [k for k in changed if k in {g.name for g in dataclasses.fields(ft)
+                                                if g.metadata.get("methods") == owners}]
+            said = " or ".join(owners)
             raise ConfigError(
-                f"{', '.join(keys)} {_verb(keys)} only to finetuning_type: {method}, but finetuning_type "
-                f"is {ft.finetuning_type}; remove {_pronoun(keys)} or set finetuning_type: {method}"
+                f"{', '.join(keys)} {_verb(keys)} only to finetuning_type: {said}, but finetuning_type "
+                f"is {ft.finetuning_type}; remove {_pronoun(keys)} or set finetuning_type: {owners[0]}"
             )
-    if ft.finetuning_type != "lora" and cfg.model.adapter_name_or_path:
-        raise ConfigError(
-            "adapter_name_or_path needs finetuning_type: lora (to train on an exported "
-            "model, point model_name_or_path at the export instead)"
-        )
-    if ft.finetuning_type not in ("lora", "full", "freeze") and ft.stage in ("rm", "ppo"):
+    method = get_method(ft.finetuning_type)
+    if cfg.command == "train" and ft.stage not in method.stages:
         raise ConfigError(f"finetuning_type: {ft.finetuning_type} with stage {ft.stage} is not in Lathe "
-                          "yet (issue 12); use lora, freeze or full there")
+                          f"yet; it trains in stages {', '.join(method.stages)} (lora, freeze and full "
+                          "train everywhere)")
     if ft.finetuning_type == "freeze" and ft.freeze_trainable_layers == 0:
         raise ConfigError(
             "freeze_trainable_layers: 0 trains nothing; use N > 0 for the last N blocks "
             "or -N for the first N"
         )
+
+
+@check(commands=EVERY)
+def adapters_fit_the_method(cfg: LatheConfig) -> None:
+    """adapter_name_or_path: what each folder was trained with (its adapter_config.json) must
+    fit how it is used: merged into the base, trained further, or loaded to chat/eval/export."""
+    adapters = cfg.model.adapter_name_or_path or []
+    if not adapters:
+        if cfg.finetune.create_new_adapter:
+            raise ConfigError("create_new_adapter: true needs adapter_name_or_path (the adapters to merge "
+                              "before a fresh one is trained); set it or remove create_new_adapter")
+        return
+    from lathe.model.methods import get_method, method_of_adapter
+
+    ft = cfg.finetune
+    training = cfg.command == "train"
+    method = get_method(ft.finetuning_type)
+    if training and not method.adapter:
+        raise ConfigError(
+            f"adapter_name_or_path needs an adapter method, not finetuning_type: {ft.finetuning_type} "
+            "(to train a merged model in full, lathe export it and point model_name_or_path at the export)"
+        )
+    found = [(a, method_of_adapter(a)) for a in adapters]  # None: missing folders are reported at load
+    merged = found if training and ft.create_new_adapter else found[:-1]
+    for folder, m in merged:
+        if m is not None and not m.can_merge:
+            raise ConfigError(f"adapter_name_or_path {folder} is a {m.name} adapter, which cannot be merged "
+                              "into the base; it can only be the last adapter of adapter_name_or_path")
+    last, last_method = found[-1]
+    if training and not ft.create_new_adapter and last_method is not None and last_method is not method:
+        raise ConfigError(
+            f"adapter_name_or_path {last} holds a {last_method.name} adapter (its adapter_config.json), "
+            f"but finetuning_type is {ft.finetuning_type}; set finetuning_type: {last_method.name} to "
+            "train it further" + (", or create_new_adapter: true to merge it and train a fresh LoRA"
+                                  if last_method.can_merge and method.name == "lora" else "")
+        )
+    if training and not ft.create_new_adapter and last_method is not None and last_method.name == "adalora":
+        raise ConfigError(f"adapter_name_or_path {last} is an AdaLoRA adapter, whose rank schedule has ended; "
+                          "train a fresh LoRA on it (finetuning_type: lora, create_new_adapter: true)")
+
+
+@check(commands=EVERY)
+def lora_variants_fit(cfg: LatheConfig) -> None:
+    """PiSSA and LoRA+ where they work."""
+    ft = cfg.finetune
+    if ft.pissa_convert is not None and not ft.pissa_init:
+        raise ConfigError("pissa_convert applies only with pissa_init: true (it turns a PiSSA adapter into a "
+                          "plain LoRA); set pissa_init: true or remove pissa_convert")
+    if ft.pissa_init:
+        if ft.pissa_convert is False:
+            raise ConfigError("pissa_convert: false would keep an adapter that fits only PiSSA's residual "
+                              "base, which the run does not save; remove pissa_convert (Lathe converts it)")
+        if ft.stage not in ("pt", "sft"):
+            raise ConfigError(f"pissa_init with stage {ft.stage}: the reference or reward model would be "
+                              "PiSSA's residual base, not yours; use PiSSA in pt or sft")
+        if cfg.model.quantization_bit is not None:
+            raise ConfigError("pissa_init with quantization_bit: PiSSA takes its components from "
+                              "full-precision weights; remove one of them")
+        if ft.pissa_iter < -1 or ft.pissa_iter == 0:
+            raise ConfigError(f"pissa_iter={ft.pissa_iter}: use N >= 1 fast-SVD iterations, or -1 for the "
+                              "exact SVD")
+    if ft.loraplus_lr_ratio is not None:
+        if ft.loraplus_lr_ratio <= 0:
+            raise ConfigError(f"loraplus_lr_ratio={ft.loraplus_lr_ratio} must be positive (e.g. 16)")
+        if ft.stage == "ppo":
+            raise ConfigError("loraplus_lr_ratio with stage ppo: ppo builds its own optimizer; remove it")
+    if ft.adalora_target_r > ft.adalora_init_r or ft.adalora_target_r < 1:
+        raise ConfigError(f"adalora_target_r={ft.adalora_target_r} must be between 1 and adalora_init_r "
+                          f"({ft.adalora_init_r}): the budget only shrinks")
+    if ft.finetuning_type == "adalora" and cfg.command == "train" and cfg.train.max_steps > 0:
+        from lathe.model.methods.adalora import schedule
+
+        schedule(ft, cfg.train.max_steps)
+    if ft.num_virtual_tokens < 1:
+        raise ConfigError(f"num_virtual_tokens={ft.num_virtual_tokens} must be at least 1")
+
+
+@check
+def packing_fits_the_method(cfg: LatheConfig) -> None:
+    from lathe.model.methods import get_method
+
+    if cfg.data.packing and not get_method(cfg.finetune.finetuning_type).packs:
+        raise ConfigError(f"packing: true with finetuning_type: {cfg.finetune.finetuning_type}: peft drops "
+                          "the position ids that keep packed examples apart once virtual tokens are "
+                          "prepended; remove packing (or use lora)")
 
 
 @check(commands=EVERY)
@@ -403,7 +488,9 @@ def quantization_fits(cfg: LatheConfig) -> None:
     if cfg.command == "export":
         raise ConfigError("quantization_bit: lathe export merges the adapter into the full-precision "
                           "base (export_dtype picks its dtype); remove quantization_bit")
-    if cfg.command == "train" and cfg.finetune.finetuning_type != "lora":
+    from lathe.model.methods import get_method
+
+    if cfg.command == "train" and not get_method(cfg.finetune.finetuning_type).quantized_base:
         raise ConfigError(f"quantization_bit needs finetuning_type: lora (QLoRA trains an adapter on "
                           f"the frozen quantized base; {cfg.finetune.finetuning_type} would update the "
                           "quantized weights themselves)")

@@ -58,7 +58,6 @@ def _pure_bf16(value: Any) -> str:
 
 _VISION = "text models only: Lathe trains language models, with no image, video or audio inputs"
 _QLORA = "arrives with QLoRA (issue 12, quantized base + LoRA)"
-_PEFT = "arrives with the parameter-efficient methods (issue 12)"
 _SERVE = "Lathe serves with transformers (lathe chat; the OpenAI-compatible lathe api of issue 16)"
 _OPTIM = ("Lathe trains with LoRA, freeze or full tuning and any transformers optimizer "
           "(optim: adamw_torch, adafactor, galore_adamw with optim_target_modules, ...)")
@@ -207,20 +206,14 @@ KEYS: dict[str, Key] = {
             "ppo_target", "ppo_whiten_rewards", "ref_model", "reward_model", "early_stopping_steps",
             "plot_loss"),
     "additional_target": Key("finetuning", "same"),
-    "loraplus_lr_ratio": Key("finetuning", "later", "LoRA+ (a larger learning rate for B)", _PEFT, None),
-    "loraplus_lr_embedding": Key("finetuning", "later", "LoRA+ learning rate of embeddings", _PEFT, 1e-6),
+    **_same("finetuning", "loraplus_lr_ratio", "loraplus_lr_embedding", "pissa_init", "pissa_iter",
+            "pissa_convert", "create_new_adapter"),
     "use_rslora": Key("finetuning", "same"),
     "use_dora": Key("finetuning", "same"),
-    "pissa_init": Key("finetuning", "later", "PiSSA initialisation of LoRA", _PEFT, False),
-    "pissa_iter": Key("finetuning", "later", "PiSSA's fast SVD iterations", _PEFT, 16),
-    "pissa_convert": Key("finetuning", "later", "turn a PiSSA adapter into a plain LoRA", _PEFT, False),
-    "create_new_adapter": Key("finetuning", "later", "merge the given adapters and train a fresh "
-                              "one", _PEFT + "; today the last adapter in adapter_name_or_path is "
-                              "trained further", False),
-    "module_dropout": Key("finetuning", "no", "OFT dropout", "use LoRA (or IA3 with issue 12)", 0.0),
-    "oft_rank": Key("finetuning", "no", "OFT rank", "use LoRA (or IA3 with issue 12)", 0),
-    "oft_block_size": Key("finetuning", "no", "OFT block size", "use LoRA (or IA3 with issue 12)", 32),
-    "oft_target": Key("finetuning", "no", "OFT target modules", "use LoRA (or IA3 with issue 12)",
+    "module_dropout": Key("finetuning", "no", "OFT dropout", "use LoRA, IA3 or AdaLoRA", 0.0),
+    "oft_rank": Key("finetuning", "no", "OFT rank", "use LoRA, IA3 or AdaLoRA", 0),
+    "oft_block_size": Key("finetuning", "no", "OFT block size", "use LoRA, IA3 or AdaLoRA", 32),
+    "oft_target": Key("finetuning", "no", "OFT target modules", "use LoRA, IA3 or AdaLoRA",
                       "all"),
     "pref_bco_weight": Key("finetuning", "no", "a BCO term in the DPO loss", "pref_loss: sigmoid, "
                            "hinge, ipo, orpo or simpo", 0.0),

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-def _f(default: Any, help: str, method: str | None = None) -> Any:
-    """A field with a help text (`lathe keys`); `method`: the finetuning_type it belongs to
+def _f(default: Any, help: str, method: str | tuple[str, ...] | None = None) -> Any:
+    """A field with a help text (`lathe keys`); `method`: the finetuning_type(s) it belongs to
     (`lathe methods` lists it there, and a check refuses it with another method)."""
-    meta = {"help": help, **({"method": method} if method else {})}
+    methods = (method,) if isinstance(method, str) else method
+    meta = {"help": help, **({"methods": methods} if methods else {})}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -82,17 +83,20 @@ class DataConfig:
     dedup: bool = _f(False, "Cleaning: drop exact duplicate rows.")
 
 
+_LORA = ("lora", "adalora")  # AdaLoRA shares LoRA's target, alpha and dropout
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     stage: str = _f("sft", "Training stage: pt, sft, rm, dpo, kto or ppo.")
-    finetuning_type: Literal["lora", "full", "freeze", "ia3"] = _f(
+    finetuning_type: Literal["lora", "full", "freeze", "ia3", "prefix", "ptuning", "prompt", "adalora"] = _f(
         "lora", "What is trained (one module each in lathe.model.methods; `lathe methods` lists them)."
     )
     lora_rank: int = _f(8, "LoRA rank r.", method="lora")
-    lora_alpha: float | None = _f(None, "LoRA scaling alpha (default 2 x lora_rank).", method="lora")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA path.", method="lora")
+    lora_alpha: float | None = _f(None, "LoRA scaling alpha (default 2 x lora_rank).", method=_LORA)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA path.", method=_LORA)
     lora_target: list[str] = _f(
-        ["all"], "Modules that get LoRA: `all` (every linear layer but the head) or names.", method="lora"
+        ["all"], "Modules that get LoRA: `all` (every linear layer but the head) or names.", method=_LORA
     )
     use_dora: bool = _f(False, "LoRA: DoRA (weight-decomposed LoRA: a trained magnitude per output "
                         "feature beside the low-rank direction).", method="lora")
@@ -101,6 +105,49 @@ class FinetuneConfig:
     additional_target: list[str] | None = _f(
         None, "LoRA: modules trained in full beside the adapter and saved with it (e.g. "
         "embed_tokens,lm_head after adding tokens).", method="lora"
+    )
+    loraplus_lr_ratio: float | None = _f(
+        None, "LoRA+: the B matrices learn this many times faster than A (e.g. 16); its own "
+        "optimizer parameter groups.", method="lora"
+    )
+    loraplus_lr_embedding: float = _f(
+        1e-6, "LoRA+: learning rate of LoRA on embedding layers.", method="lora"
+    )
+    pissa_init: bool = _f(False, "LoRA: PiSSA initialisation (A and B from the principal singular "
+                          "vectors of each weight; the rest stays in the base).", method="lora")
+    pissa_iter: int = _f(16, "PiSSA: fast-SVD iterations (-1: exact SVD, slow on big layers).",
+                         method="lora")
+    pissa_convert: bool | None = _f(
+        None, "PiSSA: save the adapter converted to a plain LoRA of the original base (default "
+        "and only choice: the run does not keep PiSSA's residual base).", method="lora"
+    )
+    create_new_adapter: bool = _f(
+        False, "With adapter_name_or_path: merge all of them into the base and train a fresh "
+        "adapter (default: train the last one further).", method="lora"
+    )
+    adalora_init_r: int = _f(12, "AdaLoRA: starting rank of every layer.", method="adalora")
+    adalora_target_r: int = _f(8, "AdaLoRA: average rank the budget shrinks to.", method="adalora")
+    adalora_tinit: int | None = _f(None, "AdaLoRA: steps before ranks start to shrink (default: "
+                                   "10% of the steps).", method="adalora")
+    adalora_tfinal: int | None = _f(None, "AdaLoRA: last steps trained at the final ranks "
+                                    "(default: 20% of the steps).", method="adalora")
+    adalora_deltaT: int = _f(1, "AdaLoRA: steps between two budget reallocations.", method="adalora")
+    adalora_orth_reg_weight: float = _f(0.5, "AdaLoRA: weight of the orthogonality penalty on A "
+                                        "and B.", method="adalora")
+    num_virtual_tokens: int = _f(20, "Prefix / P-tuning / prompt tuning: how many virtual tokens "
+                                 "are learned.", method=("prefix", "ptuning", "prompt"))
+    prefix_projection: bool = _f(False, "Prefix tuning: learn the prefix through an MLP "
+                                 "(reparameterisation) instead of directly.", method="prefix")
+    encoder_hidden_size: int | None = _f(
+        None, "Prefix (with prefix_projection) / P-tuning: hidden size of the prompt encoder "
+        "(default: the model's hidden size).", method=("prefix", "ptuning")
+    )
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = _f(
+        "MLP", "P-tuning: the prompt encoder, MLP or LSTM.", method="ptuning"
+    )
+    prompt_tuning_init_text: str | None = _f(
+        None, "Prompt tuning: initialise the virtual tokens from this text's embeddings (repeated "
+        "to num_virtual_tokens); default: embeddings of random vocabulary tokens.", method="prompt"
     )
     ia3_target: list[str] = _f(
         ["auto"], "IA3: modules whose activations get a learned scale: auto (peft's choice for the "
@@ -232,6 +279,10 @@ class ExportConfig:
     export_legacy_format: bool = _f(False, "Write pytorch_model*.bin instead of safetensors.")
     export_hub_model_id: str | None = _f(None, "Also push the export to this hub repo (needs network).")
     export_verify: bool = _f(True, "Reload the export and check its logits and chat template.")
+    export_merge: bool | None = _f(
+        None, "Merge the last adapter into the weights (default: when its method can; prefix, "
+        "ptuning and prompt cannot). false writes the base with the adapter in adapter/ beside it."
+    )
 
 
 @dataclass(frozen=True)

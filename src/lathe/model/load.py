@@ -187,9 +187,10 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any) -> Any:
 
 # --- inference: a trained model as chat, eval, predict and export see it ------------------
 
-def load_for_inference(cfg: LatheConfig, merge: bool = True) -> tuple[Any, Any, str]:
+def load_for_inference(cfg: LatheConfig, merge: bool = True, merge_last: bool = True) -> tuple[Any, Any, str]:
     """Base model + the adapters of `adapter_name_or_path` (merged into the weights when
-    `merge`), in eval mode, with its tokenizer; also returns the resolved model path.
+    `merge` and their method can merge; the last one only when `merge_last` too), in eval
+    mode, with its tokenizer; also returns the resolved model path.
 
     An adapter that does not fit the base model is a ModelError naming the first
     tensor whose shape differs."""
@@ -203,9 +204,14 @@ def load_for_inference(cfg: LatheConfig, merge: bool = True) -> tuple[Any, Any, 
         if len(adapters) > 1:
             raise ModelError("quantization_bit with several adapters: merge them first with lathe export "
                              "(in full precision), then load the export with quantization_bit")
-    for adapter in adapters:
+    from lathe.model.methods import method_of_adapter
+
+    for i, adapter in enumerate(adapters):
         model = load_adapter(model, adapter, path)
-        if merge:
+        method = method_of_adapter(adapter)
+        last = i == len(adapters) - 1
+        if merge and (merge_last or not last) and (method is None or method.can_merge):
+            # prompt learning stays an adapter
             model = model.merge_and_unload()
     model.eval()
     return model, tokenizer, path
@@ -222,11 +228,11 @@ def load_adapter(model: Any, adapter: str, base_path: str, is_trainable: bool = 
     if not (folder / "adapter_config.json").is_file():
         if (folder / "config.json").is_file():
             raise ModelError(f"adapter_name_or_path {adapter} holds a full model (config.json, no "
-                             "adapter_config.json), not a LoRA adapter; set model_name_or_path to it "
+                             "adapter_config.json), not an adapter; set model_name_or_path to it "
                              "and remove adapter_name_or_path")
         what = "does not exist" if not folder.exists() else "has no adapter_config.json"
         raise ModelError(f"adapter_name_or_path {adapter} {what}; point it at a run's output_dir "
-                         "(or a checkpoint folder) trained with finetuning_type: lora")
+                         "(or a checkpoint folder) trained with an adapter method (lora, ia3, prefix, ...)")
     problem = weights_problem(folder)
     if problem:
         raise ModelError(f"adapter_name_or_path: {problem}; train or copy the adapter again")

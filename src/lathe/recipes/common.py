@@ -335,8 +335,13 @@ def install_callbacks(trainer: Any, cfg: LatheConfig, perplexity: bool = True) -
     from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from lathe.model.methods import get_method
+
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
+    method = get_method(cfg.finetune.finetuning_type)
+    if method.prepare_trainer is not None:  # its callbacks (before ours: they log), its optimizer groups
+        method.prepare_trainer(trainer, cfg)
     for cb in make_callbacks(cfg.train.output_dir, perplexity):
         trainer.add_callback(cb)
     if cfg.train.early_stopping_steps:
@@ -489,6 +494,13 @@ def run_eval(trainer: Any, perplexity: bool = True) -> dict[str, float]:
 def finish_run(trainer: Any, cfg: LatheConfig, tokenizer: Any, train_metrics: dict[str, Any],
                eval_metrics: dict[str, Any] | None) -> RunResult:
     """train/eval/all_results.json, trainer_state.json and the plots; the RunResult."""
+    from lathe.model.methods import get_method
+
+    method = get_method(cfg.finetune.finetuning_type)
+    if cfg.train.do_train and method.after_training is not None:
+        said = method.after_training(trainer, cfg)
+        if said:
+            log(f"Note: {said}")
     save_run_outputs(trainer, cfg, train_metrics, eval_metrics)
     if trainer.is_world_process_zero():
         if cfg.train.resume_from_checkpoint:

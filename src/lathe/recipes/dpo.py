@@ -82,10 +82,11 @@ def _reference_note(cfg: LatheConfig, use_reference: bool, ref_model: Any) -> st
         ref = "none (reference-free)"
     elif ref_model is not None:
         ref = f"a frozen copy of {a.ref_model or 'the starting model'}"
-    elif cfg.model.adapter_name_or_path:
+    elif cfg.model.adapter_name_or_path and not cfg.finetune.create_new_adapter:
         ref = "the continued adapter, frozen as 'ref'"
     else:
-        ref = "the base model (adapter disabled)"
+        merged = " with the given adapters merged" if cfg.model.adapter_name_or_path else ""
+        ref = f"the base model{merged} (adapter disabled)"
     return f"pref_loss {a.pref_loss}, beta {a.pref_beta}, pref_ftx {a.pref_ftx}; reference: {ref}"
 
 

@@ -145,10 +145,11 @@ def _reference(cfg: LatheConfig, policy: Any, model_path: str) -> tuple[Any | No
                 f"reference model {path}")
     if is_peft(policy):
         adapters = cfg.model.adapter_name_or_path or []
-        if adapters:
+        if adapters and not cfg.finetune.create_new_adapter:
             add_reference_adapter(policy, adapters[-1])
             return None, f"reference: the adapter {adapters[-1]} as loaded (frozen copy)"
-        return None, "reference: the base model (the new adapter disabled)"
+        merged = " with the given adapters merged" if adapters else ""
+        return None, f"reference: the base model{merged} (the new adapter disabled)"
     return (load_reference_model(model_path, pick_dtype(cfg), cfg.model.trust_remote_code),
             f"reference: a frozen copy of {model_path}")
 

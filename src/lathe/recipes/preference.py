@@ -43,7 +43,7 @@ def load_policy_and_reference(cfg: LatheConfig, model_path: str, tokenizer: Any,
         if len(tokenizer) > ref.get_input_embeddings().weight.shape[0]:
             ref.resize_token_embeddings(len(tokenizer))  # as load_model did for the policy
         return model, ref
-    if cfg.model.adapter_name_or_path:
+    if cfg.model.adapter_name_or_path and not cfg.finetune.create_new_adapter:
         add_reference_adapter(model, cfg.model.adapter_name_or_path[-1])
     return model, None
 
@@ -116,9 +116,10 @@ def make_trainer_class() -> type:
         # -- log-probs
         def logps(self, model: Any, batch: dict[str, Any], prefix: str = "") -> tuple[Any, Any]:
             """Summed log-probs of the labelled tokens and their count, per row."""
-            logits = model(input_ids=batch[f"{prefix}input_ids"],
-                           attention_mask=batch[f"{prefix}attention_mask"], use_cache=False).logits
-            return sequence_logps(logits, batch[f"{prefix}labels"])
+            ids = batch[f"{prefix}input_ids"]
+            logits = model(input_ids=ids, attention_mask=batch[f"{prefix}attention_mask"], use_cache=False).logits
+            # P-tuning and prompt tuning return logits for their virtual tokens too, in front
+            return sequence_logps(logits[:, -ids.shape[1]:], batch[f"{prefix}labels"])
 
         def reference_logps(self, model: Any, batch: dict[str, Any], prefix: str = "") -> tuple[Any, Any]:
             import torch

@@ -27,10 +27,17 @@ class Method:
     can_merge: bool  # lathe export merges the adapter into the base weights
     reference: str  # what dpo/kto/ppo compare against
     quantized_base: bool  # trains on a 4/8-bit base (QLoRA)
+    peft_type: str | None = None  # what its adapter_config.json says (an adapter method)
+    stages: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo")  # where it trains
+    packs: bool = True  # trains on packed batches (position ids restarting per example)
+    # what the Trainer needs beside the model: callbacks, optimizer parameter groups
+    prepare_trainer: Callable[[Any, Any], None] | None = None  # (trainer, LatheConfig)
+    # after the last save of a training run: returns a line for the user, or None
+    after_training: Callable[[Any, Any], str | None] | None = None  # (trainer, LatheConfig)
 
 
 METHODS: Registry[Method] = Registry("finetuning_type")
-MODULES = ("lora", "freeze", "full", "ia3")
+MODULES = ("lora", "freeze", "full", "ia3", "prompt_learning", "adalora")
 
 
 def register(method: Method) -> Method:
@@ -46,6 +53,39 @@ def get_method(name: str) -> Method:
 
 
 def all_methods() -> list[Method]:
+    """Every method, in the order their modules register them."""
     for module in MODULES:
         importlib.import_module(f"lathe.model.methods.{module}")
-    return [METHODS.get(n) for n in MODULES]
+    return METHODS.values()
+
+
+def method_of_adapter(folder: str) -> Method | None:
+    """The method that trained the adapter in `folder` (its adapter_config.json), if known."""
+    import json
+    from pathlib import Path
+
+    try:
+        peft_type = json.loads((Path(folder) / "adapter_config.json").read_text()).get("peft_type")
+    except (OSError, ValueError):
+        return None
+    return method_of_peft_type(peft_type)
+
+
+def method_of_peft_type(peft_type: str | None) -> Method | None:
+    return next((m for m in all_methods() if m.peft_type and m.peft_type == peft_type), None)
+
+
+def start_from_adapters(model: Any, model_cfg: Any, continue_last: bool = True) -> tuple[Any, bool]:
+    """The adapters of `adapter_name_or_path` on `model`: all but the last merged into the base
+    (all of them when not `continue_last`), the last one loaded trainable. Returns the model
+    and whether an adapter is being continued (then the method adds no new one)."""
+    from lathe.model.load import load_adapter  # one-line errors for a missing or misfit adapter
+
+    adapters = list(model_cfg.adapter_name_or_path or [])
+    keep = adapters[-1:] if continue_last else []
+    base = str(model_cfg.model_name_or_path)
+    for path in adapters[:len(adapters) - len(keep)]:
+        model = load_adapter(model, path, base).merge_and_unload()
+    if keep:
+        return load_adapter(model, keep[0], base, is_trainable=True), True
+    return model, False

@@ -8,7 +8,7 @@ from typing import Any
 
 from lathe.config.schema import FinetuneConfig, ModelConfig
 from lathe.errors import ConfigError, did_you_mean
-from lathe.model.methods import Method, register
+from lathe.model.methods import Method, register, start_from_adapters
 from lathe.model.methods.lora import linear_module_names
 
 
@@ -54,6 +54,9 @@ def ia3_modules(model: Any, ft: FinetuneConfig) -> tuple[list[str], list[str]]:
 def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig) -> Any:
     from peft import IA3Config, get_peft_model
 
+    model, continued = start_from_adapters(model, model_cfg)
+    if continued:
+        return model
     targets, feedforward = ia3_modules(model, ft)
     return get_peft_model(model, IA3Config(task_type="CAUSAL_LM", target_modules=targets,
                                            feedforward_modules=feedforward))
@@ -67,4 +70,6 @@ register(Method(
     can_merge=True,
     reference="the adapter switched off",
     quantized_base=False,
+    peft_type="IA3",
+    stages=("pt", "sft", "dpo", "kto"),
 ))
