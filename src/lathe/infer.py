@@ -31,6 +31,8 @@ def generate_replies(model: Any, tokenizer: Any, prompts: list[list[int]], gen: 
     import torch
     from tqdm.auto import tqdm
 
+    if batch_size > 1 and generation_one_at_a_time(model):
+        batch_size = 1
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)  # OOM early
     batches = [order[i:i + batch_size] for i in range(0, len(order), max(1, batch_size))]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
@@ -47,6 +49,13 @@ def generate_replies(model: Any, tokenizer: Any, prompts: list[list[int]], gen: 
             bar.update(len(batch))
     bar.close()
     return replies
+
+
+def generation_one_at_a_time(model: Any) -> str | None:
+    """Why `model` must generate row by row (peft cannot left-pad its virtual tokens), or None."""
+    from lathe.model.methods.prompt_learning import padded_generation_fails
+
+    return padded_generation_fails(model)
 
 
 def generation_kwargs(gen: GenerateConfig, stop_ids: list[int], pad_id: int) -> dict[str, Any]:

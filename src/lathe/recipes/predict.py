@@ -84,13 +84,16 @@ def predict_with_generate(model: Any, tokenizer: Any, template: Any, rows: Any,
                           cfg: LatheConfig) -> dict[str, float]:
     """Generate a reply for every row, score it, and write generated_predictions.jsonl."""
     from lathe.eval.metrics import generation_scores
-    from lathe.infer import cut_at_stop, generate_replies
+    from lathe.infer import cut_at_stop, generate_replies, generation_one_at_a_time
 
     stop_ids = template.stop_token_ids(tokenizer)
     pairs = [split_row(row["input_ids"], row["labels"]) for row in rows]
     rank, world = _rank_and_world()
     mine = list(range(rank, len(pairs), world))
-    log(f"Predict: generating {len(pairs)} replies (batch {cfg.train.per_device_eval_batch_size}, "
+    why = generation_one_at_a_time(model)
+    if why:
+        log(f"Note: generating one row at a time: peft cannot generate a left-padded batch here ({why})")
+    log(f"Predict: generating {len(pairs)} replies (batch {1 if why else cfg.train.per_device_eval_batch_size}, "
         f"max_new_tokens {cfg.generate.max_new_tokens}, "
         f"{'sampling' if cfg.generate.do_sample else 'greedy'})")
     was_training = model.training

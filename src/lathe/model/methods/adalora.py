@@ -58,9 +58,14 @@ def rank_budget(model: Any) -> int:
 
 
 def prepare_trainer(trainer: Any, cfg: Any) -> None:
+    import warnings
+
     from transformers import TrainerCallback
 
     ft = cfg.finetune
+    # a layer pruned to rank 0 is saved as a zero-sized tensor, which peft takes for an
+    # unsharded ZeRO-3 save; here it is what AdaLoRA decided
+    warnings.filterwarnings("ignore", message=r"Adapter '\w+': \d+ LoRA tensor\(s\) have invalid shape")
 
     class Reallocate(TrainerCallback):
         """peft's update_and_allocate after each optimizer step, while gradients are there."""

@@ -12,6 +12,11 @@ from lathe.model.methods import Method, register, start_from_adapters
 from lathe.model.methods.lora import linear_module_names
 
 
+# Architectures peft has no IA3 default for: the same choice as for Llama (keys, values and
+# the feed-forward output projection, whose input is scaled).
+EXTRA_DEFAULTS = {"glm": (["k_proj", "v_proj", "down_proj"], ["down_proj"])}
+
+
 def ia3_modules(model: Any, ft: FinetuneConfig) -> tuple[list[str], list[str]]:
     """(target_modules, feedforward_modules) for `model`, checked against its layers."""
     from peft.utils import (
@@ -22,6 +27,8 @@ def ia3_modules(model: Any, ft: FinetuneConfig) -> tuple[list[str], list[str]]:
     kind = getattr(model.config, "model_type", "")
     linear = linear_module_names(model)
     requested = [t.lower() if t.lower() in ("auto", "all") else t for t in ft.ia3_target]
+    if requested == ["auto"] and kind in EXTRA_DEFAULTS and ft.ia3_feedforward is None:
+        return EXTRA_DEFAULTS[kind]
     if requested == ["auto"]:
         if kind not in TARGETS:
             raise ConfigError(

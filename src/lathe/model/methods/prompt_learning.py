@@ -17,12 +17,34 @@ from __future__ import annotations
 from typing import Any
 
 from lathe.config.schema import FinetuneConfig, ModelConfig
-from lathe.errors import ConfigError
 from lathe.model.methods import Method, register, start_from_adapters
 
-# Architectures whose attention cache peft cannot prepend a prefix to (found by the
-# compatibility matrix, tests/unit/test_compat_matrix.py).
-NO_PREFIX = {"chatglm": "ChatGLM keeps its own cache layout"}
+# Generation of a left-padded batch is not safe with virtual tokens: peft puts them in front
+# of the padding, and the positions of a padded row shift (a row then generates other
+# tokens than alone; the compatibility matrix measured it on Llama, GPT-J, GPT-NeoX, GLM),
+# and on these pairs peft raises outright. So Lathe generates these adapters row by row.
+# tests/unit/test_compat_matrix.py keeps this table honest.
+PADDED_GENERATION_CRASHES = {
+    ("bloom", "prefix"): "Bloom's alibi mask leaves out the prefix",
+    ("bloom", "ptuning"): "Bloom's alibi mask leaves out the virtual tokens",
+    ("bloom", "prompt"): "Bloom's alibi mask leaves out the virtual tokens",
+    ("opt", "ptuning"): "OPT's positions leave out the virtual tokens",
+    ("opt", "prompt"): "OPT's positions leave out the virtual tokens",
+}
+_BY_PEFT_TYPE = {"PREFIX_TUNING": "prefix", "P_TUNING": "ptuning", "PROMPT_TUNING": "prompt"}
+
+
+def padded_generation_fails(model: Any) -> str | None:
+    """Why `model` must not generate a left-padded batch (a prompt-learning adapter), or None."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None:
+        return None
+    method = _BY_PEFT_TYPE.get(str(getattr(config.peft_type, "value", config.peft_type)))
+    if method is None:
+        return None
+    model_type = getattr(model.get_base_model().config, "model_type", "")
+    return PADDED_GENERATION_CRASHES.get(
+        (model_type, method), "the positions of a left-padded row shift behind the virtual tokens")
 
 
 def _config(model: Any, ft: FinetuneConfig, kind: str) -> Any:
@@ -30,10 +52,6 @@ def _config(model: Any, ft: FinetuneConfig, kind: str) -> Any:
 
     hidden = model.config.get_text_config().hidden_size
     if kind == "prefix":
-        model_type = getattr(model.config, "model_type", "")
-        if model_type in NO_PREFIX:
-            raise ConfigError(f"finetuning_type: prefix cannot run on {model_type} ({NO_PREFIX[model_type]}); "
-                              "use ptuning, prompt or lora")
         return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=ft.num_virtual_tokens,
                                   prefix_projection=ft.prefix_projection,
                                   encoder_hidden_size=ft.encoder_hidden_size or hidden)
