@@ -24,6 +24,7 @@ demo: install
 	$(BIN)/lathe demo
 
 test: install
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score a model on multiple-choice benchmarks (MMLU / C-Eval / CMMLU layout)",
                        description="Answer every question of a benchmark by comparing the logits of the "
                                    "choice letters; report accuracy per subject and category.")
-    e.add_argument("config", nargs="?", help="YAML with model_name_or_path (+ adapter_name_or_path), template, task, task_dir")
+    e.add_argument("config", nargs="?",
+                   help="YAML with model_name_or_path (+ adapter_name_or_path), template, task, task_dir")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 

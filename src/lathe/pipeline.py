@@ -22,12 +22,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lathe.config.load import build_config, parse_overrides, read_config_file
 from lathe.config.schema import LatheConfig
 from lathe.errors import ConfigError
 from lathe.runs import check_inputs, run_state
+
 
 @dataclass(frozen=True)
 class Stage:

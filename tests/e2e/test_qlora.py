@@ -43,7 +43,7 @@ def test_qlora_4bit_trains_and_reloads_with_plain_peft(args, tiny_model, tmp_pat
 
     result = lathe.train(args)
     losses = result.losses()
-    assert all(l == l for l in losses) and losses[-1] < losses[0]  # finite and falling
+    assert all(x == x for x in losses) and losses[-1] < losses[0]  # finite and falling
     model = result.model
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -68,7 +68,7 @@ def test_qlora_4bit_trains_and_reloads_with_plain_peft(args, tiny_model, tmp_pat
 
 def test_qlora_8bit_and_dpo_on_a_4bit_base(args, tmp_path):
     result = lathe.train({**args, "quantization_bit": 8, "max_steps": 4})
-    assert all(l == l for l in result.losses())
+    assert all(x == x for x in result.losses())
     d = write_pref_pairs(tmp_path / "pref")
     dpo = lathe.train({**args, "stage": "dpo", "dataset": "pairs", "dataset_dir": str(d), "max_steps": 3,
                        "output_dir": str(tmp_path / "dpo")})
@@ -103,6 +103,7 @@ def test_missing_bitsandbytes_says_how_to_install(args, monkeypatch):
     from lathe.errors import ConfigError
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ConfigError, match="pip install bitsandbytes"):
         load_config(args)

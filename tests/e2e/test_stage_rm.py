@@ -58,8 +58,9 @@ def sft_run(tiny_model, data_dir, tmp_path_factory) -> Path:
 
 
 def _tokenizer(path):
-    from lathe.model.load import fix_pad_token
     from transformers import AutoTokenizer
+
+    from lathe.model.load import fix_pad_token
 
     tok = AutoTokenizer.from_pretrained(path)
     fix_pad_token(tok)
@@ -117,9 +118,10 @@ def test_rm_lora_learns_the_preference_and_reloads(tmp_path, rm_args, tiny_model
 def test_rm_on_an_sft_adapter_reloads_to_identical_scores(tmp_path, rm_args, sft_run, tiny_model):
     """The sft adapter is merged into the backbone, a fresh LoRA + head train on top; the run
     directory rebuilds that exact model (within 1e-5), and the merge matters."""
+    from peft import PeftModel
+
     import lathe
     from lathe.model.reward import load_reward_backbone, load_reward_model, read_marker
-    from peft import PeftModel
 
     result = lathe.train({**rm_args, "adapter_name_or_path": str(sft_run), "max_steps": 6})
     run = Path(result.output_dir)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import as_overrides, run_cli, write_yaml
+from tests.conftest import run_cli, write_yaml
 
 
 def _losses(run: Path) -> list[float]:

@@ -103,7 +103,8 @@ def test_rslora_scales_by_the_square_root_of_the_rank():
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(8 / 4 ** 0.5)
     plain = _cfg(lora_rank=4, lora_alpha=8, lora_target="q_proj")
-    layer = apply_finetuning(_tiny("llama"), plain.finetune, plain.model).base_model.model.model.layers[0].self_attn.q_proj
+    tuned = apply_finetuning(_tiny("llama"), plain.finetune, plain.model)
+    layer = tuned.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(8 / 4)
 
 

@@ -33,7 +33,7 @@ ROWS = [  # question, A, B, C, D, answer
     ["Pick the vowel, please:\nwhich one?", "b", "c", "e", "d", "C"],  # a cell spanning two lines
     ["Which is largest?", "10", "20", "30", "40", "D"],
 ]
-DEV = [["Q dev %d?" % i, "w", "x", "y", "z", LETTERS[i % 4]] for i in range(5)]
+DEV = [[f"Q dev {i}?", "w", "x", "y", "z", LETTERS[i % 4]] for i in range(5)]
 
 
 def _write(path: Path, rows: list[list[str]], header: list[str] | None = None) -> Path:
@@ -140,7 +140,8 @@ def test_prompt_is_the_training_template_with_shots_as_turns(tokenizer):
                            "about world capitals.<|im_end|>")
     first, second = s.shots
     assert f"{first.question}\nA. {first.choices[0]}\nB. " in text
-    assert f"Answer:<|im_end|>\n<|im_start|>assistant\n{first.answer}<|im_end|>\n<|im_start|>user\n{second.question}" in text
+    assert (f"Answer:<|im_end|>\n<|im_start|>assistant\n{first.answer}<|im_end|>\n<|im_start|>user\n"
+            f"{second.question}") in text
     assert text.endswith("What is the capital of France?\nA. Lyon\nB. Paris\nC. Marseille\nD. Nice\n"
                          "Answer:<|im_end|>\n<|im_start|>assistant\n")
     assert text.index("Portugal") < text.index("Ireland") < text.index("France")  # dev order kept

@@ -7,8 +7,7 @@ import io
 
 import pytest
 
-from lathe.chat import (ChatSession, build_prompt, chat_loop, chat_once, choose_template,
-                        load_session, reply)
+from lathe.chat import ChatSession, build_prompt, chat_loop, chat_once, choose_template, load_session, reply
 from lathe.config.load import load_config
 from lathe.infer import generation_kwargs  # what chat generates with
 

@@ -29,7 +29,7 @@ RICH_TOKENS = ["<s>", "</s>", "<think>", "</think>", "<start_of_turn>", "<end_of
                "<|assistant|>", "<|system|>", "<|observation|>", "<|end|>", "[gMASK]", *LLAMA3_TOKENS]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer(kind: str):
     """plain: the demo's (no bos, eos <|im_end|>); rich: bos <s>, eos </s>, the families' tokens."""
     if kind == "plain":

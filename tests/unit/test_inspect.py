@@ -12,7 +12,6 @@ from lathe.data.inspect import RowLengths
 from lathe.data.processors import IGNORE_INDEX
 from lathe.data.templates import Template, get_template
 
-
 # --- statistics ------------------------------------------------------------------------
 
 def test_length_stats_of_known_values():

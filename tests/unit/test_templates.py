@@ -204,7 +204,7 @@ OBSERVATION_ROLE = {"chatml": "tool", "qwen": "tool", "qwen3": "tool", "qwen3_no
                     "llama3": "ipython", "chatglm3": "observation"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _family(family: str):
     specials, bos, eos = FAMILIES[family]
     tok = build_tokenizer(600, specials)

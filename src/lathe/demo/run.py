@@ -64,7 +64,8 @@ def run_demo(output_dir: str | None = None) -> Path:
     print(
         f"\nBefore fine-tuning: {before!r}"
         f"\nAfter fine-tuning:  {after!r}"
-        f"\nTrained in {time.time() - started:.0f} s; training loss {result.losses()[0]:.3f} -> {result.losses()[-1]:.3f}"
+        f"\nTrained in {time.time() - started:.0f} s; training loss {result.losses()[0]:.3f} -> "
+        f"{result.losses()[-1]:.3f}"
         f"\nAdapter:   {out}/adapter_model.safetensors"
         f"\nLoss plot: {out}/training_loss.png"
         f"\nExported:  {export_dir} (verified: {export_dir}/export_verification.json)"

@@ -17,6 +17,7 @@ from lathe.data.inspect import mark_trained
 from lathe.data.loader import load_stage_data
 from lathe.data.templates import check_against_tokenizer, get_template
 from lathe.model.load import fix_pad_token, load_tokenizer, resolve_model_path
+from lathe.quiet import datasets_bars_off
 from lathe.recipes.common import (
     RunResult,
     check_output_dir,
@@ -25,7 +26,6 @@ from lathe.recipes.common import (
     print_summary,
     read_rows,
 )
-from lathe.quiet import datasets_bars_off
 from lathe.recipes.losses import IGNORE_INDEX, kto_loss
 from lathe.recipes.preference import (
     Setup,

@@ -17,7 +17,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 # --- log-probabilities -------------------------------------------------------------------
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

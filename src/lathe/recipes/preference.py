@@ -23,7 +23,6 @@ from lathe.model.reference import (
 from lathe.recipes.common import RunResult, finish_run, ready_for_training, run_eval
 from lathe.recipes.losses import IGNORE_INDEX, sequence_logps
 
-
 # --- policy and reference ----------------------------------------------------------------
 
 def load_policy_and_reference(cfg: LatheConfig, model_path: str, tokenizer: Any,

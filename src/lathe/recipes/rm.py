@@ -24,8 +24,8 @@ from lathe.data.packing import PAD_MULTIPLE
 from lathe.data.templates import check_against_tokenizer, get_template
 from lathe.errors import ConfigError
 from lathe.model.adapters import apply_finetuning
-from lathe.model.methods.lora import apply_lora
 from lathe.model.load import fix_pad_token, load_tokenizer, pick_dtype, resolve_model_path
+from lathe.model.methods.lora import apply_lora
 from lathe.model.reward import (
     load_reward_backbone,
     merge_adapters,

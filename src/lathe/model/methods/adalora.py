@@ -50,7 +50,7 @@ def rank_budget(model: Any) -> int:
     import torch
 
     total = 0
-    for name, module in model.named_modules():
+    for module in model.modules():
         ranknum = getattr(module, "lora_E", None)
         if ranknum is not None and "default" in ranknum:
             total += int(torch.count_nonzero(ranknum["default"]).item())

@@ -42,7 +42,8 @@ def apply_freeze(model: Any, ft: FinetuneConfig) -> Any:
                     f"a block has: {', '.join(block_children)}"
                 )
     extra = ft.freeze_extra_modules or []
-    outside = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name and not name.startswith(prefix)})
+    outside = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
+                      if name and not name.startswith(prefix)})
     for m in extra:
         if m not in outside:
             raise ConfigError(

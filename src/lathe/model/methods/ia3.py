@@ -11,7 +11,6 @@ from lathe.errors import ConfigError, did_you_mean
 from lathe.model.methods import Method, register, start_from_adapters
 from lathe.model.methods.lora import linear_module_names
 
-
 # Architectures peft has no IA3 default for: the same choice as for Llama (keys, values and
 # the feed-forward output projection, whose input is scaled).
 EXTRA_DEFAULTS = {"glm": (["k_proj", "v_proj", "down_proj"], ["down_proj"])}
@@ -21,6 +20,8 @@ def ia3_modules(model: Any, ft: FinetuneConfig) -> tuple[list[str], list[str]]:
     """(target_modules, feedforward_modules) for `model`, checked against its layers."""
     from peft.utils import (
         TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+    )
+    from peft.utils import (
         TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
     )
 
