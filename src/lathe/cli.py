@@ -338,6 +338,8 @@ def print_methods() -> None:
         print(f"  run dir      {saved}")
         print(f"  dpo/kto/ppo  reference: {m.reference}")
         print(f"  QLoRA        {'trains on a 4/8-bit base (quantization_bit)' if m.quantized_base else 'no'}")
+        print(f"  stages       {', '.join(m.stages)}" + ("" if m.packs else "; no packing (peft drops the "
+                                                           "position ids of packed rows)"))
         for key in method_keys(m.name):
             f = fields[key]
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -298,6 +298,7 @@ def verify_export(cfg: LatheConfig, folder: Path, tokenizer: Any, template: Temp
     convs = [_conversation(system, turns) for system, turns in VERIFY_CHATS]
     inputs = [[t for p, r in template.encode_turns(c, tokenizer) for t in p + r] for c in convs]
     logits = compare_logits(cfg, folder, base_path, tokenizer, dtype, inputs)
+    quantized = compare_with_quantized_base(cfg, folder, base_path, tokenizer, inputs)
     exported_tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.model.trust_remote_code)
     checks, mismatch = compare_chat_template(exported_tok, tokenizer, template, convs)
     eos = _exported_eos(folder)
@@ -305,6 +306,10 @@ def verify_export(cfg: LatheConfig, folder: Path, tokenizer: Any, template: Temp
     if not logits["max_abs_logit_diff"] <= logits["bound"]:  # `not <=` also catches nan
         problems.append(f"logits differ from base + adapters by {logits['max_abs_logit_diff']:.3g} "
                         f"(bound {logits['bound']:.3g} in {dtype})")
+    if quantized is not None and not quantized["passed"]:
+        problems.append(f"logits differ from the {quantized['bits']}-bit base + adapter it was trained on by "
+                        f"{quantized['max_abs_logit_diff']:.3g}, more than {NOISE_FACTOR:g}x what the "
+                        f"quantization itself moves them ({quantized['quantization_effect']:.3g})")
     if mismatch:
         problems.append(mismatch)
     eos_ok = eos == stop_ids or not stop_ids  # no stop tokens at all: the base's eos is left as it was
@@ -313,7 +318,7 @@ def verify_export(cfg: LatheConfig, folder: Path, tokenizer: Any, template: Temp
     return {"passed": not problems, **logits, "dtype": dtype, "template": template.name,
             "chat_template_matches": mismatch is None, "chat_template_checks": checks,
             "mismatch": mismatch, "eos_token_ids": eos, "stop_token_ids": stop_ids,
-            "eos_matches": eos_ok, "problems": problems}
+            "eos_matches": eos_ok, "quantized_base": quantized, "problems": problems}
 
 
 def _conversation(system: str | None, turns: tuple[tuple[str, str], ...]) -> Conversation:
@@ -352,6 +357,48 @@ def compare_logits(cfg: LatheConfig, folder: Path, base_path: str, tokenizer: An
     scale = max(float(t.abs().max()) for t in theirs)
     return {"max_abs_logit_diff": diff, "bound": logit_bound(dtype, scale, noise), "max_abs_logit": scale,
             "dtype_noise": noise, "last_adapter_effect": effect, "prompts": len(inputs)}
+
+
+def compare_with_quantized_base(cfg: LatheConfig, folder: Path, base_path: str, tokenizer: Any,
+                                inputs: list[list[int]]) -> dict[str, Any] | None:
+    """A QLoRA adapter was trained on a 4/8-bit base but is merged into the full-precision one:
+    the export is also compared with the quantized base + adapter it was trained as. They
+    differ by what quantization moves the logits (measured here as |quantized base - base|);
+    the export passes when it is within NOISE_FACTOR x that. None when no adapter was
+    trained on a quantized base."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    from lathe.model.load import load_adapter, load_model
+    from lathe.runs import read_run_config
+
+    adapters = cfg.model.adapter_name_or_path or []
+    trained = read_run_config(adapters[-1]) if adapters else {}
+    bits = trained.get("quantization_bit")
+    if not bits:
+        return None
+    log(f"Verifying against the {bits}-bit base the adapter was trained on")
+    keys = {k: trained[k] for k in ("quantization_bit", "quantization_type", "double_quantization") if k in trained}
+    quant_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, torch_dtype="float32", **keys))
+    quantized = load_model(quant_cfg, base_path, tokenizer).eval()
+    quantized_base = _logits(quantized, inputs)
+    for i, adapter in enumerate(adapters):
+        quantized = load_adapter(quantized, adapter, base_path)
+        if i < len(adapters) - 1:
+            raise ModelError("several adapters on a quantized base: merge them first, in full precision")
+    as_trained = _logits(quantized.eval(), inputs)
+    del quantized
+    gc.collect()
+    exported = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=cfg.model.trust_remote_code)
+    ours = _logits(exported.eval(), inputs)
+    del exported
+    full = load_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, torch_dtype="float32")),
+                      base_path, tokenizer).eval()
+    effect = _max_diff(quantized_base, _logits(full, inputs))
+    diff = _max_diff(ours, as_trained)
+    return {"bits": bits, "max_abs_logit_diff": diff, "quantization_effect": effect,
+            "bound": NOISE_FACTOR * effect, "passed": diff <= NOISE_FACTOR * effect}
 
 
 def _max_diff(a: list[Any], b: list[Any]) -> float:
@@ -442,6 +489,11 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     if effect is not None and effect <= report["bound"]:
         log("  note: the adapter changes the logits by less than the bound, so this check cannot tell "
             "the merged model from the base model")
+    q = report.get("quantized_base")
+    if q is not None:
+        log(f"  against the {q['bits']}-bit base + adapter it was trained as: {q['max_abs_logit_diff']:.3g} "
+            f"(bound {q['bound']:.3g}: {NOISE_FACTOR:g}x what {q['bits']}-bit quantization moves the base's "
+            f"logits, {q['quantization_effect']:.3g})")
     log(f"  chat template ({report['template']}): "
         + ("renders the same token ids" if report["chat_template_matches"] else report["mismatch"])
         + f" ({report['chat_template_checks']} renderings)")

@@ -204,3 +204,26 @@ def test_bad_method_keys_are_one_line(keys, message, args):
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config({**args, **keys})
+
+
+@pytest.mark.parametrize("method", ["prefix", "ia3"])
+def test_resume_continues_exactly(method, args, tmp_path):
+    """Stopped after checkpoint-3 and resumed, the run ends with the adapter of the run that
+    never stopped."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    keys = {"finetuning_type": method, "max_steps": 6, "save_steps": 3, "max_samples": 32,
+            **({"num_virtual_tokens": 4} if method == "prefix" else {})}
+    lathe.train({**args, **keys, "output_dir": str(tmp_path / "whole")})
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-3", stopped / "checkpoint-3")
+    lathe.train({**args, **keys, "output_dir": str(stopped), "resume_from_checkpoint": True,
+                 "overwrite_output_dir": False})
+    whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    resumed = load_file(stopped / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6)

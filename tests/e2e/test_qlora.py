@@ -62,7 +62,12 @@ def test_qlora_4bit_trains_and_reloads_with_plain_peft(args, tiny_model, tmp_pat
     out = tmp_path / "export"
     proc = run_cli("export", args["output_dir"], f"export_dir={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((out / "export_verification.json").read_text())["passed"]
+    report = json.loads((out / "export_verification.json").read_text())
+    assert report["passed"]
+    # and against the 4-bit base + adapter it was trained as, within what 4 bits move the logits
+    q = report["quantized_base"]
+    assert q["bits"] == 4 and 0 < q["quantization_effect"] and q["max_abs_logit_diff"] <= q["bound"]
+    assert "against the 4-bit base" in proc.stdout
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
 

@@ -190,9 +190,9 @@ def test_kto_kl_term_equals_the_in_batch_estimate(args):
     (row i's prompt + row i+1's reply, cyclic) give the reference point the in-batch
     pairing gives; computed here by hand from the batch's own rows."""
     from lathe.config.load import load_config
+    from lathe.data.collators import pad_rows
     from lathe.recipes import kto
     from lathe.recipes.losses import IGNORE_INDEX, sequence_logps
-    from lathe.recipes.preference import pad_rows
 
     cfg = load_config({**args, "stage": "kto", "dataset": "kto_rows", "max_samples": 12,
                        "per_device_train_batch_size": 12})

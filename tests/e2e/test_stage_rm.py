@@ -70,9 +70,9 @@ def _tokenizer(path):
 def _train_pairs(run: Path, tokenizer) -> dict:
     """The run's own training pairs (the data layer's cache), as one padded batch."""
     from lathe.config import load_config
+    from lathe.data.collators import PairwiseCollator
     from lathe.data.loader import load_stage_data
     from lathe.data.templates import get_template
-    from lathe.recipes.rm import PairwiseCollator
 
     cfg = load_config(str(run / "config.yaml"))
     data = load_stage_data("rm", cfg.data, tokenizer, get_template(cfg.data.template), seed=cfg.train.seed)

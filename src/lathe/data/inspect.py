@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lathe.data.collators import PAD_MULTIPLE
 from lathe.data.conversation import RESPONSE_ROLES
-from lathe.data.packing import PAD_MULTIPLE, first_fit_decreasing, padding_fraction
+from lathe.data.packing import first_fit_decreasing, padding_fraction
 from lathe.data.processors import IGNORE_INDEX
 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"

@@ -24,6 +24,7 @@ from typing import Any
 from lathe.config.schema import DataConfig
 from lathe.data.formats import STAGE_KIND, convert
 from lathe.data.processors import (
+    IGNORE_INDEX,
     make_kto_preprocess,
     make_pairwise_preprocess,
     make_prompt_preprocess,
@@ -313,7 +314,7 @@ def _count(train: Any, ev: Any | None, stats: DataStats) -> None:
     for p in prefixes:
         stats.train_tokens += sum(len(x) for x in train[f"{p}input_ids"])
         if f"{p}labels" in train.column_names:
-            stats.trained_tokens += sum(sum(1 for t in lab if t != -100) for lab in train[f"{p}labels"])
+            stats.trained_tokens += sum(sum(1 for t in lab if t != IGNORE_INDEX) for lab in train[f"{p}labels"])
 
 
 def _load_streaming(data: DataConfig, preprocess: Callable, kind: str, seed: int) -> SplitData:

@@ -23,11 +23,9 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any
 
+from lathe.data.collators import PAD_MULTIPLE
 from lathe.data.processors import IGNORE_INDEX
 from lathe.errors import ConfigError
-
-PAD_MULTIPLE = 8  # the unpacked collator pads to a multiple of 8 too
-
 
 # --- putting examples into rows ---------------------------------------------------------
 

@@ -436,23 +436,52 @@ def ready_for_training(model: Any, cfg: LatheConfig) -> Any:
     return model
 
 
-def open_run(cfg: LatheConfig, has_eval: bool, resuming: bool, **stage_overrides: Any) -> Any:
-    """TrainingArguments, then the run directory (rank 0); every rank waits for it."""
-    args = build_training_args(cfg, has_eval=has_eval, **stage_overrides)
-    prepare_output_dir(cfg, resuming=resuming)
-    if args.distributed_state is not None:
-        args.distributed_state.wait_for_everyone()
-    return args
+@dataclass
+class Opening:
+    """What every stage starts from (`open_stage`)."""
+
+    template: Any
+    resume_from: str | None  # the checkpoint to resume, if any
+    model_path: str  # model_name_or_path, resolved to a folder
+    tokenizer: Any
+    data: Any  # the stage's tokenized splits (SplitData)
+    notes: list[str]  # lines for the run summary
+    args: Any  # TrainingArguments (None for a stage with its own loop)
 
 
-def lm_collator(tokenizer: Any) -> Any:
-    """Pads input_ids/attention_mask with the pad token and labels with -100 (not trained)."""
-    from transformers import DataCollatorForSeq2Seq
+def open_stage(cfg: LatheConfig, *, check_template: bool = True, training_args: bool = True) -> Opening:
+    """The opening every stage shares, in the one order its rules need: the cheap checks (the
+    template name, the output folder, the model path, every row) before the slow imports; the
+    seed before anything random is made (adapters, heads); the data; then TrainingArguments,
+    before the model is loaded (DeepSpeed ZeRO-3 shards a model at load time only when they
+    exist). Nothing is written yet: the run directory is made by `start_run`, after the model
+    loaded, so a model that fails to load leaves no folder behind."""
+    from lathe.data.loader import load_stage_data
+    from lathe.data.templates import check_against_tokenizer, get_template
+    from lathe.model.load import fix_pad_token, load_tokenizer, resolve_model_path
 
-    from lathe.data.packing import PAD_MULTIPLE
+    template = get_template(cfg.data.template)
+    resume_from = check_output_dir(cfg)
+    model_path = resolve_model_path(cfg.model.model_name_or_path)
+    conversations = read_rows(cfg)  # bad rows are reported before the slow imports
 
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
-                                  pad_to_multiple_of=PAD_MULTIPLE)
+    from transformers import set_seed  # slow: after the cheap checks
+
+    set_seed(cfg.train.seed)  # before adapters and heads are created: their init is random too
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    # the tokenizer's own chat_template disagreeing with `template` means serving will differ
+    notes = [fix_pad_token(tokenizer), check_against_tokenizer(template, tokenizer) if check_template else None]
+    data = load_stage_data(cfg.finetune.stage, cfg.data, tokenizer, template, seed=cfg.train.seed,
+                           conversations=conversations)
+    args = build_training_args(cfg, has_eval=data.eval is not None) if training_args else None
+    return Opening(template, resume_from, model_path, tokenizer, data, [n for n in notes if n], args)
+
+
+def start_run(cfg: LatheConfig, opening: Opening) -> None:
+    """The run directory (rank 0: emptied when overwriting, config.yaml saved); every rank waits."""
+    prepare_output_dir(cfg, resuming=opening.resume_from is not None)
+    if opening.args is not None and opening.args.distributed_state is not None:
+        opening.args.distributed_state.wait_for_everyone()
 
 
 def lm_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any = None,
@@ -462,8 +491,10 @@ def lm_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any
     (num_items_in_batch), so gradient accumulation equals one big batch."""
     from transformers import Trainer
 
+    from lathe.data.collators import LMCollator
+
     return Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
-                   processing_class=tokenizer, data_collator=collator or lm_collator(tokenizer))
+                   processing_class=tokenizer, data_collator=collator or LMCollator(tokenizer.pad_token_id))
 
 
 def final_eval(trainer: Any) -> dict[str, float] | None:

@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-IGNORE_INDEX = -100
+from lathe.data.processors import IGNORE_INDEX
+
 REFERENCE_FREE = ("orpo", "simpo")
 LENGTH_NORMALISED = ("ipo", "orpo", "simpo")
 

@@ -32,41 +32,29 @@ from typing import Any
 
 from lathe.config.schema import LatheConfig
 from lathe.data.inspect import mark_trained
-from lathe.data.loader import load_conversations, load_stage_data, stage_kind
 from lathe.data.processors import IGNORE_INDEX
-from lathe.data.templates import check_against_tokenizer, get_template
 from lathe.errors import ConfigError
 from lathe.files import respect_umask
 from lathe.infer import left_pad, set_stop_tokens
 from lathe.model.adapters import apply_finetuning
-from lathe.model.load import fix_pad_token, load_model, load_tokenizer, pick_dtype, resolve_model_path
+from lathe.model.load import load_model, pick_dtype, resolve_model_path
 from lathe.model.reward import read_marker
-from lathe.recipes.common import RunResult, check_output_dir, log, prepare_output_dir, print_summary
+from lathe.recipes.common import RunResult, log, open_stage, print_summary, start_run
 
 
 def run(cfg: LatheConfig) -> RunResult:
     _check_supported(cfg)
-    template = get_template(cfg.data.template)
-    check_output_dir(cfg)
-    model_path = resolve_model_path(cfg.model.model_name_or_path)
-    conversations = load_conversations(cfg.data, stage_kind("ppo"))  # bad rows: before slow imports
     rm_info = read_marker(cfg.align.reward_model)  # not a reward model: one line, now
-
-    import torch
-    from transformers import set_seed
-
-    from lathe.model.reward import load_reward_model
-    from lathe.model.value_head import VALUE_HEAD_FILE, PolicyWithValueHead, disable_dropout
-
-    set_seed(cfg.train.seed)  # before adapters and the value head exist: their init is random too
-
-    tokenizer = load_tokenizer(cfg.model, model_path)
-    notes = [n for n in [fix_pad_token(tokenizer), check_against_tokenizer(template, tokenizer)] if n]
+    o = open_stage(cfg, training_args=False)  # ppo runs its own loop
+    tokenizer, data, notes, model_path, template = o.tokenizer, o.data, o.notes, o.model_path, o.template
     if rm_info.get("template") not in (None, cfg.data.template):
         notes.append(f"the reward model was trained with template {rm_info['template']}, "
                      f"this run renders prompts with {cfg.data.template}")
-    data = load_stage_data("ppo", cfg.data, tokenizer, template, seed=cfg.train.seed,
-                           conversations=conversations)
+
+    import torch
+
+    from lathe.model.reward import load_reward_model
+    from lathe.model.value_head import VALUE_HEAD_FILE, PolicyWithValueHead, disable_dropout
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = apply_finetuning(load_model(cfg, model_path, tokenizer), cfg.finetune, cfg.model)
@@ -93,7 +81,7 @@ def run(cfg: LatheConfig) -> RunResult:
     notes.append(plan.describe())
     notes.append(f"reward model {cfg.align.reward_model}")
 
-    prepare_output_dir(cfg, resuming=False)
+    start_run(cfg, o)
     example = data.train[0]["input_ids"]
     print_summary(cfg, model, model_path, data,
                   mark_trained(example, [IGNORE_INDEX] * len(example), tokenizer, color=False), notes,

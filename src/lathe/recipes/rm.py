@@ -12,19 +12,16 @@ pairs of the whole accumulated batch. The run directory holds the weights and
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from pathlib import Path
 from typing import Any
 
 from lathe.config.schema import LatheConfig
+from lathe.data.collators import PairwiseCollator
 from lathe.data.inspect import mark_trained
-from lathe.data.loader import load_stage_data
-from lathe.data.packing import PAD_MULTIPLE
-from lathe.data.templates import check_against_tokenizer, get_template
 from lathe.errors import ConfigError
 from lathe.model.adapters import apply_finetuning
-from lathe.model.load import fix_pad_token, load_tokenizer, pick_dtype, resolve_model_path
+from lathe.model.load import pick_dtype
 from lathe.model.methods.lora import apply_lora
 from lathe.model.reward import (
     load_reward_backbone,
@@ -35,15 +32,14 @@ from lathe.model.reward import (
 )
 from lathe.recipes.common import (
     RunResult,
-    check_output_dir,
     finish_run,
     install_callbacks,
     log,
-    open_run,
+    open_stage,
     print_summary,
-    read_rows,
     ready_for_training,
     run_eval,
+    start_run,
 )
 
 TRAIN_METRIC_PAIRS = 1024  # training pairs re-scored at the end for train_pair_accuracy
@@ -56,38 +52,28 @@ def run(cfg: LatheConfig) -> RunResult:
     if cfg.data.packing:
         raise ConfigError("packing applies to stage sft; stage rm scores whole chosen/rejected "
                           "sequences, so remove packing")
-    template = get_template(cfg.data.template)
-    resume_from = check_output_dir(cfg)
-    model_path = resolve_model_path(cfg.model.model_name_or_path)
-    conversations = read_rows(cfg)  # non-preference data fails here, in one line
-
-    from transformers import set_seed  # slow: after cheap checks
-
-    set_seed(cfg.train.seed)  # before the head and adapters are created: their init is random
-    tokenizer = load_tokenizer(cfg.model, model_path)
-    notes = [n for n in [fix_pad_token(tokenizer), check_against_tokenizer(template, tokenizer)] if n]
-    data = load_stage_data("rm", cfg.data, tokenizer, template, seed=cfg.train.seed,
-                           conversations=conversations)
+    o = open_stage(cfg)  # non-preference data fails here, in one line
+    tokenizer, data, notes = o.tokenizer, o.data, o.notes
     example = next(iter(data.train))
 
-    model, merged = build_model(cfg, model_path, tokenizer)
+    model, merged = build_model(cfg, o.model_path, tokenizer)
     if merged:
         notes.append(f"merged into the backbone before training: {', '.join(merged)}")
 
-    args = open_run(cfg, has_eval=data.eval is not None, resuming=resume_from is not None)
-    print_summary(cfg, model, model_path, data, _show_pair(example, tokenizer), notes,
+    start_run(cfg, o)
+    print_summary(cfg, model, o.model_path, data, _show_pair(example, tokenizer), notes,
                   example_caption="chosen, then rejected; each is scored at its last token")
 
-    trainer = build_trainer(model, args, tokenizer, data.train, data.eval)
+    trainer = build_trainer(model, o.args, tokenizer, data.train, data.eval)
     install_callbacks(trainer, cfg, perplexity=False)
 
     train_metrics: dict[str, Any] = {}
     if cfg.train.do_train:
-        train_metrics = dict(trainer.train(resume_from_checkpoint=resume_from).metrics)
+        train_metrics = dict(trainer.train(resume_from_checkpoint=o.resume_from).metrics)
         train_metrics.update(train_pair_metrics(trainer, data.train))
         trainer.save_model()
         if trainer.is_world_process_zero():
-            write_marker(cfg.train.output_dir, _portable(model_path), cfg.finetune.finetuning_type,
+            write_marker(cfg.train.output_dir, _portable(o.model_path), cfg.finetune.finetuning_type,
                          merged, cfg.data.template)
     eval_metrics = run_eval(trainer, perplexity=False) if data.eval is not None else None
     return finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
@@ -142,28 +128,6 @@ def pair_metrics(chosen: Any, rejected: Any) -> dict[str, float]:
 
 # --- batching and the trainer -----------------------------------------------------------------
 
-@dataclasses.dataclass
-class PairwiseCollator:
-    """Chosen rows, then rejected rows, in one right-padded batch, so one forward scores both
-    (the score is read at the last token with attention_mask 1, whatever the pad id)."""
-
-    pad_token_id: int
-    pad_to_multiple_of: int = PAD_MULTIPLE
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        seqs = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
-        m = self.pad_to_multiple_of
-        length = -(-max(map(len, seqs)) // m) * m
-        input_ids = torch.full((len(seqs), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            input_ids[i, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-            attention_mask[i, :len(seq)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
 def pair_rewards(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     """(r_chosen, r_rejected) for a batch made by PairwiseCollator."""
     scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
@@ -172,7 +136,9 @@ def pair_rewards(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def build_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any = None) -> Any:
-    return _trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
+    from lathe.recipes.trainers import PairwiseTrainer
+
+    return PairwiseTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
                             processing_class=tokenizer,
                             data_collator=PairwiseCollator(tokenizer.pad_token_id),
                             compute_metrics=_eval_metrics)
@@ -183,43 +149,6 @@ def _eval_metrics(prediction: Any) -> dict[str, float]:
 
     rewards = torch.as_tensor(prediction.predictions)  # (pairs, 2): chosen, rejected
     return pair_metrics(rewards[:, 0], rewards[:, 1])
-
-
-@functools.cache
-def _trainer_class() -> type:
-    import torch
-    from transformers import Trainer
-
-    class PairwiseTrainer(Trainer):
-        """The pairwise loss, averaged over every pair of the accumulated batch: the Trainer
-        counts the pairs of all its micro-batches (get_batch_samples) and each micro-batch
-        contributes sum(loss) / pairs, so accumulation equals one large batch even when the
-        last micro-batch is smaller."""
-
-        loss_is_scaled_for_ga = True
-
-        def get_batch_samples(self, epoch_iterator, num_batches, device):
-            batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-            pairs = torch.tensor(sum(b["input_ids"].shape[0] // 2 for b in batches), device=device)
-            return batches, pairs
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            chosen, rejected = pair_rewards(model, inputs)
-            losses = pairwise_loss(chosen, rejected)
-            loss = losses.mean() if num_items_in_batch is None else losses.sum() / num_items_in_batch
-            return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                chosen, rejected = pair_rewards(model, inputs)
-                loss = pairwise_loss(chosen, rejected).mean().detach()
-            if prediction_loss_only:
-                return loss, None, None
-            # labels are a placeholder: the Trainer only calls compute_metrics when there are some
-            return loss, torch.stack([chosen, rejected], -1).detach(), torch.zeros_like(chosen)
-
-    return PairwiseTrainer
 
 
 def train_pair_metrics(trainer: Any, train: Any) -> dict[str, float]:

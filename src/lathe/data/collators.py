@@ -1,0 +1,91 @@
+"""Tokenized rows -> batches, for every stage, through one right-padding helper.
+
+Rows are padded on the RIGHT to a multiple of PAD_MULTIPLE: ids with the pad token, labels
+with IGNORE_INDEX (not trained), attention_mask 1 over the real tokens. Stages that score
+two sequences per example (dpo, rm) or a row and its KL row (kto) put both in one block, so
+one forward pass covers them. (Packing has its own collator in packing.py; generation pads
+on the left, in lathe.infer.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lathe.data.processors import IGNORE_INDEX
+
+PAD_MULTIPLE = 8  # tensor shapes that repeat: fewer kernel variants, tidier memory
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int,
+             multiple: int = PAD_MULTIPLE) -> dict[str, Any]:
+    """(ids, labels) rows -> right-padded input_ids, attention_mask, labels tensors."""
+    import torch
+
+    longest = max(len(ids) for ids, _ in rows)
+    width = -(-longest // multiple) * multiple
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        labels[i, :len(lab)] = torch.as_tensor(lab, dtype=torch.long)
+        mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+@dataclass
+class LMCollator:
+    """pt and sft: each row's ids and labels."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        return pad_rows([(f["input_ids"], f["labels"]) for f in features], self.pad_id)
+
+
+@dataclass
+class PairCollator:
+    """dpo: chosen rows first, then rejected rows, right-padded together."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [(f["chosen_input_ids"], f["chosen_labels"]) for f in features]
+        rows += [(f["rejected_input_ids"], f["rejected_labels"]) for f in features]
+        return pad_rows(rows, self.pad_id)
+
+
+@dataclass
+class PairwiseCollator:
+    """rm: chosen rows, then rejected rows, in one block without labels (the reward is read at
+    the last token with attention_mask 1, whatever the pad id)."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int = PAD_MULTIPLE
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        seqs = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+        batch = pad_rows([(s, []) for s in seqs], self.pad_token_id, self.pad_to_multiple_of)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@dataclass
+class KTOCollator:
+    """kto: the rows and their mismatched KL rows (made in the data), padded to one width;
+    the KL rows' tensors carry a `kl_` prefix."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        rows = [(f["input_ids"], f["labels"]) for f in features]
+        kl_rows = [(f["kl_input_ids"], f["kl_labels"]) for f in features]
+        both = pad_rows(rows + kl_rows, self.pad_id)
+        n = len(rows)
+        batch = {k: v[:n] for k, v in both.items()}
+        batch.update({f"kl_{k}": v[n:] for k, v in both.items()})
+        batch["kto_tag"] = torch.tensor([bool(f["kto_tag"]) for f in features])
+        return batch

@@ -1,0 +1,291 @@
+"""The Trainer subclasses of the stages that need one, at module level. This module imports
+transformers and torch at once, so recipes import it inside `run`/`build`, after their cheap
+checks (a wrong key or row is reported in a second, before the slow imports).
+
+- PolicyReferenceTrainer: what dpo and kto share (log-probs of the labelled tokens, the
+  reference policy without a model copy where the method allows it, metrics averaged per
+  logging step, checkpoints that hold only the trained adapter);
+- DPOTrainer: the dpo family's pair loss and its split backward (activations of one side);
+- KTOTrainer: the KTO loss with its mismatched KL rows;
+- PairwiseTrainer: rm's pairwise loss, normalised over the pairs of the accumulated batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from lathe.model.reference import REF_ADAPTER, as_reference
+from lathe.recipes.losses import average_logps, kto_loss, preference_loss, sequence_logps
+from lathe.recipes.rm import pair_rewards, pairwise_loss
+
+
+class PolicyReferenceTrainer(Trainer):
+    """A Trainer whose subclass computes a preference loss in `compute_loss`.
+
+    The loss is a mean over pairs/examples, not over tokens, so it must be divided
+    by the accumulation steps like a plain mean: `loss_is_scaled_for_ga = False`
+    says so (otherwise a batch with "labels" and a model taking loss kwargs would
+    be treated as already normalised by `num_items_in_batch`).
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, ref_model: Any = None, use_reference: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ref_model = ref_model.to(self.args.device) if ref_model is not None else None
+        self.use_reference = use_reference
+        self._stats: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(lambda: [0.0, 0.0]), "eval": defaultdict(lambda: [0.0, 0.0])}
+
+    # -- log-probs
+    def logps(self, model: Any, batch: dict[str, Any], prefix: str = "") -> tuple[Any, Any]:
+        """Summed log-probs of the labelled tokens and their count, per row."""
+        ids = batch[f"{prefix}input_ids"]
+        logits = model(input_ids=ids, attention_mask=batch[f"{prefix}attention_mask"], use_cache=False).logits
+        # P-tuning and prompt tuning return logits for their virtual tokens too, in front
+        return sequence_logps(logits[:, -ids.shape[1]:], batch[f"{prefix}labels"])
+
+    def reference_logps(self, model: Any, batch: dict[str, Any], prefix: str = "") -> tuple[Any, Any]:
+        with torch.no_grad(), self.reference(model) as ref:
+            return self.logps(ref, batch, prefix)
+
+    @contextlib.contextmanager
+    def reference(self, model: Any) -> Iterator[Any]:
+        """The reference policy, in eval mode (deterministic: no dropout)."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        policy = self.accelerator.unwrap_model(model)
+        was_training = policy.training
+        policy.eval()
+        try:
+            with as_reference(policy) as ref:
+                yield ref
+        finally:
+            policy.train(was_training)
+
+    # -- metrics: summed per micro-batch, averaged when the Trainer logs
+    def record(self, model: Any, key: str, total: float, count: float) -> None:
+        stats = self._stats["train" if model.training else "eval"][key]
+        stats[0] += float(total)
+        stats[1] += float(count)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
+        if mode is not None:
+            prefix = "eval_" if mode == "eval" else ""
+            means = {k: s / c for k, (s, c) in self._stats[mode].items() if c}
+            if {"rewards/chosen", "rewards/rejected"} <= means.keys() and "rewards/margins" not in means:
+                means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+            logs.update({prefix + k: v for k, v in sorted(means.items())})
+            self._stats[mode].clear()
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints hold only the trained adapter: peft writes every adapter, and the
+        frozen "ref" copy is rebuilt from adapter_name_or_path on resume anyway."""
+        import shutil
+        from pathlib import Path
+
+        super()._save(output_dir, state_dict)
+        ref_dir = Path(output_dir if output_dir is not None else self.args.output_dir) / REF_ADAPTER
+        if self.args.should_save and ref_dir.is_dir() and (ref_dir / "adapter_config.json").is_file():
+            shutil.rmtree(ref_dir)
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[Any, None, None]:
+        """Evaluation = the same loss (and metrics) without gradients."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+class DPOTrainer(PolicyReferenceTrainer):
+    def __init__(self, *args: Any, align: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.align = align
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Mean over pairs (+ pref_ftx x mean NLL per chosen token), metrics recorded."""
+        total, count = self.logps(model, inputs)
+        n = total.shape[0] // 2
+        refs = self._reference_halves(model, inputs, n)
+        loss = self.pair_loss(model, (total[:n], count[:n]), (total[n:], count[n:]), *refs)
+        return (loss, None) if return_outputs else loss
+
+    def pair_loss(self, model: Any, chosen: tuple[Any, Any], rejected: tuple[Any, Any],
+                  ref_chosen: Any, ref_rejected: Any) -> Any:
+        """The loss from per-row (summed log-prob, token count); records the metrics."""
+        a = self.align
+        n = chosen[0].shape[0]
+        out = preference_loss(a.pref_loss, chosen, rejected, ref_chosen, ref_rejected,
+                              beta=a.pref_beta, label_smoothing=a.pref_label_smoothing,
+                              simpo_gamma=a.simpo_gamma)
+        losses = out.losses
+        if a.pref_ftx > 0:
+            sft = -average_logps(*chosen)
+            losses = losses + a.pref_ftx * sft
+            self.record(model, "sft_loss", sft.detach().sum().item(), n)
+        self._record_pairs(model, out, chosen[0].detach(), rejected[0].detach(), n)
+        return losses.mean()
+
+    def _reference_halves(self, model: Any, inputs: dict[str, Any], n: int) -> tuple[Any, Any]:
+        if not self.use_reference:
+            return None, None
+        total, count = self.reference_logps(model, inputs)
+        return (total[:n], count[:n]), (total[n:], count[n:])
+
+    # -- split backward: activations of one side at a time
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        """With pref_split_backward, chosen and rejected rows go forward and backward
+        one after the other instead of in one joint batch.
+
+        The loss depends on the policy only through each row's summed log-prob, so
+        its gradient is sum_i dL/dlogp_i * grad(logp_i): the coefficients dL/dlogp_i
+        come from a first, gradient-free pass over the rejected rows, then each side
+        is pushed back with its coefficients. Peak activation memory is that of one
+        side (what SFT on the chosen replies costs), for one extra forward pass.
+        Dropout masks of the rejected rows are replayed so both passes agree.
+        """
+        if not self._can_split():
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if callable(getattr(self.optimizer, "train", None)):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        n = inputs["input_ids"].shape[0] // 2
+        chosen_rows = {k: v[:n] for k, v in inputs.items()}
+        rejected_rows = {k: v[n:] for k, v in inputs.items()}
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        rng = _RngReplay(self.args.device)
+        with self.compute_loss_context_manager():
+            refs = self._reference_halves(model, inputs, n)
+            with torch.no_grad(), rng.record():
+                rejected_value = self.logps(model, rejected_rows)
+            with self.accelerator.no_sync(model):  # the rejected pass below syncs both
+                chosen = self.logps(model, chosen_rows)
+                leaves = [chosen[0].detach().requires_grad_(), rejected_value[0].detach().requires_grad_()]
+                with torch.enable_grad():
+                    loss = self.pair_loss(model, (leaves[0], chosen[1]), (leaves[1], rejected_value[1]),
+                                          *refs) * scale
+                coef_chosen, coef_rejected = torch.autograd.grad(loss, leaves)
+                self.accelerator.backward((chosen[0] * coef_chosen).sum())
+                del chosen
+            with rng.replay():
+                rejected = self.logps(model, rejected_rows)
+        self.accelerator.backward((rejected[0] * coef_rejected).sum())
+        return loss.detach()
+
+    def _can_split(self) -> bool:
+        """Only where two backward passes per micro-batch are safe (not DeepSpeed/FSDP)."""
+        return (self.align.pref_split_backward and not self.is_deepspeed_enabled
+                and not self.is_fsdp_enabled and self.args.n_gpu <= 1
+                and not getattr(self.args, "parallelism_config", None))
+
+    def _record_pairs(self, model: Any, out: Any, chosen_logps: Any, rejected_logps: Any,
+                      n: int) -> None:
+        margins = out.chosen_rewards - out.rejected_rewards
+        for key, value in (("rewards/chosen", out.chosen_rewards),
+                           ("rewards/rejected", out.rejected_rewards),
+                           ("rewards/margins", margins),
+                           ("rewards/accuracies", (margins > 0).float()),
+                           ("logps/chosen", chosen_logps), ("logps/rejected", rejected_logps)):
+            self.record(model, key, value.float().sum().item(), n)
+
+
+class _RngReplay:
+    """Record the random state before a pass and replay it later (same dropout masks),
+    then continue the stream where it would have been without the replay."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self.start: Any = None
+
+    def _get(self) -> Any:
+        return (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.cuda else None)
+
+    def _set(self, state: Any) -> None:
+        torch.set_rng_state(state[0])
+        if self.cuda:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        self.start = self._get()
+        yield
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        after = self._get()
+        self._set(self.start)
+        try:
+            yield
+        finally:
+            self._set(after)
+
+
+class KTOTrainer(PolicyReferenceTrainer):
+    def __init__(self, *args: Any, align: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.align = align
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Mean over examples of the weighted KTO loss; metrics recorded."""
+        a = self.align
+        logps, _ = self.logps(model, inputs)
+        with torch.no_grad():
+            kl_logps, _ = self.logps(model, inputs, prefix="kl_")
+        n = logps.shape[0]
+        both = {k: torch.cat([inputs[k], inputs[f"kl_{k}"]])
+                for k in ("input_ids", "attention_mask", "labels")}
+        ref_all, _ = self.reference_logps(model, both)  # one pass: rows and KL rows share a width
+        ref_logps, ref_kl_logps = ref_all[:n], ref_all[n:]
+        tags = inputs["kto_tag"].bool()
+        out = kto_loss(logps, ref_logps, tags, kl_logps, ref_kl_logps, beta=a.pref_beta,
+                       chosen_weight=a.kto_chosen_weight, rejected_weight=a.kto_rejected_weight)
+        self.record(model, "rewards/chosen", out.rewards[tags].sum().item(), tags.sum().item())
+        self.record(model, "rewards/rejected", out.rewards[~tags].sum().item(), (~tags).sum().item())
+        self.record(model, "kl", out.kl.item(), 1)
+        loss = out.losses.mean()
+        return (loss, None) if return_outputs else loss
+
+
+class PairwiseTrainer(Trainer):
+    """The pairwise loss, averaged over every pair of the accumulated batch: the Trainer
+    counts the pairs of all its micro-batches (get_batch_samples) and each micro-batch
+    contributes sum(loss) / pairs, so accumulation equals one large batch even when the
+    last micro-batch is smaller."""
+
+    loss_is_scaled_for_ga = True
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        pairs = torch.tensor(sum(b["input_ids"].shape[0] // 2 for b in batches), device=device)
+        return batches, pairs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chosen, rejected = pair_rewards(model, inputs)
+        losses = pairwise_loss(chosen, rejected)
+        loss = losses.mean() if num_items_in_batch is None else losses.sum() / num_items_in_batch
+        return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            chosen, rejected = pair_rewards(model, inputs)
+            loss = pairwise_loss(chosen, rejected).mean().detach()
+        if prediction_loss_only:
+            return loss, None, None
+        # labels are a placeholder: the Trainer only calls compute_metrics when there are some
+        return loss, torch.stack([chosen, rejected], -1).detach(), torch.zeros_like(chosen)
