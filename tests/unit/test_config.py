@@ -461,7 +461,7 @@ def test_stages_match_recipe_modules():
     for name in STAGES:
         assert importlib.util.find_spec(f"lathe.recipes.{name}") is not None, name
     # and the reverse: every recipe module that is not a helper is a stage
-    helpers = {"__init__", "common", "plots", "losses", "preference", "ppo_core", "predict"}
+    helpers = {"__init__", "common", "plots", "losses", "preference", "ppo_core", "predict", "trainers"}
     recipes = {p.stem for p in (SRC / "recipes").glob("*.py")} - helpers
     assert recipes <= set(STAGES), f"recipe modules without a stage: {recipes - set(STAGES)}"
 
@@ -508,6 +508,57 @@ def test_import_directions():
     config = [b for b in _offenders("config", ("lathe.data", "lathe.model", "lathe.recipes"))
               if not b.split(" imports ")[1].startswith(("lathe.model.methods", "lathe.model import methods"))]
     assert config == []
+
+
+# The layering of ../shared/DESIGN.md, for every module of the package: a module may import
+# its own rank or lower. (data and model, both low, never import each other: see above.)
+RANKS = {
+    "errors": 0, "registry": 0, "files": 0, "quiet": 0, "integrity": 0, "hub": 0,
+    "config": 1,
+    "data": 2, "runs": 2,
+    "model": 3,
+    "infer": 4, "eval": 4,  # the inference engine and the metrics, shared by recipes and verbs
+    "recipes": 5,
+    "export": 6, "chat": 6, "report": 6, "pipeline": 6, "api": 6,  # verbs on runs and exports
+    "demo": 7,
+    "cli": 8, "__main__": 8, "__init__": 8,
+}
+# Named exceptions: config's checks read the method declarations; the loader builds the
+# embedded demo model (lathe:demo) with demo/build.py, which imports nothing of lathe's.
+ALLOWED_UP = {("config", "lathe.model.methods"), ("model", "lathe.demo.build")}
+
+
+def test_the_whole_import_graph_flows_down():
+    units = {p.stem if p.parent == SRC else p.relative_to(SRC).parts[0] for p in SRC.rglob("*.py")}
+    assert units <= RANKS.keys(), f"modules without a rank: {units - RANKS.keys()}"
+    bad = []
+    for unit in sorted(units):
+        package = unit if (SRC / unit).is_dir() else None
+        files = _imports(package) if package else {str((SRC / f"{unit}.py").relative_to(SRC.parent)):
+                                                    _file_imports(SRC / f"{unit}.py")}
+        for file, names in files.items():
+            for name in names:
+                parts = name.split(".")
+                if parts[0] != "lathe" or len(parts) < 2 or parts[1] == unit or parts[1] not in RANKS:
+                    continue
+                target = parts[1]
+                allowed = any(unit == u and (name == m or name.startswith(m + ".")) for u, m in ALLOWED_UP)
+                if RANKS[target] > RANKS[unit] and not allowed:
+                    bad.append(f"{file} imports {name}")
+    assert bad == []
+    demo_build = _file_imports(SRC / "demo" / "build.py")
+    assert not any(n.startswith("lathe.") and not n.startswith("lathe.demo") for n in demo_build)
+
+
+def _file_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add(node.module or "")
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
 
 
 def test_the_method_declarations_import_no_heavy_library():

@@ -85,7 +85,7 @@ def test_split_backward_gives_the_joint_gradient(tiny_model, tmp_path, pref_loss
 
 
 def test_rng_replay_repeats_the_dropout_masks_then_carries_on():
-    from lathe.recipes.dpo import _RngReplay
+    from lathe.recipes.trainers import _RngReplay
 
     torch.manual_seed(0)
     rng = _RngReplay("cpu")

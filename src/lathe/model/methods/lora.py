@@ -145,9 +145,12 @@ def save_pissa_init(model: Any, run_dir: str) -> None:
 def convert_pissa(model: Any, run_dir: str) -> None:
     """Overwrite the run's adapter with its plain-LoRA form, which applies to the original
     base model (PiSSA trained against the base minus its principal components)."""
+    import warnings
     from pathlib import Path
 
-    model.save_pretrained(run_dir, path_initial_model_for_weight_conversion=str(Path(run_dir) / PISSA_INIT))
+    with warnings.catch_warnings():  # peft's advice to convert, said while converting
+        warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+        model.save_pretrained(run_dir, path_initial_model_for_weight_conversion=str(Path(run_dir) / PISSA_INIT))
 
 
 def prepare_trainer(trainer: Any, cfg: Any) -> None:
