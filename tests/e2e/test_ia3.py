@@ -60,7 +60,7 @@ def test_ia3_refusals(args):
         load_config({**args, "finetuning_type": "lora", "ia3_target": "all"})
     with pytest.raises(ConfigError, match="lora_rank applies only to finetuning_type: lora"):
         load_config({**args, "lora_rank": 4})
-    with pytest.raises(ConfigError, match="ia3 with stage rm is not in Lathe yet"):
-        load_config({**args, "stage": "rm"})
+    with pytest.raises(ConfigError, match="adalora with stage ppo is not in Lathe yet"):
+        load_config({**args, "finetuning_type": "adalora", "stage": "ppo", "reward_model": "x"})
     with pytest.raises(ConfigError, match="needs finetuning_type: lora"):
         load_config({**args, "quantization_bit": 4})

@@ -55,9 +55,12 @@ def test_prompt_learning_trains_reloads_chats_and_exports_the_pair(method, keys,
     torch.testing.assert_close(_logits(reloaded), expected, rtol=0, atol=1e-5)
     assert not torch.allclose(_logits(_base(tiny_model)), expected, atol=1e-4)
 
-    chat = run_cli("chat", args["output_dir"], "max_new_tokens=4", input="Who are you?\n")
-    assert chat.returncode == 0 and "Assistant:" in chat.stdout, chat.stderr[-2000:]
-    assert "Position ids" not in chat.stderr  # peft's per-call warning is kept quiet
+    if method == "ptuning":  # chat through the CLI (peft's per-call warning is kept quiet)
+        chat = run_cli("chat", args["output_dir"], "max_new_tokens=4", input="Who are you?\n")
+        assert chat.returncode == 0 and "Assistant:" in chat.stdout, chat.stderr[-2000:]
+        assert "Position ids" not in chat.stderr
+    if method != "prompt":  # the export is method-agnostic: once here (the README exports a prefix run)
+        return
 
     out = tmp_path / "export"
     proc = run_cli("export", args["output_dir"], f"export_dir={out}")
@@ -72,8 +75,6 @@ def test_prompt_learning_trains_reloads_chats_and_exports_the_pair(method, keys,
 
     pair = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter")
     torch.testing.assert_close(_logits(pair), expected, rtol=0, atol=1e-5)
-    if method != "prompt":  # the export's own chat and the merge refusal once are enough
-        return
     chat = run_cli("chat", str(out), "max_new_tokens=4", input="Who are you?\n")
     assert chat.returncode == 0 and "Assistant:" in chat.stdout, chat.stderr[-2000:]
 

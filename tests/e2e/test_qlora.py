@@ -82,6 +82,39 @@ def test_qlora_8bit_and_dpo_on_a_4bit_base(args, tmp_path):
     assert dpo.metrics["train_loss"] > 0
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_reward_model_and_ppo_on_quantized_or_ia3(method, args, tmp_path):
+    """rm trains a scalar head with the adapter (QLoRA: on the 4-bit backbone; IA3: scales);
+    its run directory serves as ppo's reward model, and ppo trains the same kind of policy."""
+    from peft import PeftModel
+
+    keys = {"quantization_bit": 4} if method == "lora" else {"quantization_bit": None, "finetuning_type": "ia3",
+                                                             "learning_rate": 5e-2}
+    d = write_pref_pairs(tmp_path / "pref")
+    rm = lathe.train({**args, **keys, "stage": "rm", "dataset": "pairs", "dataset_dir": str(d), "max_steps": 6,
+                      "output_dir": str(tmp_path / "rm")})
+    assert rm.losses()[-1] < rm.losses()[0]
+    saved = json.loads((tmp_path / "rm" / "adapter_config.json").read_text())
+    assert saved["task_type"] == "SEQ_CLS" and saved["peft_type"] == ("LORA" if method == "lora" else "IA3")
+    assert "score" in (saved.get("modules_to_save") or [])  # the head is saved beside the adapter
+    from transformers import AutoTokenizer
+
+    from lathe.model.reward import load_reward_model, reward_scores
+
+    tok = AutoTokenizer.from_pretrained(args["model_name_or_path"])
+    reward = load_reward_model(str(tmp_path / "rm"), torch.float32, tok)
+    assert not isinstance(reward, PeftModel)  # merged for scoring
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    assert torch.isfinite(reward_scores(reward, ids, torch.ones_like(ids))).all()
+
+    ppo = lathe.train({**args, **keys, "stage": "ppo", "reward_model": str(tmp_path / "rm"), "max_steps": 2,
+                       "per_device_train_batch_size": 4, "max_new_tokens": 4, "ppo_epochs": 1,
+                       "output_dir": str(tmp_path / "ppo")})
+    rewards = [h["reward"] for h in ppo.log_history if "reward" in h]
+    assert len(rewards) == 2 and all(r == r for r in rewards)
+    assert json.loads((tmp_path / "ppo" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
 def test_qlora_refusals(args, tmp_path):
     from lathe.config.load import load_config
     from lathe.errors import ConfigError
@@ -94,8 +127,6 @@ def test_qlora_refusals(args, tmp_path):
         load_config({**args, "quantization_bit": 8, "quantization_type": "fp4"})
     with pytest.raises(ConfigError, match="only with quantization_bit"):
         load_config({**args, "quantization_bit": None, "quantization_type": "fp4"})
-    with pytest.raises(ConfigError, match="stage rm .*not in Lathe yet"):
-        load_config({**args, "stage": "rm"})
     with pytest.raises(ConfigError, match="lathe export merges"):
         load_config({"model_name_or_path": args["model_name_or_path"], "export_dir": str(tmp_path / "e"),
                      "quantization_bit": 4}, command="export")

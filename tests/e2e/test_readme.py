@@ -111,6 +111,11 @@ def test_every_readme_command_runs(sandbox):
     assert (work / "exports" / "sft_lora" / "export_verification.json").is_file()
     assert (work / "runs" / "eval-sft" / "results.json").is_file()
     assert (work / "report.json").is_file()
+    prefix_export = work / "exports" / "sft_prefix"  # a prompt-learning run exports as base + adapter
+    assert (prefix_export / "adapter" / "adapter_config.json").is_file()
+    assert '"passed": true' in (prefix_export / "export_verification.json").read_text()
+    assert (work / "runs" / "sft_pissa" / "pissa_init" / "adapter_config.json").is_file()
+    assert '"adalora_rank"' in (work / "runs" / "sft_adalora" / "trainer_log.jsonl").read_text()
     chat = next(v for k, v in outputs.items() if "lathe chat examples/chat.yaml" in k)
     assert "Assistant:" in chat and "Generation: greedy" in chat
     lf = next(v for k, v in outputs.items() if "--from-llamafactory" in k)

@@ -494,9 +494,6 @@ def quantization_fits(cfg: LatheConfig) -> None:
         raise ConfigError(f"quantization_bit needs finetuning_type: lora (QLoRA trains an adapter on "
                           f"the frozen quantized base; {cfg.finetune.finetuning_type} would update the "
                           "quantized weights themselves)")
-    if cfg.command == "train" and cfg.finetune.stage in ("rm", "ppo"):
-        raise ConfigError(f"quantization_bit with stage {cfg.finetune.stage} is not in Lathe yet "
-                          "(issue 12); sft, pt, dpo and kto take it")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("quantization_bit needs the bitsandbytes package, which is not installed; "
                           "pip install bitsandbytes (or pip install 'lathe[qlora]')")

@@ -57,7 +57,6 @@ def _pure_bf16(value: Any) -> str:
 
 
 _VISION = "text models only: Lathe trains language models, with no image, video or audio inputs"
-_QLORA = "arrives with QLoRA (issue 12, quantized base + LoRA)"
 _SERVE = "Lathe serves with transformers (lathe chat; the OpenAI-compatible lathe api of issue 16)"
 _OPTIM = ("Lathe trains with LoRA, freeze or full tuning and any transformers optimizer "
           "(optim: adamw_torch, adafactor, galore_adamw with optim_target_modules, ...)")
@@ -136,8 +135,9 @@ KEYS: dict[str, Key] = {
     # --- quantization -------------------------------------------------------------------
     **_same("quantization", "quantization_method", "quantization_bit", "quantization_type",
             "double_quantization"),
-    "quantization_device_map": Key("quantization", "later", "device map of a 4-bit model at "
-                                   "inference", _QLORA, None),
+    "quantization_device_map": Key("quantization", "accepted", "device map of a 4-bit model at "
+                                   "inference", "a quantized model is placed by transformers (device_map "
+                                   "auto on GPUs)", None),
     # --- vision / audio -----------------------------------------------------------------
     **{k: Key("multimodal", "no", "image, video and audio preprocessing", _VISION, d) for k, d in {
         "image_max_pixels": 768 * 768, "image_min_pixels": 32 * 32, "image_do_pan_and_scan": False,
@@ -221,10 +221,14 @@ KEYS: dict[str, Key] = {
     "ref_model_adapters": Key("finetuning", "no", "adapters on the reference model", "with LoRA the "
                               "reference is the starting model (the adapter off, or a frozen copy of "
                               "adapter_name_or_path); ref_model takes a full model folder", None),
-    "ref_model_quantization_bit": Key("finetuning", "later", "a quantized reference model", _QLORA, None),
+    "ref_model_quantization_bit": Key("finetuning", "no", "a quantized reference model", "with LoRA "
+                                      "or QLoRA the reference is the policy's own base with the adapter "
+                                      "off: no second model to quantize", None),
     "reward_model_adapters": Key("finetuning", "no", "adapters on the reward model", "reward_model "
                                  "takes the run directory of an rm stage (adapter or full)", None),
-    "reward_model_quantization_bit": Key("finetuning", "later", "a quantized reward model", _QLORA, None),
+    "reward_model_quantization_bit": Key("finetuning", "later", "a quantized reward model",
+                                         "arrives with lathe quantize (issue 14); ppo loads the reward "
+                                         "model in the run's dtype", None),
     "reward_model_type": Key("finetuning", "accepted", "lora, full or api", "Lathe reads the kind "
                              "from the rm run directory", values=("lora", "full")),
     "ld_alpha": Key("finetuning", "no", "LD-DPO length weighting", "pref_loss: simpo normalises by "

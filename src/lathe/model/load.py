@@ -158,12 +158,29 @@ def is_quantized(model: Any) -> bool:
                 or getattr(model, "is_loaded_in_8bit", False))
 
 
-def load_model(cfg: LatheConfig, path: str, tokenizer: Any) -> Any:
-    from transformers import AutoModelForCausalLM
+# What a model is loaded as, per task: the transformers auto class and its extra arguments.
+# The task types of the next issues (classification, tagging, seq2seq, QA) add rows here.
+TASKS: dict[str, tuple[str, dict[str, Any]]] = {
+    "causal_lm": ("AutoModelForCausalLM", {}),
+    "reward": ("AutoModelForSequenceClassification", {"num_labels": 1}),  # the LM with a scalar head
+}
 
+
+def auto_class(task: str) -> tuple[Any, dict[str, Any]]:
+    import transformers
+
+    name, extra = TASKS[task]
+    return getattr(transformers, name), dict(extra)
+
+
+def load_model(cfg: LatheConfig, path: str, tokenizer: Any, task: str = "causal_lm") -> Any:
+    """The model at `path` as `task` needs it (TASKS), in the run's dtype and attention kernel,
+    quantized when quantization_bit is set, its embeddings grown to the tokenizer."""
+    auto, extra = auto_class(task)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto.from_pretrained(
             path,
+            **extra,
             dtype=pick_dtype(cfg),
             **attention_kwargs(cfg.model.flash_attn),
             **quantization_kwargs(cfg),
@@ -180,7 +197,7 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any) -> Any:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None:
+    if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 

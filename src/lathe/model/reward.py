@@ -28,13 +28,15 @@ MARKER = "reward_model.json"
 FORMAT_VERSION = 1
 
 
-def load_reward_backbone(path: str, dtype: Any, trust_remote_code: bool, tokenizer: Any) -> Any:
-    """`AutoModelForSequenceClassification` (num_labels=1) on the causal LM at `path`."""
-    from transformers import AutoModelForSequenceClassification
+def load_reward_backbone(path: str, dtype: Any, trust_remote_code: bool, tokenizer: Any,
+                         **load_kwargs: Any) -> Any:
+    """The causal LM at `path` with a scalar head (the loader's "reward" task), in `dtype`
+    (`load_kwargs`: e.g. the quantization_config of a QLoRA reward model)."""
+    from lathe.model.load import auto_class
 
+    auto, extra = auto_class("reward")
     with _expected_head_report_hidden():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **load_kwargs)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -67,16 +69,16 @@ def _expected_head_report_hidden() -> Iterator[None]:
 
 
 def merge_adapters(model: Any, adapters: list[str]) -> Any:
-    """Merge causal-LM LoRA adapters (e.g. an SFT run's) into a reward backbone.
+    """Merge causal-LM adapters (e.g. an SFT run's LoRA or IA3) into a reward backbone.
 
     The adapter weights are keyed by the backbone's module names, which the
     sequence-classification model shares with the causal LM.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import PeftConfig, get_peft_model
     from safetensors.torch import load_file
 
     for path in adapters:
-        config = LoraConfig.from_pretrained(path)
+        config = PeftConfig.from_pretrained(path)
         config.task_type = None  # the adapter was made for CAUSAL_LM; only its layers matter here
         config.inference_mode = False
         wrapped = get_peft_model(model, config)
@@ -84,7 +86,8 @@ def merge_adapters(model: Any, adapters: list[str]) -> Any:
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(wrapped, weights)
-        missing = [k for k in result.missing_keys if "lora_" in k]
+        prefix = getattr(wrapped.base_model, "prefix", "lora_")  # the tuner's parameter names
+        missing = [k for k in result.missing_keys if prefix in k]
         if missing:
             raise ModelError(f"adapter {path} does not fit this model (e.g. {missing[0]} is missing); "
                              "was it trained on the same base model?")
@@ -142,9 +145,12 @@ def read_marker(path: str) -> dict[str, Any]:
 
 
 def load_reward_model(path: str, dtype: Any, tokenizer: Any, trust_remote_code: bool = False) -> Any:
-    """A frozen reward model from an rm run directory (full or LoRA)."""
+    """A frozen reward model from an rm run directory (a full model, or an adapter merged into its
+    base in `dtype`, also when it was trained on a quantized base)."""
+    from lathe.model.methods import get_method
+
     info = read_marker(path)
-    if info["finetuning_type"] == "lora":
+    if get_method(info["finetuning_type"]).adapter:
         from peft import PeftModel
 
         base = info["base_model"]

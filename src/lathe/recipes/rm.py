@@ -21,8 +21,7 @@ from lathe.data.collators import PairwiseCollator
 from lathe.data.inspect import mark_trained
 from lathe.errors import ConfigError
 from lathe.model.adapters import apply_finetuning
-from lathe.model.load import pick_dtype
-from lathe.model.methods.lora import apply_lora
+from lathe.model.load import pick_dtype, quantization_kwargs
 from lathe.model.reward import (
     load_reward_backbone,
     merge_adapters,
@@ -83,14 +82,17 @@ def run(cfg: LatheConfig) -> RunResult:
 
 def build_model(cfg: LatheConfig, model_path: str, tokenizer: Any) -> tuple[Any, list[str]]:
     """The reward backbone with what trains marked; returns the adapters merged into it."""
-    model = load_reward_backbone(model_path, pick_dtype(cfg), cfg.model.trust_remote_code, tokenizer)
+    from lathe.model.methods import get_method
+
+    model = load_reward_backbone(model_path, pick_dtype(cfg), cfg.model.trust_remote_code, tokenizer,
+                                 **quantization_kwargs(cfg))
     ft = cfg.finetune
     merged: list[str] = []
-    if ft.finetuning_type == "lora":
+    if get_method(ft.finetuning_type).adapter:  # a fresh adapter on the backbone; given ones merged first
         merged = [_portable(p) for p in cfg.model.adapter_name_or_path or []]
         model = merge_adapters(model, merged)
         fresh = dataclasses.replace(cfg.model, adapter_name_or_path=None)
-        model = apply_lora(model, ft, fresh, task_type="SEQ_CLS")  # peft saves `score` with it
+        model = apply_finetuning(model, ft, fresh, task_type="SEQ_CLS")  # peft saves `score` with it
     else:
         model = apply_finetuning(model, ft, cfg.model)
         score_head(model).requires_grad_(True)  # the head is new: it always trains

@@ -22,7 +22,9 @@ from lathe.registry import Registry
 class Method:
     name: str
     summary: str
-    apply: Callable[[Any, Any, Any], Any]  # (model, FinetuneConfig, ModelConfig) -> model to train
+    # (model, FinetuneConfig, ModelConfig, task_type) -> the model to train; task_type is peft's
+    # (CAUSAL_LM; SEQ_CLS for a reward model), which decides what peft saves beside the adapter
+    apply: Callable[..., Any]
     adapter: bool  # the run directory holds an adapter (else the whole model)
     can_merge: bool  # lathe export merges the adapter into the base weights
     reference: str  # what dpo/kto/ppo compare against

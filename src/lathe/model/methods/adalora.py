@@ -26,13 +26,13 @@ def schedule(ft: FinetuneConfig, total_steps: int) -> tuple[int, int]:
     return tinit, tfinal
 
 
-def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig) -> Any:
+def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> Any:
     from peft import AdaLoraConfig, get_peft_model
 
     # The real schedule is set when training starts and the step count is known (the callback);
     # peft wants one now.
     config = AdaLoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         init_r=ft.adalora_init_r,
         target_r=ft.adalora_target_r,
         tinit=0, tfinal=0, total_step=1 << 30,
@@ -95,6 +95,6 @@ register(Method(
     reference="the adapter switched off",
     quantized_base=False,
     peft_type="ADALORA",
-    stages=("pt", "sft", "dpo", "kto"),
+    stages=("pt", "sft", "rm", "dpo", "kto"),  # ppo runs its own loop: no reallocation callback
     prepare_trainer=prepare_trainer,
 ))

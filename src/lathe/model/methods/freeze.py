@@ -62,7 +62,7 @@ def apply_freeze(model: Any, ft: FinetuneConfig) -> Any:
     return model
 
 
-def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig) -> Any:
+def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> Any:
     return apply_freeze(model, ft)
 
 

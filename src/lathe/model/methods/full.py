@@ -8,7 +8,7 @@ from lathe.config.schema import FinetuneConfig, ModelConfig
 from lathe.model.methods import Method, register
 
 
-def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig) -> Any:
+def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> Any:
     for param in model.parameters():
         param.requires_grad = True
     return model

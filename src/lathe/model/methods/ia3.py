@@ -59,14 +59,14 @@ def ia3_modules(model: Any, ft: FinetuneConfig) -> tuple[list[str], list[str]]:
     return targets, feedforward
 
 
-def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig) -> Any:
+def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> Any:
     from peft import IA3Config, get_peft_model
 
     model, continued = start_from_adapters(model, model_cfg)
     if continued:
         return model
     targets, feedforward = ia3_modules(model, ft)
-    return get_peft_model(model, IA3Config(task_type="CAUSAL_LM", target_modules=targets,
+    return get_peft_model(model, IA3Config(task_type=task_type, target_modules=targets,
                                            feedforward_modules=feedforward))
 
 
@@ -79,5 +79,4 @@ register(Method(
     reference="the adapter switched off",
     quantized_base=False,
     peft_type="IA3",
-    stages=("pt", "sft", "dpo", "kto"),
 ))

@@ -97,13 +97,13 @@ def pissa_init_name(ft: FinetuneConfig) -> str | None:
     return "pissa" if ft.pissa_iter == -1 else f"pissa_niter_{ft.pissa_iter}"
 
 
-def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig) -> Any:
+def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> Any:
     if model_cfg.quantization_bit is not None:  # QLoRA: norms in float32, inputs that take grads
         from peft import prepare_model_for_kbit_training
 
         # gradient checkpointing stays the run's choice (ready_for_training), not peft's default
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return apply_lora(model, ft, model_cfg, continue_adapter=not ft.create_new_adapter)
+    return apply_lora(model, ft, model_cfg, task_type=task_type, continue_adapter=not ft.create_new_adapter)
 
 
 # --- what the Trainer needs: LoRA+ parameter groups, PiSSA's starting adapter -------------

@@ -47,34 +47,34 @@ def padded_generation_fails(model: Any) -> str | None:
         (model_type, method), "the positions of a left-padded row shift behind the virtual tokens")
 
 
-def _config(model: Any, ft: FinetuneConfig, kind: str) -> Any:
+def _config(model: Any, ft: FinetuneConfig, kind: str, task_type: str) -> Any:
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
     hidden = model.config.get_text_config().hidden_size
     if kind == "prefix":
-        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=ft.num_virtual_tokens,
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=ft.num_virtual_tokens,
                                   prefix_projection=ft.prefix_projection,
                                   encoder_hidden_size=ft.encoder_hidden_size or hidden)
     if kind == "ptuning":
-        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=ft.num_virtual_tokens,
+        return PromptEncoderConfig(task_type=task_type, num_virtual_tokens=ft.num_virtual_tokens,
                                    encoder_hidden_size=ft.encoder_hidden_size or hidden,
                                    encoder_reparameterization_type=ft.encoder_reparameterization_type)
     if ft.prompt_tuning_init_text:
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=ft.num_virtual_tokens,
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=ft.num_virtual_tokens,
                                   prompt_tuning_init="TEXT", prompt_tuning_init_text=ft.prompt_tuning_init_text,
                                   tokenizer_name_or_path=model.name_or_path)
-    return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=ft.num_virtual_tokens,
+    return PromptTuningConfig(task_type=task_type, num_virtual_tokens=ft.num_virtual_tokens,
                               prompt_tuning_init="SAMPLE_VOCAB")
 
 
 def _applier(kind: str) -> Any:
-    def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig) -> Any:
+    def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> Any:
         from peft import get_peft_model
 
         model, continued = start_from_adapters(model, model_cfg)
         if continued:
             return model
-        return get_peft_model(model, _config(model, ft, kind))
+        return get_peft_model(model, _config(model, ft, kind, task_type))
 
     return apply
 
