@@ -103,3 +103,22 @@ def write_yaml(path: Path, args: dict) -> Path:
 
     path.write_text(yaml.safe_dump(args), encoding="utf-8")
     return path
+
+
+# The longest tests start first, each on its own worker, so that with `pytest -n N
+# --maxschedchunk 1` (make test) they run beside the rest instead of after it: the README
+# walk-through and the demo take minutes on 2 cores. xdist hands each worker two tests to
+# start with, so the long ones go to positions 0, 2, 4, ...
+LONGEST_FIRST = ("tests/e2e/test_readme.py::test_every_readme_command_runs",
+                 "tests/e2e/test_demo.py::test_demo_learns_its_identity")
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature
+    long = [i for i in items if i.nodeid in LONGEST_FIRST]
+    long.sort(key=lambda i: LONGEST_FIRST.index(i.nodeid))
+    rest = [i for i in items if i.nodeid not in LONGEST_FIRST]
+    ordered = []
+    for item in long:
+        ordered += [item] + rest[:1]
+        rest = rest[1:]
+    items[:] = ordered + rest

@@ -114,7 +114,7 @@ def test_every_readme_command_runs(sandbox):
     prefix_export = work / "exports" / "sft_prefix"  # a prompt-learning run exports as base + adapter
     assert (prefix_export / "adapter" / "adapter_config.json").is_file()
     assert '"passed": true' in (prefix_export / "export_verification.json").read_text()
-    assert (work / "runs" / "sft_pissa" / "pissa_init" / "adapter_config.json").is_file()
+    assert '"use_dora": true' in (work / "runs" / "sft_dora" / "adapter_config.json").read_text()
     assert '"adalora_rank"' in (work / "runs" / "sft_adalora" / "trainer_log.jsonl").read_text()
     chat = next(v for k, v in outputs.items() if "lathe chat examples/chat.yaml" in k)
     assert "Assistant:" in chat and "Generation: greedy" in chat
