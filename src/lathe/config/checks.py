@@ -120,20 +120,22 @@ def adapters_fit_the_method(cfg: LatheConfig) -> None:
             "(to train a merged model in full, lathe export it and point model_name_or_path at the export)"
         )
     found = [(a, method_of_adapter(a)) for a in adapters]  # None: missing folders are reported at load
-    merged = found if training and ft.create_new_adapter else found[:-1]
+    # rm merges every given adapter into its backbone and trains a fresh one with its head
+    fresh = training and (ft.create_new_adapter or ft.stage == "rm")
+    merged = found if fresh else found[:-1]
     for folder, m in merged:
         if m is not None and not m.can_merge:
             raise ConfigError(f"adapter_name_or_path {folder} is a {m.name} adapter, which cannot be merged "
                               "into the base; it can only be the last adapter of adapter_name_or_path")
     last, last_method = found[-1]
-    if training and not ft.create_new_adapter and last_method is not None and last_method is not method:
+    if training and not fresh and last_method is not None and last_method is not method:
         raise ConfigError(
             f"adapter_name_or_path {last} holds a {last_method.name} adapter (its adapter_config.json), "
             f"but finetuning_type is {ft.finetuning_type}; set finetuning_type: {last_method.name} to "
             "train it further" + (", or create_new_adapter: true to merge it and train a fresh LoRA"
                                   if last_method.can_merge and method.name == "lora" else "")
         )
-    if training and not ft.create_new_adapter and last_method is not None and last_method.name == "adalora":
+    if training and not fresh and last_method is not None and last_method.name == "adalora":
         raise ConfigError(f"adapter_name_or_path {last} is an AdaLoRA adapter, whose rank schedule has ended; "
                           "train a fresh LoRA on it (finetuning_type: lora, create_new_adapter: true)")
 
