@@ -20,11 +20,10 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from _output import add_output_args, output_path  # benchmarks/ is on sys.path when run as a script
-from stages_bench import _peak_mb, _rss_mb, build_assets
+from stages_bench import build_assets, child
 
 REPO = Path(__file__).resolve().parents[1]
 VIRTUAL = {"num_virtual_tokens": 20}
@@ -43,34 +42,6 @@ METHODS = {  # name -> keys on top of the shared config
     "freeze": {"finetuning_type": "freeze", "freeze_trainable_layers": 2},
     "full": {"finetuning_type": "full"},
 }
-
-
-def child(cfg_json: str) -> None:
-    """Train one method; print its figures as JSON on the last line."""
-    import datasets  # noqa: F401  - imports first, so the baseline holds the libraries
-    import peft  # noqa: F401
-    import torch
-    import transformers  # noqa: F401
-
-    torch.set_num_threads(2)
-    baseline = _rss_mb()
-    import lathe
-    from lathe.model.adapters import count_parameters
-
-    cfg = json.loads(cfg_json)
-    start = time.perf_counter()
-    result = lathe.train(cfg)
-    seconds = time.perf_counter() - start
-    trainable, total = count_parameters(result.model)
-    metrics = result.metrics
-    tokens = metrics.get("num_input_tokens_seen")
-    runtime = metrics.get("train_runtime") or seconds
-    losses = result.losses()
-    print(json.dumps({"trainable": trainable, "total": total, "peak_mb": round(_peak_mb(), 1),
-                      "baseline_mb": round(baseline, 1), "method_mb": round(_peak_mb() - baseline, 1),
-                      "tokens": tokens, "tokens_per_s": round(tokens / runtime, 1) if tokens else None,
-                      "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
-                      "wall_s": round(seconds, 2)}))
 
 
 def main() -> None:
@@ -103,6 +74,7 @@ def main() -> None:
             if proc.returncode != 0:
                 sys.exit(f"method {name} failed:\n{proc.stderr[-3000:]}")
             figures = json.loads(proc.stdout.strip().splitlines()[-1])
+            figures["method_mb"] = figures.pop("stage_mb")
             runs.append({"method": name, "keys": METHODS[name], **figures})
             print(f"{name:10} trainable {figures['trainable']:>11,}  peak {figures['peak_mb']:7.1f} MB  "
                   f"method {figures['method_mb']:7.1f} MB  {figures['tokens_per_s'] or 0:7.1f} tok/s  "

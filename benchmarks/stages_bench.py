@@ -95,7 +95,7 @@ def stage_config(name: str, assets: dict[str, str], out: Path, steps: int, batch
 
 
 def child(cfg_json: str) -> None:
-    """Run one stage; print its figures as JSON on the last line."""
+    """Run one stage (or method: methods_bench.py); print its figures as JSON on the last line."""
     import datasets  # noqa: F401  - imports first, so the baseline holds the libraries
     import peft  # noqa: F401
     import torch
@@ -104,6 +104,7 @@ def child(cfg_json: str) -> None:
     torch.set_num_threads(2)
     baseline = _rss_mb()
     import lathe
+    from lathe.model.adapters import count_parameters
 
     cfg = json.loads(cfg_json)
     start = time.perf_counter()
@@ -112,11 +113,15 @@ def child(cfg_json: str) -> None:
     metrics = result.metrics
     tokens = metrics.get("train_tokens_seen") or metrics.get("num_input_tokens_seen")
     runtime = metrics.get("train_runtime") or seconds
+    trainable, total = count_parameters(result.model)
+    losses = result.losses()
     print(json.dumps({"peak_mb": round(_peak_mb(), 1), "baseline_mb": round(baseline, 1),
                       "stage_mb": round(_peak_mb() - baseline, 1), "tokens": tokens,
                       "train_runtime_s": round(runtime, 2),
                       "tokens_per_s": round(tokens / runtime, 1) if tokens else None,
-                      "wall_s": round(seconds, 2)}))
+                      "wall_s": round(seconds, 2), "trainable": trainable, "total": total,
+                      "first_loss": round(losses[0], 4) if losses else None,
+                      "last_loss": round(losses[-1], 4) if losses else None}))
 
 
 def main() -> None:
