@@ -297,8 +297,9 @@ def verify_export(cfg: LatheConfig, folder: Path, tokenizer: Any, template: Temp
 
     convs = [_conversation(system, turns) for system, turns in VERIFY_CHATS]
     inputs = [[t for p, r in template.encode_turns(c, tokenizer) for t in p + r] for c in convs]
-    logits = compare_logits(cfg, folder, base_path, tokenizer, dtype, inputs)
-    quantized = compare_with_quantized_base(cfg, folder, base_path, tokenizer, inputs)
+    logits, ours, base = compare_logits(cfg, folder, base_path, tokenizer, dtype, inputs)
+    quantized = compare_with_quantized_base(cfg, base_path, tokenizer, inputs, ours,
+                                            base if dtype == "float32" else None)
     exported_tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.model.trust_remote_code)
     checks, mismatch = compare_chat_template(exported_tok, tokenizer, template, convs)
     eos = _exported_eos(folder)
@@ -327,8 +328,9 @@ def _conversation(system: str | None, turns: tuple[tuple[str, str], ...]) -> Con
 
 
 def compare_logits(cfg: LatheConfig, folder: Path, base_path: str, tokenizer: Any, dtype: str,
-                   inputs: list[list[int]]) -> dict[str, Any]:
-    """Max |export - reference| over every position and vocabulary entry, in float32."""
+                   inputs: list[list[int]]) -> tuple[dict[str, Any], list[Any], list[Any] | None]:
+    """Max |export - reference| over every position and vocabulary entry, in float32. Also
+    returns the export's logits and the base's (the reference with its last adapter off)."""
     import gc
 
     from transformers import AutoModelForCausalLM
@@ -343,7 +345,7 @@ def compare_logits(cfg: LatheConfig, folder: Path, base_path: str, tokenizer: An
     gc.collect()
     reference = reference_model(cfg, base_path, tokenizer, dtype)
     theirs = _logits(reference, inputs)
-    effect = None
+    effect = base = None
     if hasattr(reference, "disable_adapter"):
         with reference.disable_adapter():
             base = _logits(reference, inputs)
@@ -355,20 +357,19 @@ def compare_logits(cfg: LatheConfig, folder: Path, base_path: str, tokenizer: An
     del reference
     diff = _max_diff(ours, theirs)
     scale = max(float(t.abs().max()) for t in theirs)
-    return {"max_abs_logit_diff": diff, "bound": logit_bound(dtype, scale, noise), "max_abs_logit": scale,
-            "dtype_noise": noise, "last_adapter_effect": effect, "prompts": len(inputs)}
+    report = {"max_abs_logit_diff": diff, "bound": logit_bound(dtype, scale, noise), "max_abs_logit": scale,
+              "dtype_noise": noise, "last_adapter_effect": effect, "prompts": len(inputs)}
+    return report, ours, base
 
 
-def compare_with_quantized_base(cfg: LatheConfig, folder: Path, base_path: str, tokenizer: Any,
-                                inputs: list[list[int]]) -> dict[str, Any] | None:
+def compare_with_quantized_base(cfg: LatheConfig, base_path: str, tokenizer: Any, inputs: list[list[int]],
+                                ours: list[Any], base: list[Any] | None) -> dict[str, Any] | None:
     """A QLoRA adapter was trained on a 4/8-bit base but is merged into the full-precision one:
-    the export is also compared with the quantized base + adapter it was trained as. They
-    differ by what quantization moves the logits (measured here as |quantized base - base|);
-    the export passes when it is within NOISE_FACTOR x that. None when no adapter was
-    trained on a quantized base."""
+    the export's logits (`ours`) are also compared with the quantized base + adapter it was
+    trained as. They differ by what quantization moves the logits (measured here as
+    |quantized base - base|, `base`: the float32 base's logits, loaded when not given); the
+    export passes within NOISE_FACTOR x that. None when no adapter was trained quantized."""
     import gc
-
-    from transformers import AutoModelForCausalLM
 
     from lathe.model.load import load_adapter, load_model
     from lathe.runs import read_run_config
@@ -378,24 +379,21 @@ def compare_with_quantized_base(cfg: LatheConfig, folder: Path, base_path: str, 
     bits = trained.get("quantization_bit")
     if not bits:
         return None
+    if len(adapters) > 1:
+        raise ModelError("several adapters on a quantized base: merge the earlier ones first (lathe export "
+                         "in full precision), then train or export the last one on that export")
     log(f"Verifying against the {bits}-bit base the adapter was trained on")
     keys = {k: trained[k] for k in ("quantization_bit", "quantization_type", "double_quantization") if k in trained}
-    quant_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, torch_dtype="float32", **keys))
-    quantized = load_model(quant_cfg, base_path, tokenizer).eval()
+    in_float32 = dataclasses.replace(cfg.model, torch_dtype="float32")
+    quantized = load_model(dataclasses.replace(cfg, model=dataclasses.replace(in_float32, **keys)), base_path,
+                           tokenizer).eval()
     quantized_base = _logits(quantized, inputs)
-    for i, adapter in enumerate(adapters):
-        quantized = load_adapter(quantized, adapter, base_path)
-        if i < len(adapters) - 1:
-            raise ModelError("several adapters on a quantized base: merge them first, in full precision")
-    as_trained = _logits(quantized.eval(), inputs)
+    as_trained = _logits(load_adapter(quantized, adapters[-1], base_path).eval(), inputs)
     del quantized
     gc.collect()
-    exported = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=cfg.model.trust_remote_code)
-    ours = _logits(exported.eval(), inputs)
-    del exported
-    full = load_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, torch_dtype="float32")),
-                      base_path, tokenizer).eval()
-    effect = _max_diff(quantized_base, _logits(full, inputs))
+    if base is None:
+        base = _logits(load_model(dataclasses.replace(cfg, model=in_float32), base_path, tokenizer).eval(), inputs)
+    effect = _max_diff(quantized_base, base)
     diff = _max_diff(ours, as_trained)
     return {"bits": bits, "max_abs_logit_diff": diff, "quantization_effect": effect,
             "bound": NOISE_FACTOR * effect, "passed": diff <= NOISE_FACTOR * effect}
