@@ -157,3 +157,20 @@ def test_the_readme_table_is_this_matrix():
         assert len(marks) == len(METHODS)
         for method, mark in zip(METHODS, marks):
             assert mark == "yes", (arch, method, mark)
+
+
+@pytest.mark.parametrize("arch", ["falcon", "mamba"])
+def test_prefix_where_peft_cannot_prefix_is_one_line(arch):
+    """Mamba has no attention to put a prefix in front of (peft refuses it); Falcon's fused
+    multi-query attention breaks at the first forward. Both are one line, before training."""
+    import transformers as tf
+
+    from lathe.errors import ConfigError
+
+    torch.manual_seed(0)
+    model = (tf.FalconForCausalLM(tf.FalconConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
+                                                  num_attention_heads=2)) if arch == "falcon" else
+             tf.MambaForCausalLM(tf.MambaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2)))
+    cfg = _keys("prefix")
+    with pytest.raises(ConfigError, match=f"finetuning_type: prefix does not work on {arch} in peft"):
+        apply_finetuning(model, cfg.finetune, cfg.model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from lathe.config.schema import FinetuneConfig, ModelConfig
+from lathe.errors import ConfigError
 from lathe.model.methods import Method, register, start_from_adapters
 
 # Generation of a left-padded batch is not safe with virtual tokens: peft puts them in front
@@ -74,9 +75,34 @@ def _applier(kind: str) -> Any:
         model, continued = start_from_adapters(model, model_cfg)
         if continued:
             return model
-        return get_peft_model(model, _config(model, ft, kind, task_type))
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        try:  # peft refuses some architectures (no attention to prefix) and fails on others at the
+            peft_model = get_peft_model(model, _config(model, ft, kind, task_type))  # first forward
+            _probe(peft_model)
+        except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            others = [m for m in ("prefix", "ptuning", "prompt") if m != kind]
+            raise ConfigError(f"finetuning_type: {kind} does not work on {model_type} in peft ({first}); "
+                              f"use {', '.join(others)}, lora or ia3") from None
+        return peft_model
 
     return apply
+
+
+def _probe(model: Any) -> None:
+    """One forward pass of two tokens, without gradients, dropout or a trace in the random
+    stream: where peft cannot put virtual tokens in front of this model, it fails here."""
+    import torch
+
+    was_training = model.training
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        model.eval()
+        try:
+            ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        finally:
+            model.train(was_training)
 
 
 _COMMON = dict(adapter=True, can_merge=False, reference="the adapter switched off", quantized_base=False,
