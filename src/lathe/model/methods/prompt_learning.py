@@ -18,7 +18,7 @@ from typing import Any
 
 from lathe.config.schema import FinetuneConfig, ModelConfig
 from lathe.errors import ConfigError
-from lathe.model.methods import Method, register, start_from_adapters
+from lathe.model.methods import Method, method_of_peft_type, register, start_from_adapters
 
 # Generation of a left-padded batch is not safe with virtual tokens: peft puts them in front
 # of the padding, and the positions of a padded row shift (a row then generates other
@@ -32,7 +32,7 @@ PADDED_GENERATION_CRASHES = {
     ("opt", "ptuning"): "OPT's positions leave out the virtual tokens",
     ("opt", "prompt"): "OPT's positions leave out the virtual tokens",
 }
-_BY_PEFT_TYPE = {"PREFIX_TUNING": "prefix", "P_TUNING": "ptuning", "PROMPT_TUNING": "prompt"}
+NAMES = ("prefix", "ptuning", "prompt")  # the methods this module registers
 
 
 def padded_generation_fails(model: Any) -> str | None:
@@ -40,12 +40,12 @@ def padded_generation_fails(model: Any) -> str | None:
     config = getattr(model, "active_peft_config", None)
     if config is None:
         return None
-    method = _BY_PEFT_TYPE.get(str(getattr(config.peft_type, "value", config.peft_type)))
-    if method is None:
+    method = method_of_peft_type(str(getattr(config.peft_type, "value", config.peft_type)))
+    if method is None or method.name not in NAMES:
         return None
     model_type = getattr(model.get_base_model().config, "model_type", "")
     return PADDED_GENERATION_CRASHES.get(
-        (model_type, method), "the positions of a left-padded row shift behind the virtual tokens")
+        (model_type, method.name), "the positions of a left-padded row shift behind the virtual tokens")
 
 
 def _config(model: Any, ft: FinetuneConfig, kind: str, task_type: str) -> Any:
@@ -81,7 +81,7 @@ def _applier(kind: str) -> Any:
             _probe(peft_model)
         except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            others = [m for m in ("prefix", "ptuning", "prompt") if m != kind]
+            others = [m for m in NAMES if m != kind]
             raise ConfigError(f"finetuning_type: {kind} does not work on {model_type} in peft ({first}); "
                               f"use {', '.join(others)}, lora or ia3") from None
         return peft_model
