@@ -17,7 +17,7 @@ from typing import Any
 LIBRARIES = ("transformers", "peft", "torch", "accelerate", "datasets", "trl", "huggingface_hub")
 
 # Bars transformers draws for work that takes a blink (download bars are kept).
-_SHORT_BARS = ("Loading weights", "Loading checkpoint shards")
+_SHORT_BARS = ("Loading weights", "Loading checkpoint shards", "Writing model shards")
 
 
 def debugging() -> bool:

@@ -94,7 +94,10 @@ def test_kto_tag_prompt_text_and_classification():
     assert convert(row({"text": "hello world"}), spec(), "text")["text"] == "hello world"
     assert convert(row({"content": "doc"}), spec(columns={"prompt": "content"}), "text")["text"] == "doc"
     c = convert(row({"text": "great film", "label": 1}), spec(), "cls")
-    assert c == {"text": "great film", "label": "1", "origin": "f.jsonl line 3"}
+    assert c == {"text": "great film", "text_pair": "", "label": "1", "origin": "f.jsonl line 3"}
+    assert convert(row({"text": "a", "label": ["x", "y"]}), spec(), "cls")["label"] == '["x", "y"]'
+    with pytest.raises(DataError, match="multi-label row lists class names or ids"):
+        convert(row({"text": "a", "label": [{"x": 1}]}), spec(), "cls")
     with pytest.raises(DataError, match="label"):
         convert(row({"text": "x"}), spec(), "cls")
 

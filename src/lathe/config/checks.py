@@ -100,6 +100,31 @@ def method_keys_fit_the_method(cfg: LatheConfig) -> None:
 
 
 @check(commands=EVERY)
+def task_keys_fit_the_stage(cfg: LatheConfig) -> None:
+    """A task key (label_names, ...) with a stage that does not read it would be ignored."""
+    stage = cfg.finetune.stage
+    changed = _changed(cfg.task, "")
+    for f in dataclasses.fields(cfg.task):
+        owners = f.metadata.get("stages", ())
+        if f.name in changed and stage not in owners:
+            raise ConfigError(f"{f.name} applies only to stage {' or '.join(owners)}, but stage is {stage}; "
+                              f"remove it or set stage: {owners[0]}")
+    t = cfg.task
+    if t.num_labels is not None and t.num_labels < 1:
+        raise ConfigError(f"num_labels={t.num_labels} must be at least 1")
+    if t.label_names is not None:
+        if len(set(t.label_names)) != len(t.label_names):
+            twice = next(n for n in t.label_names if t.label_names.count(n) > 1)
+            raise ConfigError(f"label_names names {twice!r} twice; each class once, in id order")
+        if t.num_labels is not None and t.num_labels != len(t.label_names):
+            raise ConfigError(f"num_labels={t.num_labels} but label_names has {len(t.label_names)} names; "
+                              "drop num_labels (label_names decides it)")
+    if t.problem_type == "regression" and t.label_names:
+        raise ConfigError("label_names with problem_type: regression: a regression predicts a number, "
+                          "not a class; remove label_names")
+
+
+@check(commands=EVERY)
 def adapters_fit_the_method(cfg: LatheConfig) -> None:
     """adapter_name_or_path: what each folder was trained with (its adapter_config.json) must
     fit how it is used: merged into the base, trained further, or loaded to chat/eval/export."""

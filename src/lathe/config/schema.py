@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-def _f(default: Any, help: str, method: str | tuple[str, ...] | None = None) -> Any:
+def _f(default: Any, help: str, method: str | tuple[str, ...] | None = None,
+       stage: str | tuple[str, ...] | None = None) -> Any:
     """A field with a help text (`lathe keys`); `method`: the finetuning_type(s) it belongs to
-    (`lathe methods` lists it there, and a check refuses it with another method)."""
+    (`lathe methods` lists it there, and a check refuses it with another method); `stage`:
+    likewise the stage(s) that read it."""
     methods = (method,) if isinstance(method, str) else method
-    meta = {"help": help, **({"methods": methods} if methods else {})}
+    stages = (stage,) if isinstance(stage, str) else stage
+    meta = {"help": help, **({"methods": methods} if methods else {}), **({"stages": stages} if stages else {})}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -88,7 +91,8 @@ _LORA = ("lora", "adalora")  # AdaLoRA shares LoRA's target, alpha and dropout
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    stage: str = _f("sft", "Training stage: pt, sft, rm, dpo, kto or ppo.")
+    stage: str = _f("sft", "Training stage: pt, sft, rm, dpo, kto, ppo; or a task: cls (sequence "
+                    "classification and regression).")
     finetuning_type: Literal["lora", "full", "freeze", "ia3", "prefix", "ptuning", "prompt", "adalora"] = _f(
         "lora", "What is trained (one module each in lathe.model.methods; `lathe methods` lists them)."
     )
@@ -207,6 +211,26 @@ class AlignConfig:
     ppo_whiten_rewards: bool = _f(False, "ppo: whiten the per-token rewards of each batch.")
 
 
+_LABELLED = ("cls",)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Task stages (classification, ...): what the labels are and how rows become inputs."""
+
+    problem_type: Literal["auto", "single_label_classification", "multi_label_classification",
+                          "regression"] = _f(
+        "auto", "cls: one label per row, several (a list per row), or a number (regression: MSE "
+        "loss). auto: a list means multi-label, numbers with decimals mean regression, else "
+        "single-label.", stage="cls")
+    label_names: list[str] | None = _f(
+        None, "The classes in id order (comma-separated); default: the labels found in the "
+        "training data, sorted. Integer labels are then ids into this list.", stage=_LABELLED)
+    num_labels: int | None = _f(
+        None, "How many classes the head has (checked against the data; default: from the data "
+        "or label_names).", stage=_LABELLED)
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     """How text is generated (ppo rollouts, predict, chat)."""
@@ -297,13 +321,17 @@ class BenchConfig:
 
 
 # Stage names; each has a recipe module `lathe.recipes.<name>` (a test keeps them in step).
-STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo")
+STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls")
+# Stages that train a task head instead of a language model (lathe.model.load.TASKS names
+# the model class of each).
+TASK_STAGES: tuple[str, ...] = ("cls",)
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "finetune": FinetuneConfig,
     "align": AlignConfig,
+    "task": TaskConfig,
     "generate": GenerateConfig,
     "train": TrainConfig,
     "export": ExportConfig,
@@ -326,6 +354,7 @@ class LatheConfig:
     train: TrainConfig
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     command: str = "train"  # what it was loaded for (decides which checks apply)
     explicit: frozenset[str] = frozenset()  # keys the user set (file or command line)
     source: str | None = None  # the file it came from, if any

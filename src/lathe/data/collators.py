@@ -89,3 +89,27 @@ class KTOCollator:
         batch.update({f"kl_{k}": v[n:] for k, v in both.items()})
         batch["kto_tag"] = torch.tensor([bool(f["kto_tag"]) for f in features])
         return batch
+
+
+@dataclass
+class ClassifierCollator:
+    """cls: right-padded ids, attention mask and token type ids, and one label per row: a class
+    id (long), or a multi-hot row / a number (float: BCE and MSE losses want floats)."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        batch = pad_rows([(f["input_ids"], []) for f in features], self.pad_id)
+        del batch["labels"]
+        if any(f.get("token_type_ids") for f in features):  # only models that read them (BERT)
+            types = torch.zeros_like(batch["input_ids"])
+            for i, f in enumerate(features):
+                row = f["token_type_ids"]
+                types[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+            batch["token_type_ids"] = types
+        labels = [f["labels"] for f in features]
+        dtype = torch.long if isinstance(labels[0], int) else torch.float
+        batch["labels"] = torch.as_tensor(labels, dtype=dtype)
+        return batch

@@ -38,13 +38,7 @@ def convert(row: Row, spec: DatasetSpec, kind: str) -> dict[str, Any]:
     if kind == "text":
         return {"text": _text_field(row, spec, "text", fallback="prompt"), "origin": row.where}
     if kind == "cls":
-        label = row.data.get(spec.column("label") or "label")
-        if label is None or (isinstance(label, str) and not label.strip()):
-            raise DataError(f"{row.where}: column {spec.column('label')!r} (label) is missing or empty")
-        if not isinstance(label, (str, int, float, bool)):
-            raise DataError(f"{row.where}: label must be a string or a number, got {type(label).__name__}")
-        return {"text": _text_field(row, spec, "text", fallback="prompt"), "label": str(label),
-                "origin": row.where}
+        return _classification(row, spec)
     if kind == "pairwise":
         return _pairwise(row, spec)
     if spec.ranking:
@@ -60,6 +54,31 @@ def convert(row: Row, spec: DatasetSpec, kind: str) -> dict[str, Any]:
     out = conv.to_row()
     if kind == "kto":
         out["kto_tag"] = _kto_tag(row, spec)
+    return out
+
+
+def _classification(row: Row, spec: DatasetSpec) -> dict[str, Any]:
+    """text (+ text_pair) and the label as written (JSON text, so its type survives: the label
+    set is decided over all rows, lathe.data.tasks)."""
+    column = spec.column("label") or "label"
+    label = row.data.get(column)
+    if label is None or (isinstance(label, str) and not label.strip()) or label == []:
+        have = ", ".join(sorted(row.data)) or "none"
+        raise DataError(f"{row.where}: column {column!r} (label) is missing or empty; the row has: {have}. "
+                        "Fix the row or map columns.label in dataset_info.json")
+    if isinstance(label, list):
+        bad = next((x for x in label if not isinstance(x, (str, int)) or isinstance(x, bool)), None)
+        if bad is not None or not label:
+            raise DataError(f"{row.where}: column {column!r}: a multi-label row lists class names or ids, "
+                            f"got {bad!r:.60}")
+    elif not isinstance(label, (str, int, float, bool)):
+        raise DataError(f"{row.where}: column {column!r}: a label is a class name, an id, a number or a list "
+                        f"of classes, got {type(label).__name__}")
+    out = {"text": _text_field(row, spec, "text", fallback="prompt"), "text_pair": "",
+           "label": json.dumps(label, ensure_ascii=False), "origin": row.where}
+    pair = spec.column("text_pair")
+    if pair and row.data.get(pair) is not None:
+        out["text_pair"] = _text(row, pair, required=True, role="text_pair")
     return out
 
 

@@ -237,23 +237,36 @@ def load_sft_data(data: DataConfig, tokenizer: Any, template: Template, seed: in
 
 
 def load_stage_data(stage: str, data: DataConfig, tokenizer: Any, template: Template, seed: int,
-                    conversations: tuple[list[dict], DataStats] | None = None) -> SplitData:
+                    conversations: tuple[list[dict], DataStats] | None = None,
+                    task: TaskProcessor | None = None) -> SplitData:
     """Tokenized splits in the shape `stage` consumes (see formats.STAGE_KIND)."""
-    return load_tokenized(data, tokenizer, template, seed, stage_kind(stage), conversations)
+    return load_tokenized(data, tokenizer, template, seed, stage_kind(stage), conversations, task)
+
+
+@dataclass(frozen=True)
+class TaskProcessor:
+    """A task stage's own processor (its label set decided from the rows first): the batched
+    map function, and a text that goes into the cache key (what else shapes the rows)."""
+
+    preprocess: Callable[[dict[str, list]], dict[str, list]]
+    key: str
 
 
 def load_tokenized(data: DataConfig, tokenizer: Any, template: Template, seed: int, kind: str,
-                   conversations: tuple[list[dict], DataStats] | None = None) -> SplitData:
+                   conversations: tuple[list[dict], DataStats] | None = None,
+                   task: TaskProcessor | None = None) -> SplitData:
     """Tokenized train/eval splits; `conversations` (from `load_conversations`) saves a re-read."""
-    make = PROCESSORS[kind]
-    preprocess = make(template, tokenizer, data.cutoff_len, data.train_on_prompt,
-                      data.train_on_last_turn_only)
+    if task is not None:
+        preprocess = task.preprocess
+    else:
+        preprocess = PROCESSORS[kind](template, tokenizer, data.cutoff_len, data.train_on_prompt,
+                                      data.train_on_last_turn_only)
     if data.streaming:
         return _load_streaming(data, preprocess, kind, seed)
 
     from datasets import Dataset, load_from_disk
 
-    key = cache_key(data, tokenizer, template, seed, kind)
+    key = cache_key(data, tokenizer, template, seed, kind + (f"|{task.key}" if task else ""))
     cache_dir = cache_root() / "data" / key
     if cache_dir.is_dir() and not data.overwrite_cache:
         stats = DataStats(**json.loads((cache_dir / "stats.json").read_text()))
@@ -313,8 +326,15 @@ def _count(train: Any, ev: Any | None, stats: DataStats) -> None:
     prefixes = ("chosen_", "rejected_") if "chosen_input_ids" in train.column_names else ("",)
     for p in prefixes:
         stats.train_tokens += sum(len(x) for x in train[f"{p}input_ids"])
-        if f"{p}labels" in train.column_names:
+        if f"{p}labels" in train.column_names and _token_labels(train, f"{p}labels"):
             stats.trained_tokens += sum(sum(1 for t in lab if t != IGNORE_INDEX) for lab in train[f"{p}labels"])
+
+
+def _token_labels(ds: Any, column: str) -> bool:
+    """Whether `column` holds a label per token (a list of ids), not one per row."""
+    feature = ds.features[column]
+    return type(feature).__name__ in ("List", "Sequence", "LargeList") and \
+        getattr(getattr(feature, "feature", None), "dtype", "") in ("int64", "int32")
 
 
 def _load_streaming(data: DataConfig, preprocess: Callable, kind: str, seed: int) -> SplitData:

@@ -92,6 +92,77 @@ def mae(preds: Sequence[float], labels: Sequence[float]) -> float:
     return math.fsum(abs(float(p) - float(y)) for p, y in zip(preds, labels)) / len(labels)
 
 
+def r2(preds: Sequence[float], labels: Sequence[float]) -> float:
+    """Coefficient of determination: 1 - SS_res / SS_tot (scikit-learn's r2_score; 0 when
+    the labels are all equal and the predictions exact, -inf never: 0.0 then too)."""
+    _check_pair(preds, labels)
+    mean = math.fsum(float(y) for y in labels) / len(labels)
+    ss_res = math.fsum((float(y) - float(p)) ** 2 for p, y in zip(preds, labels))
+    ss_tot = math.fsum((float(y) - mean) ** 2 for y in labels)
+    if ss_tot == 0:
+        return 1.0 if ss_res == 0 else 0.0
+    return 1.0 - ss_res / ss_tot
+
+
+def confusion_matrix(preds: Sequence[int], labels: Sequence[int], n: int) -> list[list[int]]:
+    """counts[true][predicted] over classes 0..n-1 (rows: the label, columns: the prediction)."""
+    _check_pair(preds, labels)
+    counts = [[0] * n for _ in range(n)]
+    for p, y in zip(preds, labels):
+        counts[int(y)][int(p)] += 1
+    return counts
+
+
+def classification_scores(preds: Sequence[Hashable], labels: Sequence[Hashable]) -> dict[str, float]:
+    """accuracy, and precision / recall / F1, macro and micro (single-label classification)."""
+    out = {"accuracy": accuracy(preds, labels)}
+    for average in ("macro", "micro"):
+        out.update({f"{k}_{average}": v for k, v in precision_recall_f1(preds, labels, average).items()})
+    return out
+
+
+def per_class_scores(preds: Sequence[int], labels: Sequence[int], names: Sequence[str]) -> dict[str, dict]:
+    """For each class name: precision, recall, F1 and support (rows with that label)."""
+    _check_pair(preds, labels)
+    out = {}
+    for i, name in enumerate(names):
+        tp = sum(1 for p, y in zip(preds, labels) if p == y == i)
+        predicted = sum(1 for p in preds if p == i)
+        support = sum(1 for y in labels if y == i)
+        precision, recall = _safe_div(tp, predicted), _safe_div(tp, support)
+        out[name] = {"precision": precision, "recall": recall, "f1": _f1(precision, recall), "support": support}
+    return out
+
+
+def multilabel_scores(preds: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> dict[str, float]:
+    """Multi-hot rows (0/1 per class): exact-match accuracy (every class right), and
+    precision / recall / F1 micro (pooled over all class decisions) and macro (mean over
+    classes), as scikit-learn computes them for multilabel indicators."""
+    _check_pair(preds, labels)
+    n = len(labels[0])
+    tp = [0] * n
+    pp = [0] * n
+    ap = [0] * n
+    for p, y in zip(preds, labels):
+        for j in range(n):
+            tp[j] += int(p[j] and y[j])
+            pp[j] += int(p[j])
+            ap[j] += int(y[j])
+    out = {"accuracy": sum(list(map(int, p)) == list(map(int, y)) for p, y in zip(preds, labels)) / len(labels)}
+    precision, recall = _safe_div(sum(tp), sum(pp)), _safe_div(sum(tp), sum(ap))
+    out.update(precision_micro=precision, recall_micro=recall, f1_micro=_f1(precision, recall))
+    per = [(_safe_div(tp[j], pp[j]), _safe_div(tp[j], ap[j])) for j in range(n)]
+    out.update(precision_macro=math.fsum(p for p, _ in per) / n, recall_macro=math.fsum(r for _, r in per) / n,
+               f1_macro=math.fsum(_f1(p, r) for p, r in per) / n)
+    return out
+
+
+def regression_scores(preds: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
+    """mse, rmse, mae and r2."""
+    m = mse(preds, labels)
+    return {"mse": m, "rmse": math.sqrt(m), "mae": mae(preds, labels), "r2": r2(preds, labels)}
+
+
 def perplexity(loss: float) -> float:
     """exp(mean token cross-entropy); inf instead of OverflowError for a diverged run."""
     try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,11 +162,23 @@ def is_quantized(model: Any) -> bool:
 
 
 # What a model is loaded as, per task: the transformers auto class and its extra arguments.
-# The task types of the next issues (classification, tagging, seq2seq, QA) add rows here.
 TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "causal_lm": ("AutoModelForCausalLM", {}),
     "reward": ("AutoModelForSequenceClassification", {"num_labels": 1}),  # the LM with a scalar head
+    "seq_cls": ("AutoModelForSequenceClassification", {}),  # + the label set's num_labels, id2label
 }
+# The task each stage trains (the others: causal_lm), what its head is called in messages,
+# and peft's task_type for its adapters (which decides what peft saves beside them).
+STAGE_TASK = {"rm": "reward", "cls": "seq_cls"}
+HEAD_WORDS = {"seq_cls": "sequence-classification", "reward": "sequence-classification"}
+PEFT_TASK_TYPE = {"causal_lm": "CAUSAL_LM", "reward": "SEQ_CLS", "seq_cls": "SEQ_CLS"}
+# Models users know that have each head (named in the refusal when theirs has none).
+_KNOWN_FAMILIES = ("bert", "roberta", "deberta-v2", "distilbert", "xlm-roberta", "t5", "bart", "gpt2",
+                   "llama", "qwen2", "mistral", "bloom", "opt", "gpt_neo")
+
+
+def stage_task(stage: str) -> str:
+    return STAGE_TASK.get(stage, "causal_lm")
 
 
 def auto_class(task: str) -> tuple[Any, dict[str, Any]]:
@@ -173,21 +188,74 @@ def auto_class(task: str) -> tuple[Any, dict[str, Any]]:
     return getattr(transformers, name), dict(extra)
 
 
-def load_model(cfg: LatheConfig, path: str, tokenizer: Any, task: str = "causal_lm") -> Any:
-    """The model at `path` as `task` needs it (TASKS), in the run's dtype and attention kernel,
-    quantized when quantization_bit is set, its embeddings grown to the tokenizer."""
-    auto, extra = auto_class(task)
+def check_task_head(path: str, task: str, stage: str, trust_remote_code: bool = False) -> None:
+    """Before loading: the model's architecture has the head `task` needs (a classifier on
+    T5, a seq2seq model on GPT-2 ...), else one line naming the families that have it."""
+    if task == "causal_lm":
+        return
+    from transformers import AutoConfig
+
+    auto, _ = auto_class(task)
     try:
-        model = auto.from_pretrained(
-            path,
-            **extra,
-            dtype=pick_dtype(cfg),
-            **attention_kwargs(cfg.model.flash_attn),
-            **quantization_kwargs(cfg),
-            trust_remote_code=cfg.model.trust_remote_code,
-            cache_dir=cfg.model.cache_dir,
-            revision=cfg.model.model_revision,
-        )
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return  # loading reports it, with its own message
+    if type(config) in auto._model_mapping or auto.__name__ in (getattr(config, "auto_map", None) or {}):
+        return
+    mapping = auto._model_mapping._model_mapping
+    have = [m for m in _KNOWN_FAMILIES if m.replace("-", "_") in mapping or m in mapping]
+    raise ModelError(f"stage {stage} needs a model with a {HEAD_WORDS.get(task, task)} head, and "
+                     f"{config.model_type} has none in transformers; use another model (these have one: "
+                     f"{', '.join(have)})")
+
+
+# A task model made from a checkpoint of another kind: its new head is missing from the file
+# (created here), and the checkpoint's own head is not used; transformers' load report of
+# exactly that is expected and hidden. Any other key in it shows the whole report.
+NEW_HEADS = ("score", "classifier", "classification_head", "qa_outputs")
+UNUSED_HEADS = ("lm_head", "cls", "final_logits_bias")
+
+
+class _ExpectedHeadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text:
+            return True
+        keys = [line.split("|")[0].strip() for line in text.splitlines() if "|" in line]
+        keys = [k for k in keys if k and k != "Key"]
+        return not keys or any(k.split(".")[0] not in NEW_HEADS + UNUSED_HEADS for k in keys)
+
+
+@contextlib.contextmanager
+def new_head_report_hidden() -> Iterator[None]:
+    logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _ExpectedHeadReport()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def load_model(cfg: LatheConfig, path: str, tokenizer: Any, task: str = "causal_lm",
+               head: dict[str, Any] | None = None) -> Any:
+    """The model at `path` as `task` needs it (TASKS; `head`: the task head's arguments, e.g.
+    num_labels), in the run's dtype and attention kernel, quantized when quantization_bit is
+    set, its embeddings grown to the tokenizer."""
+    auto, extra = auto_class(task)
+    extra.update(head or {})
+    try:
+        with new_head_report_hidden():
+            model = auto.from_pretrained(
+                path,
+                **extra,
+                dtype=pick_dtype(cfg),
+                **attention_kwargs(cfg.model.flash_attn),
+                **quantization_kwargs(cfg),
+                trust_remote_code=cfg.model.trust_remote_code,
+                cache_dir=cfg.model.cache_dir,
+                revision=cfg.model.model_revision,
+            )
     except (OSError, ValueError) as e:
         if "trust_remote_code" in str(e):
             raise ModelError(f"{path} ships its own code; set trust_remote_code: true if you trust it") from None
@@ -202,6 +270,23 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any, task: str = "causal_
     return model
 
 
+def head_kwargs(cfg: LatheConfig) -> dict[str, Any]:
+    """A task run's head as its config records it (label_names, problem_type), for loading it
+    again (predict, export); {} for other stages."""
+    if stage_task(cfg.finetune.stage) != "seq_cls" or cfg.task.problem_type == "auto":
+        return {}
+    return classifier_head(cfg.task.problem_type, cfg.task.label_names or [])
+
+
+def classifier_head(problem_type: str, names: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """from_pretrained's arguments for a classification head: num_labels, problem_type and,
+    for classes, id2label / label2id (saved in config.json, read by pipelines and predict)."""
+    if problem_type == "regression":
+        return {"num_labels": 1, "problem_type": problem_type}
+    return {"num_labels": len(names), "problem_type": problem_type, "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)}}
+
+
 # --- inference: a trained model as chat, eval, predict and export see it ------------------
 
 def load_for_inference(cfg: LatheConfig, merge: bool = True, merge_last: bool = True) -> tuple[Any, Any, str]:
@@ -214,7 +299,9 @@ def load_for_inference(cfg: LatheConfig, merge: bool = True, merge_last: bool = 
     path = resolve_model_path(cfg.model.model_name_or_path)
     tokenizer = load_tokenizer(cfg.model, path)
     fix_pad_token(tokenizer)
-    model = load_model(cfg, path, tokenizer)
+    task = stage_task(cfg.finetune.stage)
+    check_task_head(path, task, cfg.finetune.stage, cfg.model.trust_remote_code)
+    model = load_model(cfg, path, tokenizer, task, head_kwargs(cfg))
     adapters = cfg.model.adapter_name_or_path or []
     if is_quantized(model):  # merging into 4/8-bit weights would round them: the adapter stays apart
         merge = False

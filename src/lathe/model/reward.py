@@ -14,15 +14,13 @@ and replies end with eos (the common case); this never depends on the pad id.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lathe.errors import ModelError
+from lathe.model.load import new_head_report_hidden
 
 MARKER = "reward_model.json"
 FORMAT_VERSION = 1
@@ -35,37 +33,12 @@ def load_reward_backbone(path: str, dtype: Any, trust_remote_code: bool, tokeniz
     from lathe.model.load import auto_class
 
     auto, extra = auto_class("reward")
-    with _expected_head_report_hidden():
+    with new_head_report_hidden():
         model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **load_kwargs)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-class _ExpectedHeadReport(logging.Filter):
-    """Drops transformers' load report when all it lists is what a new reward head implies:
-    `score` missing (it is created here) and `lm_head` unexpected (it is not used). Any other
-    key in the report (a real mismatch) lets the whole report through."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if "LOAD REPORT" not in text:
-            return True
-        keys = [line.split("|")[0].strip() for line in text.splitlines() if "|" in line]
-        keys = [k for k in keys if k and k != "Key"]
-        return not keys or any(k.split(".")[0] not in ("score", "lm_head") for k in keys)
-
-
-@contextlib.contextmanager
-def _expected_head_report_hidden() -> Iterator[None]:
-    logger = logging.getLogger("transformers.modeling_utils")
-    quiet = _ExpectedHeadReport()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
 
 
 def merge_adapters(model: Any, adapters: list[str]) -> Any:

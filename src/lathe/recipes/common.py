@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,10 @@ def repeat_target(cfg: LatheConfig, cli_keys: set[str]) -> LatheConfig:
 
 # --- TrainingArguments ---------------------------------------------------------------
 
+# Metrics where smaller is better (metric_for_best_model then sets greater_is_better: false).
+LOWER_IS_BETTER = {"loss", "mse", "rmse", "mae", "perplexity"}
+
+
 def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any) -> Any:
     """Lathe's training keys + passthrough fields -> transformers.TrainingArguments."""
     from transformers import TrainingArguments
@@ -211,6 +216,9 @@ def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any
     kwargs.update(t.extra)
     if t.early_stopping_steps and not kwargs.get("metric_for_best_model"):
         kwargs["metric_for_best_model"] = "eval_loss"  # what early stopping watches by default
+    best = str(kwargs.get("metric_for_best_model") or "")
+    if best and "greater_is_better" not in t.extra and best.removeprefix("eval_") in LOWER_IS_BETTER:
+        kwargs["greater_is_better"] = False  # transformers assumes higher is better unless "loss"
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as e:
@@ -379,8 +387,9 @@ def print_summary(cfg: LatheConfig, model: Any, model_path: str, data: Any, exam
         f"{st.dropped_empty_response} dropped (no response left within cutoff_len={cfg.data.cutoff_len})"
         if not cfg.data.streaming else
         f"  data       streamed from {', '.join(cfg.data.dataset or [])} (sizes unknown until read)",
-        f"  tokens     {st.train_tokens:,} in training rows, {st.trained_tokens:,} trained"
-        f" (tokenized data: cache {st.cache})",
+        f"  tokens     {st.train_tokens:,} in training rows"
+        + (f", {st.trained_tokens:,} trained" if st.trained_tokens else "")
+        + f" (tokenized data: cache {st.cache})",
         f"  output     {cfg.train.output_dir}",
     ]
     if cfg.model.quantization_bit:
@@ -447,23 +456,35 @@ class Opening:
     data: Any  # the stage's tokenized splits (SplitData)
     notes: list[str]  # lines for the run summary
     args: Any  # TrainingArguments (None for a stage with its own loop)
+    task: Any = None  # what a task stage decided from the rows (e.g. its label set)
 
 
-def open_stage(cfg: LatheConfig, *, check_template: bool = True, training_args: bool = True) -> Opening:
+def open_stage(cfg: LatheConfig, *, check_template: bool = True, training_args: bool = True,
+               task: Callable[[list[dict] | None, Any], tuple[Any, Any]] | None = None) -> Opening:
     """The opening every stage shares, in the one order its rules need: the cheap checks (the
     template name, the output folder, the model path, every row) before the slow imports; the
     seed before anything random is made (adapters, heads); the data; then TrainingArguments,
     before the model is loaded (DeepSpeed ZeRO-3 shards a model at load time only when they
     exist). Nothing is written yet: the run directory is made by `start_run`, after the model
-    loaded, so a model that fails to load leaves no folder behind."""
+    loaded, so a model that fails to load leaves no folder behind.
+
+    `task` (task stages): (training rows, tokenizer) -> (a TaskProcessor, what it decided),
+    called once the rows are read and checked (e.g. the label set of a classifier)."""
     from lathe.data.loader import load_stage_data
     from lathe.data.templates import check_against_tokenizer, get_template
-    from lathe.model.load import fix_pad_token, load_tokenizer, resolve_model_path
+    from lathe.model.load import (
+        check_task_head,
+        fix_pad_token,
+        load_tokenizer,
+        resolve_model_path,
+        stage_task,
+    )
 
     template = get_template(cfg.data.template)
     resume_from = check_output_dir(cfg)
     model_path = resolve_model_path(cfg.model.model_name_or_path)
     conversations = read_rows(cfg)  # bad rows are reported before the slow imports
+    check_task_head(model_path, stage_task(cfg.finetune.stage), cfg.finetune.stage, cfg.model.trust_remote_code)
 
     from transformers import set_seed  # slow: after the cheap checks
 
@@ -471,10 +492,11 @@ def open_stage(cfg: LatheConfig, *, check_template: bool = True, training_args: 
     tokenizer = load_tokenizer(cfg.model, model_path)
     # the tokenizer's own chat_template disagreeing with `template` means serving will differ
     notes = [fix_pad_token(tokenizer), check_against_tokenizer(template, tokenizer) if check_template else None]
+    processor, decided = task(conversations[0] if conversations else None, tokenizer) if task else (None, None)
     data = load_stage_data(cfg.finetune.stage, cfg.data, tokenizer, template, seed=cfg.train.seed,
-                           conversations=conversations)
+                           conversations=conversations, task=processor)
     args = build_training_args(cfg, has_eval=data.eval is not None) if training_args else None
-    return Opening(template, resume_from, model_path, tokenizer, data, [n for n in notes if n], args)
+    return Opening(template, resume_from, model_path, tokenizer, data, [n for n in notes if n], args, decided)
 
 
 def start_run(cfg: LatheConfig, opening: Opening) -> None:

@@ -99,3 +99,34 @@ def plot_metric(output_dir: str, log_history: list[dict[str, Any]], key: str, na
     fig, ax = _figure(f"{label} of {Path(output_dir).name}", label)
     _curve(ax, steps, values, "#2ca02c", label)
     return _save(fig, ax, Path(output_dir) / name)
+
+
+def plot_confusion(matrix: list[list[int]], names: list[str], path: Path, title: str) -> Path:
+    """A confusion matrix as a heat map: rows the true class, columns the predicted one, each
+    cell its count (and the row's share, so rare classes read as clearly as common ones)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    side = min(max(4.0, 0.6 * n + 2.5), 16.0)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side), dpi=100)
+    totals = [max(sum(row), 1) for row in matrix]
+    shares = [[c / t for c in row] for row, t in zip(matrix, totals)]
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(n), labels=names, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticks(range(n), labels=names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{matrix[i][j]}\n{100 * shares[i][j]:.0f}%", ha="center", va="center",
+                        fontsize=8, color="white" if shares[i][j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

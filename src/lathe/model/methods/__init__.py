@@ -30,7 +30,7 @@ class Method:
     reference: str  # what dpo/kto/ppo compare against
     quantized_base: bool  # trains on a 4/8-bit base (QLoRA)
     peft_type: str | None = None  # what its adapter_config.json says (an adapter method)
-    stages: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo")  # where it trains
+    stages: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls")  # where it trains
     packs: bool = True  # trains on packed batches (position ids restarting per example)
     # what the Trainer needs beside the model: callbacks, optimizer parameter groups
     prepare_trainer: Callable[[Any, Any], None] | None = None  # (trainer, LatheConfig)
@@ -75,6 +75,20 @@ def method_of_adapter(folder: str) -> Method | None:
 
 def method_of_peft_type(peft_type: str | None) -> Method | None:
     return next((m for m in all_methods() if m.peft_type and m.peft_type == peft_type), None)
+
+
+# Task heads peft does not know by name (it trains and saves `classifier` and `score` of a
+# SEQ_CLS / TOKEN_CLS model, and `qa_outputs` of a QUESTION_ANS one, by itself).
+OTHER_HEADS = ("classification_head",)  # BART, T5, MBart: a dense layer and an out_proj
+
+
+def task_heads(model: Any, task_type: str) -> list[str]:
+    """The new task head(s) of `model` that an adapter must train in full and save with it
+    (peft's modules_to_save), beside those peft adds itself; none for a language model."""
+    if task_type == "CAUSAL_LM":
+        return []
+    children = {name for name, _ in model.named_children()}
+    return [h for h in OTHER_HEADS if h in children]
 
 
 def start_from_adapters(model: Any, model_cfg: Any, continue_last: bool = True) -> tuple[Any, bool]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from lathe.config.schema import FinetuneConfig, ModelConfig
 from lathe.errors import ConfigError
-from lathe.model.methods import Method, register
+from lathe.model.methods import Method, register, task_heads
 from lathe.model.methods.lora import resolve_lora_targets
 
 
@@ -41,6 +41,7 @@ def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig, task_type: str
         lora_alpha=ft.lora_alpha if ft.lora_alpha is not None else 2 * ft.adalora_init_r,
         lora_dropout=ft.lora_dropout,
         target_modules=resolve_lora_targets(model, ft.lora_target),
+        modules_to_save=task_heads(model, task_type) or None,
     )
     return get_peft_model(model, config)
 
@@ -95,6 +96,6 @@ register(Method(
     reference="the adapter switched off",
     quantized_base=False,
     peft_type="ADALORA",
-    stages=("pt", "sft", "rm", "dpo", "kto"),  # ppo runs its own loop: no reallocation callback
+    stages=("pt", "sft", "rm", "dpo", "kto", "cls"),  # ppo runs its own loop: no reallocation callback
     prepare_trainer=prepare_trainer,
 ))

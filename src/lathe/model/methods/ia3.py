@@ -8,7 +8,7 @@ from typing import Any
 
 from lathe.config.schema import FinetuneConfig, ModelConfig
 from lathe.errors import ConfigError, did_you_mean
-from lathe.model.methods import Method, register, start_from_adapters
+from lathe.model.methods import Method, register, start_from_adapters, task_heads
 from lathe.model.methods.lora import linear_module_names
 
 # Architectures peft has no IA3 default for: the same choice as for Llama (keys, values and
@@ -67,7 +67,8 @@ def apply(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig, task_type: str
         return model
     targets, feedforward = ia3_modules(model, ft)
     return get_peft_model(model, IA3Config(task_type=task_type, target_modules=targets,
-                                           feedforward_modules=feedforward))
+                                           feedforward_modules=feedforward,
+                                           modules_to_save=task_heads(model, task_type) or None))
 
 
 register(Method(

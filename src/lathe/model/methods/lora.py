@@ -9,7 +9,7 @@ from typing import Any
 
 from lathe.config.schema import FinetuneConfig, ModelConfig
 from lathe.errors import ConfigError, ModelError, did_you_mean
-from lathe.model.methods import Method, register, start_from_adapters
+from lathe.model.methods import Method, register, start_from_adapters, task_heads
 
 # Output heads that never get LoRA, whatever the architecture calls them.
 HEAD_NAMES = {"lm_head", "output_layer", "embed_out", "score", "classifier", "v_head"}
@@ -69,7 +69,8 @@ def apply_lora(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig,
         use_dora=ft.use_dora,
         use_rslora=ft.use_rslora,
         init_lora_weights=pissa_init_name(ft) or True,
-        modules_to_save=resolve_additional_targets(model, ft.additional_target) or None,
+        modules_to_save=resolve_additional_targets(model, ft.additional_target) + task_heads(model, task_type)
+        or None,
     )
     return get_peft_model(model, config)
 

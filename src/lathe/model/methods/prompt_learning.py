@@ -18,7 +18,7 @@ from typing import Any
 
 from lathe.config.schema import FinetuneConfig, ModelConfig
 from lathe.errors import ConfigError
-from lathe.model.methods import Method, method_of_peft_type, register, start_from_adapters
+from lathe.model.methods import Method, method_of_peft_type, register, start_from_adapters, task_heads
 
 # Generation of a left-padded batch is not safe with virtual tokens: peft puts them in front
 # of the padding, and the positions of a padded row shift (a row then generates other
@@ -77,7 +77,9 @@ def _applier(kind: str) -> Any:
             return model
         model_type = getattr(model.config, "model_type", type(model).__name__)
         try:  # peft refuses some architectures (no attention to prefix) and fails on others at the
-            peft_model = get_peft_model(model, _config(model, ft, kind, task_type))  # first forward
+            config = _config(model, ft, kind, task_type)
+            config.modules_to_save = task_heads(model, task_type) or None
+            peft_model = get_peft_model(model, config)  # first forward
             _probe(peft_model)
         except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
@@ -106,7 +108,7 @@ def _probe(model: Any) -> None:
 
 
 _COMMON = dict(adapter=True, can_merge=False, reference="the adapter switched off", quantized_base=False,
-               stages=("pt", "sft", "dpo", "kto"), packs=False)
+               stages=("pt", "sft", "dpo", "kto", "cls"), packs=False)
 
 register(Method(name="prefix", peft_type="PREFIX_TUNING", apply=_applier("prefix"),
                 summary="prefix tuning / P-tuning v2 (peft): learned keys and values before every layer",

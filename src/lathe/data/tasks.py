@@ -1,0 +1,233 @@
+"""Task rows -> model inputs: the label set of a classification run, and its processor.
+
+A classification run decides its label set once, over every training row (and checks the
+eval rows against it), before anything is tokenized:
+  single_label_classification  one class per row: a name ("positive"), or an id (3) into
+                               `label_names`; names found in the data are sorted (numbers
+                               by value, so "10" comes after "9")
+  multi_label_classification   a list of classes per row (a CSV cell: names joined by commas)
+  regression                   a number per row (MSE loss)
+`problem_type: auto` picks multi-label for lists, regression when a label has decimals
+(2.5, "0.75"), single-label otherwise. Every refusal names the file and row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from lathe.errors import DataError
+
+SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    problem_type: str
+    names: tuple[str, ...]  # class names in id order (empty for regression)
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.problem_type == REGRESSION else len(self.names)
+
+    def config_keys(self) -> dict[str, Any]:
+        """The resolved keys a run records in its config.yaml (so a repeat, predict and
+        export rebuild the same head)."""
+        if self.problem_type == REGRESSION:
+            return {"problem_type": REGRESSION}
+        return {"problem_type": self.problem_type, "label_names": list(self.names)}
+
+    def encode(self, raw: str, where: str) -> Any:
+        """A row's label (as converted: JSON text) -> an id, a multi-hot list, or a float."""
+        value = json.loads(raw)
+        if self.problem_type == REGRESSION:
+            return _number(value, where)
+        index = {n: i for i, n in enumerate(self.names)}
+        if self.problem_type == MULTI:
+            hot = [0.0] * len(self.names)
+            for item in _as_list(value):
+                hot[_class_id(item, index, self.names, where)] = 1.0
+            return hot
+        if isinstance(value, list):
+            raise DataError(f"{where}: label {value!r:.60} is a list, but problem_type is "
+                            "single_label_classification; give one class per row")
+        return _class_id(value, index, self.names, where)
+
+    def decode(self, class_id: int) -> str:
+        return self.names[class_id]
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str):  # a CSV cell: "sports,politics"
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [value]
+
+
+def _name(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _class_id(value: Any, index: dict[str, int], names: tuple[str, ...], where: str) -> int:
+    name = _name(value)
+    if name in index:
+        return index[name]
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+        return value  # an id into label_names
+    raise DataError(f"{where}: label {name!r} is not one of the {len(names)} classes "
+                    f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); fix the row, or add "
+                    "the class to label_names")
+
+
+def _number(value: Any, where: str) -> float:
+    try:
+        if isinstance(value, bool) or isinstance(value, list):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: label {value!r:.60} is not a number, but problem_type is regression; "
+                        "fix the row (a regression label is a number such as 3.5)") from None
+    if not math.isfinite(number):
+        raise DataError(f"{where}: label {value!r} is not a finite number")
+    return number
+
+
+def _kind(value: Any) -> str:
+    """What a label looks like: list, number (a JSON number), decimal (a number with a
+    fraction, JSON or text), or text."""
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, bool):
+        return "text"
+    if isinstance(value, float) and not value.is_integer():
+        return "decimal"
+    if isinstance(value, (int, float)):
+        return "number"
+    try:
+        number = float(value)
+    except ValueError:
+        return "text"
+    return "decimal" if math.isfinite(number) and not number.is_integer() and "." in value else "text"
+
+
+def _first(rows: list[dict], kinds: list[str], kind: str) -> str:
+    return rows[kinds.index(kind)]["origin"]
+
+
+def resolve_labels(rows: list[dict], eval_rows: list[dict], problem_type: str = "auto",
+                   label_names: list[str] | None = None, num_labels: int | None = None) -> LabelSet:
+    """The run's label set from its training rows (see the module docstring), with the eval
+    rows checked against it."""
+    values = [json.loads(r["label"]) for r in rows]
+    kinds = [_kind(v) for v in values]
+    seen = set(kinds)
+    if "list" in seen and len(seen) > 1:
+        other = next(k for k in kinds if k != "list")
+        raise DataError(f"the label column mixes lists and single labels: {_first(rows, kinds, 'list')} has a "
+                        f"list, {_first(rows, kinds, other)} a single label; use one kind in every row")
+    if {"text", "number"} <= seen and problem_type != REGRESSION:
+        raise DataError(f"the label column mixes types: {_first(rows, kinds, 'text')} has a name, "
+                        f"{_first(rows, kinds, 'number')} a number; write every label as a class name "
+                        "(or every one as an id into label_names)")
+    if problem_type == "auto":
+        problem_type = MULTI if "list" in seen else REGRESSION if "decimal" in seen and "text" not in seen \
+            else SINGLE
+    if problem_type == REGRESSION:
+        for r, v in zip(rows, values):
+            _number(v, r["origin"])
+        for r in eval_rows:
+            _number(json.loads(r["label"]), r["origin"])
+        if num_labels not in (None, 1):
+            raise DataError(f"num_labels={num_labels} with problem_type: regression; a regression head "
+                            "has one output: remove num_labels")
+        return LabelSet(REGRESSION, ())
+
+    items = [(r, item) for r, v in zip(rows, values)
+             for item in (_as_list(v) if problem_type == MULTI else [v])]
+    if label_names:
+        names = tuple(label_names)
+    else:
+        found = {_name(item) for _, item in items}
+        all_ids = all(isinstance(item, int) and not isinstance(item, bool) for _, item in items)
+        if all_ids:  # ids without names: classes 0..max (or num_labels)
+            top = max(int(item) for _, item in items)
+            if min(int(item) for _, item in items) < 0:
+                bad = next(r for r, item in items if int(item) < 0)
+                raise DataError(f"{bad['origin']}: label id {_name(next(i for _, i in items if int(i) < 0))} "
+                                "is negative; class ids start at 0")
+            names = tuple(str(i) for i in range(max(top + 1, num_labels or 0)))
+        else:
+            names = tuple(sorted(found, key=_sort_key))
+    if num_labels is not None and num_labels != len(names):
+        raise DataError(f"num_labels={num_labels} disagrees with the data: it has {len(names)} classes "
+                        f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); drop num_labels or "
+                        "give label_names")
+    if len(names) < 2 and problem_type == SINGLE:
+        raise DataError(f"the training rows have only one class ({names[0] if names else 'none'}); "
+                        "a classifier needs at least two (or give label_names with every class)")
+    labels = LabelSet(problem_type, names)
+    for r, v in zip(rows, values):
+        labels.encode(json.dumps(v), r["origin"])  # names outside label_names are reported here
+    unseen = {} if label_names else _unseen(eval_rows, labels)
+    if unseen:
+        name, where = next(iter(unseen.items()))
+        raise DataError(f"{where}: eval label {name!r} never appears in the training rows, so the model "
+                        f"cannot predict it (training has: {', '.join(names[:8])}"
+                        f"{', ...' if len(names) > 8 else ''}); fix the row, or list every class in label_names")
+    for r in eval_rows:
+        labels.encode(r["label"], r["origin"])
+    return labels
+
+
+def _unseen(eval_rows: list[dict], labels: LabelSet) -> dict[str, str]:
+    known = set(labels.names)
+    out: dict[str, str] = {}
+    for r in eval_rows:
+        value = json.loads(r["label"])
+        for item in (_as_list(value) if labels.problem_type == MULTI else [value]):
+            name = _name(item)
+            ids_ok = isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(labels.names)
+            if name not in known and not ids_ok:
+                out.setdefault(name, r["origin"])
+    return out
+
+
+def _sort_key(name: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(name), name)
+    except ValueError:
+        return (1, 0.0, name)
+
+
+# --- processor ------------------------------------------------------------------------------
+
+def make_cls_preprocess(tokenizer: Any, cutoff_len: int, labels: LabelSet):
+    """Batched `datasets.map` function: text (+ text_pair) -> input ids (truncated to
+    cutoff_len, the model's special tokens added), the encoded label, and the row's text and
+    origin (for the predictions file). Token type ids only for models that read them (BERT:
+    0 for text, 1 for text_pair; GPT-2 would add a token's embedding for them)."""
+    types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+
+    def preprocess(batch: dict[str, list]) -> dict[str, list]:
+        pairs = batch.get("text_pair") or [""] * len(batch["text"])
+        out: dict[str, list] = {"input_ids": [], "token_type_ids": [], "labels": [], "text": [],
+                                "text_pair": [], "origin": []}
+        for text, pair, label, origin in zip(batch["text"], pairs, batch["label"], batch["origin"]):
+            pair = pair or None
+            enc = tokenizer(text, pair, truncation=True, max_length=cutoff_len, return_token_type_ids=types)
+            out["input_ids"].append(enc["input_ids"])
+            out["token_type_ids"].append(enc["token_type_ids"] if types else [])
+            out["labels"].append(labels.encode(label, origin))
+            out["text"].append(text)
+            out["text_pair"].append(pair or "")
+            out["origin"].append(origin)
+        return out
+
+    return preprocess
