@@ -27,3 +27,63 @@ def train(config: str | os.PathLike | Mapping[str, Any] | None = None,
     cfg = load_config(config, extra)
     cfg = repeat_target(cfg, set(extra))
     return run(cfg)
+
+
+# Stages whose runs `lathe predict` can score, and what it then does.
+PREDICTS = {"sft": "generates a reply per row and scores it (BLEU-4, ROUGE)",
+            "pt": "reports the loss and perplexity", "cls": "predicts a label per row, with probabilities"}
+
+
+def predict(source: str | os.PathLike, overrides: list[str] | Mapping[str, Any] | None = None):
+    """`lathe predict`: the trained model of a run (a run directory, or the config that wrote
+    one: its output_dir) predicts the run's held-out rows (its eval_dataset, or the same
+    val_size split) or `eval_dataset=...`; the results go to a fresh folder in the run
+    directory (predict, predict-2, ...) unless output_dir is given. Returns a RunResult."""
+    from pathlib import Path
+
+    from lathe.config.load import read_config_file
+    from lathe.errors import ConfigError
+    from lathe.quiet import quiet_warnings
+    from lathe.recipes import run
+    from lathe.runs import is_lathe_run, model_keys, read_run_config, run_state
+
+    quiet_warnings()
+    extra = parse_overrides(overrides)
+    if Path(source).is_dir():
+        run_dir = str(source)
+    else:
+        given = {**read_config_file(str(source)), **extra}
+        run_dir = given.get("output_dir")
+        if not run_dir:
+            raise ConfigError(f"{source} names no output_dir; lathe predict reads the run it trained "
+                              "(or pass the run directory itself)")
+    state = run_state(run_dir)
+    export = state == "incomplete" and not is_lathe_run(run_dir) and (Path(run_dir) / "config.json").is_file()
+    if state != "complete" and not export:
+        raise ConfigError(f"lathe predict: {run_dir} holds no finished run ({state}); train it first "
+                          f"(lathe train {source}) or pass a finished run directory")
+    if export and "eval_dataset" not in extra:
+        raise ConfigError(f"lathe predict: {run_dir} is a model folder (an export), which names no data; "
+                          "give eval_dataset=NAME (and dataset_dir=FOLDER holding its dataset_info.json)")
+    recorded = read_run_config(run_dir)
+    stage = recorded.get("stage", "sft") if recorded else model_keys(run_dir).get("stage", "sft")
+    if stage not in PREDICTS:
+        raise ConfigError(f"lathe predict works on runs of stage {', '.join(PREDICTS)}; {run_dir} is stage "
+                          f"{stage}")
+    keys = {k: v for k, v in recorded.items()
+            if k not in ("adapter_name_or_path", "output_dir", "overwrite_output_dir", "resume_from_checkpoint")}
+    keys.update(model_keys(run_dir))
+    keys.update(do_train=False, do_eval=False, do_predict=True, predict_with_generate=stage == "sft",
+                output_dir=_free_folder(Path(run_dir) / "predict"))
+    if "eval_dataset" in extra:  # other rows than the run's held-out ones: no training rows needed
+        keys.update(dataset=None, val_size=0)
+    keys.update(extra)
+    return run(load_config(keys))
+
+
+def _free_folder(path) -> str:
+    n, candidate = 1, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return str(candidate)

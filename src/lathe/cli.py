@@ -39,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--dry-run", action="store_true", help="only say which stages would run")
     pl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    pr = sub.add_parser("predict", help="predict with a trained run: its held-out rows, or eval_dataset=...",
+                        description="Load the model a run trained (a run directory, or the config that "
+                                    "wrote it) and predict every row of its eval set (or eval_dataset=NAME): "
+                                    "labels with probabilities for cls, generated replies scored with "
+                                    "BLEU/ROUGE for sft. Results go to <run>/predict (or output_dir=...).")
+    pr.add_argument("config", help="a training config (its output_dir is the run) or a run directory")
+    pr.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
+    pr.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
     e = sub.add_parser("eval", help="score a model on multiple-choice benchmarks (MMLU / C-Eval / CMMLU layout)",
                        description="Answer every question of a benchmark by comparing the logits of the "
                                    "choice letters; report accuracy per subject and category.")
@@ -223,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
             from lathe.api import train
 
             train(args.config, args.overrides)
+        elif args.command == "predict":
+            from lathe.api import predict
+
+            predict(args.config, args.overrides)
         elif args.command == "pipeline":
             from lathe.pipeline import run_pipeline
 

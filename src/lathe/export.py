@@ -62,10 +62,11 @@ def run_export(cfg: LatheConfig) -> dict[str, Any]:
     """Merge, save, verify; returns what was written (and the verification report)."""
     out = Path(cfg.export.export_dir).expanduser()
     check_export_dir(out)  # before anything slow: a used folder is refused at once
-    from lathe.model.load import load_for_inference, resolve_model_path
+    from lathe.model.load import load_for_inference, resolve_model_path, stage_task
 
     resolve_model_path(cfg.model.model_name_or_path)  # a wrong path is reported before anything else
-    template_name = resolve_template(cfg)
+    lm = stage_task(cfg.finetune.stage) == "causal_lm"  # else a task model: no chat template, no stops
+    template_name = resolve_template(cfg) if lm else cfg.data.template
     template = get_template(template_name)
 
     adapters = cfg.model.adapter_name_or_path or []
@@ -77,8 +78,8 @@ def run_export(cfg: LatheConfig) -> dict[str, Any]:
             "(load both, see LOADING.md)")
     model, tokenizer, base_path = load_for_inference(cfg, merge=True, merge_last=merge)
     dtype = export_dtype(cfg, base_path)
-    chat_template = template_to_jinja(template, tokenizer)
-    stop_ids = template.stop_token_ids(tokenizer)
+    chat_template = template_to_jinja(template, tokenizer) if lm else None
+    stop_ids = template.stop_token_ids(tokenizer) if lm else []
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
@@ -106,7 +107,7 @@ def run_export(cfg: LatheConfig) -> dict[str, Any]:
                              f"for inspection, details in {out / REPORT}")
     if cfg.export.export_hub_model_id:
         push_to_hub(out, cfg.export.export_hub_model_id)
-    return {"export_dir": str(out), "template": template_name, "dtype": dtype, "files": files,
+    return {"export_dir": str(out), "template": template_name if lm else None, "dtype": dtype, "files": files,
             "eos_token_id": stop_ids, "verification": report}
 
 
@@ -237,7 +238,7 @@ def save_export(model: Any, tokenizer: Any, folder: Path, *, dtype: str, max_sha
                                                           folder=final_dir.resolve()), encoding="utf-8")
         model = model.get_base_model()
     set_stop_tokens(model, stop_ids)  # plain `generate` stops where training taught the model to
-    if model.generation_config is not None:
+    if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     log(f"Saving weights ({dtype}, shards of at most {max_shard_size}"
         f"{', pytorch_model*.bin' if legacy else ''}) and the tokenizer")
@@ -295,14 +296,24 @@ def verify_export(cfg: LatheConfig, folder: Path, tokenizer: Any, template: Temp
     logits, the chat template's token ids, and the eos ids of generation_config.json."""
     from transformers import AutoTokenizer
 
+    from lathe.model.load import stage_task
+
     convs = [_conversation(system, turns) for system, turns in VERIFY_CHATS]
-    inputs = [[t for p, r in template.encode_turns(c, tokenizer) for t in p + r] for c in convs]
+    lm = stage_task(cfg.finetune.stage) == "causal_lm"
+    if lm:
+        inputs = [[t for p, r in template.encode_turns(c, tokenizer) for t in p + r] for c in convs]
+    else:  # a task model reads plain text: the same sentences, tokenized as its data was
+        inputs = [tokenizer(" ".join(m.content for m in c.messages))["input_ids"] for c in convs]
     logits, ours, base = compare_logits(cfg, folder, base_path, tokenizer, dtype, inputs)
     quantized = compare_with_quantized_base(cfg, base_path, tokenizer, inputs, ours,
                                             base if dtype == "float32" else None)
     exported_tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.model.trust_remote_code)
-    checks, mismatch = compare_chat_template(exported_tok, tokenizer, template, convs)
-    eos = _exported_eos(folder)
+    checks, mismatch = compare_chat_template(exported_tok, tokenizer, template, convs) if lm else (0, None)
+    if not lm:
+        same = all(exported_tok(" ".join(m.content for m in c.messages))["input_ids"] == ids
+                   for c, ids in zip(convs, inputs))
+        mismatch = None if same else "the exported tokenizer tokenizes text differently from the run's"
+    eos = _exported_eos(folder) if lm else []
     problems = []
     if not logits["max_abs_logit_diff"] <= logits["bound"]:  # `not <=` also catches nan
         problems.append(f"logits differ from base + adapters by {logits['max_abs_logit_diff']:.3g} "
@@ -316,7 +327,7 @@ def verify_export(cfg: LatheConfig, folder: Path, tokenizer: Any, template: Temp
     eos_ok = eos == stop_ids or not stop_ids  # no stop tokens at all: the base's eos is left as it was
     if not eos_ok:
         problems.append(f"generation_config.json eos_token_id {eos} is not the template's stop tokens {stop_ids}")
-    return {"passed": not problems, **logits, "dtype": dtype, "template": template.name,
+    return {"passed": not problems, **logits, "dtype": dtype, "template": template.name if lm else None,
             "chat_template_matches": mismatch is None, "chat_template_checks": checks,
             "mismatch": mismatch, "eos_token_ids": eos, "stop_token_ids": stop_ids,
             "eos_matches": eos_ok, "quantized_base": quantized, "problems": problems}
@@ -333,9 +344,10 @@ def compare_logits(cfg: LatheConfig, folder: Path, base_path: str, tokenizer: An
     returns the export's logits and the base's (the reference with its last adapter off)."""
     import gc
 
-    from transformers import AutoModelForCausalLM
+    from lathe.model.load import auto_class, stage_task
 
-    exported = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=cfg.model.trust_remote_code)
+    auto, _ = auto_class(stage_task(cfg.finetune.stage))  # the plain class users load it with
+    exported = auto.from_pretrained(str(folder), trust_remote_code=cfg.model.trust_remote_code)
     if (folder / ADAPTER_DIR / "adapter_config.json").is_file():  # the pair, loaded as LOADING.md says
         from peft import PeftModel
 
@@ -371,9 +383,10 @@ def compare_with_quantized_base(cfg: LatheConfig, base_path: str, tokenizer: Any
     export passes within NOISE_FACTOR x that. None when no adapter was trained quantized."""
     import gc
 
-    from lathe.model.load import load_adapter, load_model
+    from lathe.model.load import head_kwargs, load_adapter, load_model, stage_task
     from lathe.runs import read_run_config
 
+    task, head = stage_task(cfg.finetune.stage), head_kwargs(cfg)
     adapters = cfg.model.adapter_name_or_path or []
     trained = read_run_config(adapters[-1]) if adapters else {}
     bits = trained.get("quantization_bit")
@@ -386,13 +399,14 @@ def compare_with_quantized_base(cfg: LatheConfig, base_path: str, tokenizer: Any
     keys = {k: trained[k] for k in ("quantization_bit", "quantization_type", "double_quantization") if k in trained}
     in_float32 = dataclasses.replace(cfg.model, torch_dtype="float32")
     quantized = load_model(dataclasses.replace(cfg, model=dataclasses.replace(in_float32, **keys)), base_path,
-                           tokenizer).eval()
+                           tokenizer, task, head).eval()
     quantized_base = _logits(quantized, inputs)
     as_trained = _logits(load_adapter(quantized, adapters[-1], base_path).eval(), inputs)
     del quantized
     gc.collect()
     if base is None:
-        base = _logits(load_model(dataclasses.replace(cfg, model=in_float32), base_path, tokenizer).eval(), inputs)
+        base = _logits(load_model(dataclasses.replace(cfg, model=in_float32), base_path, tokenizer, task,
+                                  head).eval(), inputs)
     effect = _max_diff(quantized_base, base)
     diff = _max_diff(ours, as_trained)
     return {"bits": bits, "max_abs_logit_diff": diff, "quantization_effect": effect,
@@ -406,10 +420,10 @@ def _max_diff(a: list[Any], b: list[Any]) -> float:
 def reference_model(cfg: LatheConfig, base_path: str, tokenizer: Any, dtype: str) -> Any:
     """Base model in `dtype` with the adapters applied as adapters: all but the last merged
     (as the export merged them), the last one live, unmerged, as training ran it."""
-    from lathe.model.load import load_adapter, load_model
+    from lathe.model.load import head_kwargs, load_adapter, load_model, stage_task
 
     in_dtype = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, torch_dtype=dtype))
-    model = load_model(in_dtype, base_path, tokenizer)
+    model = load_model(in_dtype, base_path, tokenizer, stage_task(cfg.finetune.stage), head_kwargs(cfg))
     adapters = cfg.model.adapter_name_or_path or []
     for i, adapter in enumerate(adapters):
         model = load_adapter(model, adapter, base_path)
@@ -421,8 +435,12 @@ def reference_model(cfg: LatheConfig, base_path: str, tokenizer: Any, dtype: str
 def _logits(model: Any, inputs: list[list[int]]) -> list[Any]:
     import torch
 
+    out = []
     with torch.no_grad():  # P-tuning / prompt tuning put logits of their virtual tokens in front
-        return [model(input_ids=torch.tensor([ids])).logits[0, -len(ids):].float() for ids in inputs]
+        for ids in inputs:
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            out.append((logits[-len(ids):] if logits.dim() == 2 and logits.shape[0] >= len(ids) else logits).float())
+    return out
 
 
 def compare_chat_template(exported_tok: Any, tokenizer: Any, template: Template,
@@ -480,7 +498,8 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     effect = report["last_adapter_effect"]
     log(f"Verification {'passed' if report['passed'] else 'FAILED'}:")
     log(f"  logits: max |export - (base + adapters unmerged)| = {report['max_abs_logit_diff']:.3g} "
-        f"(bound {report['bound']:.3g}, {report['dtype']}, {report['prompts']} conversations)"
+        f"(bound {report['bound']:.3g}, {report['dtype']}, {report['prompts']} "
+        f"{'conversations' if report['template'] else 'texts'})"
         + (f"; {report['dtype']} vs float32 on the same weights: {report['dtype_noise']:.3g}"
            if report["dtype_noise"] is not None else "")
         + (f"; the last adapter itself moves logits by {effect:.3g}" if effect is not None else ""))
@@ -492,11 +511,15 @@ def print_report(report: dict[str, Any], out: Path) -> None:
         log(f"  against the {q['bits']}-bit base + adapter it was trained as: {q['max_abs_logit_diff']:.3g} "
             f"(bound {q['bound']:.3g}: {NOISE_FACTOR:g}x what {q['bits']}-bit quantization moves the base's "
             f"logits, {q['quantization_effect']:.3g})")
-    log(f"  chat template ({report['template']}): "
-        + ("renders the same token ids" if report["chat_template_matches"] else report["mismatch"])
-        + f" ({report['chat_template_checks']} renderings)")
-    log(f"  generation_config eos_token_id {report['eos_token_ids']}: "
-        + ("the template's stop tokens" if report["eos_matches"] else f"expected {report['stop_token_ids']}"))
+    if report["template"] is None:  # a task model
+        log("  tokenizer: " + ("tokenizes the checked texts as the run did" if report["mismatch"] is None
+                               else report["mismatch"]))
+    else:
+        log(f"  chat template ({report['template']}): "
+            + ("renders the same token ids" if report["chat_template_matches"] else report["mismatch"])
+            + f" ({report['chat_template_checks']} renderings)")
+        log(f"  generation_config eos_token_id {report['eos_token_ids']}: "
+            + ("the template's stop tokens" if report["eos_matches"] else f"expected {report['stop_token_ids']}"))
     log(f"  report: {out / REPORT}")
 
 

@@ -75,11 +75,44 @@ def read_run_config(folder: str | os.PathLike) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def task_keys(folder: str) -> dict[str, object]:
+    """The keys that rebuild a task model's head (stage, problem_type, label_names): from the
+    run's config.yaml, or from an export's config.json (its architecture and id2label); {}
+    for a language model."""
+    import json
+
+    from lathe.config.schema import TASK_STAGES
+
+    recorded = read_run_config(folder)
+    if recorded:  # a Lathe run says what it trained (an rm run is a sequence classifier too)
+        if recorded.get("stage") not in TASK_STAGES:
+            return {}
+        return {k: recorded[k] for k in ("stage", "problem_type", "label_names") if recorded.get(k) is not None}
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return {}
+    if not config.get("problem_type") and len(config.get("id2label") or {}) < 2:
+        return {}  # one output and no problem type: a reward model, not a classifier
+    problem = config.get("problem_type") or "single_label_classification"
+    keys: dict[str, object] = {"stage": "cls", "problem_type": problem}
+    if keys["problem_type"] != "regression":
+        id2label = config.get("id2label") or {}
+        keys["label_names"] = [id2label[k] for k in sorted(id2label, key=int)]
+    return keys
+
+
 def model_keys(folder: str) -> dict[str, object]:
-    """`lathe chat|eval|export <folder>`: the model keys that load what the folder holds. A
-    LoRA run is its base model (from the run's config.yaml, else adapter_config.json) with
-    the adapters it was trained on top of and its own; an export or a full run is the
-    model itself."""
+    """`lathe chat|eval|export|predict <folder>`: the model keys that load what the folder
+    holds. A LoRA run is its base model (from the run's config.yaml, else adapter_config.json)
+    with the adapters it was trained on top of and its own; an export or a full run is the
+    model itself. A task model brings the keys of its head (task_keys)."""
+    return {**_model_keys(folder), **task_keys(folder)}
+
+
+def _model_keys(folder: str) -> dict[str, object]:
     import json
 
     p = Path(folder)
