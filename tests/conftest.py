@@ -41,6 +41,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with a WordPiece tokenizer (tests/tiny_encoders.py)."""
+    from tests.tiny_encoders import build_tiny_bert
+
+    return build_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """dataset_info.json with the identity set (JSON) and a copy of it as JSONL."""
     d = tmp_path_factory.mktemp("data")

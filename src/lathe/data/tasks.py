@@ -132,7 +132,7 @@ def resolve_labels(rows: list[dict], eval_rows: list[dict], problem_type: str = 
         other = next(k for k in kinds if k != "list")
         raise DataError(f"the label column mixes lists and single labels: {_first(rows, kinds, 'list')} has a "
                         f"list, {_first(rows, kinds, other)} a single label; use one kind in every row")
-    if {"text", "number"} <= seen and problem_type != REGRESSION:
+    if {"text", "number"} <= seen and problem_type != REGRESSION and not label_names:
         raise DataError(f"the label column mixes types: {_first(rows, kinds, 'text')} has a name, "
                         f"{_first(rows, kinds, 'number')} a number; write every label as a class name "
                         "(or every one as an id into label_names)")

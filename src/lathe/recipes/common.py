@@ -378,7 +378,7 @@ def print_summary(cfg: LatheConfig, model: Any, model_path: str, data: Any, exam
     rows = ", ".join(f"{k}: {v}" for k, v in st.rows_read.items())
     lines = [
         f"Lathe | stage {cfg.finetune.stage} | {cfg.finetune.finetuning_type}",
-        f"  model      {model_path} ({type(model).__name__})",
+        f"  model      {model_path} ({_model_kind(model)})",
         f"  weights    {param.dtype} on {param.device}, {world} process(es)"
         + (f", {'bf16' if cfg.train.bf16 else 'fp16'} mixed precision (autocast)"
            if cfg.train.bf16 or cfg.train.fp16 else ""),
@@ -403,6 +403,14 @@ def print_summary(cfg: LatheConfig, model: Any, model_path: str, data: Any, exam
     lines += [f"  note       {n}" for n in [*cfg.notes, *notes]]
     lines += [f"  example    ({example_caption})", _indent(example, "    ")]
     print("\n".join(lines), flush=True)
+
+
+def _model_kind(model: Any) -> str:
+    """The model class, and the adapter on it: `LlamaForSequenceClassification + LORA adapter`."""
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        kinds = sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in model.peft_config.values()})
+        return f"{type(model.get_base_model()).__name__} + {'/'.join(kinds)} adapter"
+    return type(model).__name__
 
 
 def _indent(text: str, pad: str) -> str:
