@@ -27,7 +27,7 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def vocabulary_texts() -> list[str]:
-    return [" ".join(POSITIVE + NEGATIVE + THINGS + FILLERS)] * 4
+    return [" ".join(POSITIVE + NEGATIVE + THINGS + FILLERS + PEOPLE + PLACES + OTHER + ["in", "smith"])] * 4
 
 
 def build_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
@@ -74,5 +74,46 @@ def write_sentiment(folder: Path, n_train: int = 96, n_test: int = 32, fmt: str 
         else:
             path.write_text(json.dumps(rows), encoding="utf-8")
         info[name] = {"file_name": path.name}
+    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return folder
+
+
+PEOPLE = ["alice", "bob", "carol", "dave", "erin", "frank"]
+PLACES = ["paris", "rome", "oslo", "lima", "cairo", "delhi"]
+OTHER = ["the", "film", "was", "good", "met", "went"]
+
+
+def ner_rows(n: int, seed: int = 0) -> list[dict]:
+    """Sentences of people (B-PER, with a surname I-PER), places after "in" (B-LOC) and filler."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words: list[str] = []
+        tags: list[str] = []
+        for part in rng.sample(["person", "place", "word", "word"], 4):
+            if part == "person":
+                surname = rng.random() < 0.3
+                words += [rng.choice(PEOPLE)] + (["smith"] if surname else [])
+                tags += ["B-PER"] + (["I-PER"] if surname else [])
+            elif part == "place":
+                words += ["in", rng.choice(PLACES)]
+                tags += ["O", "B-LOC"]
+            else:
+                words.append(rng.choice(OTHER))
+                tags.append("O")
+        rows.append({"tokens": words, "tags": tags})
+    return rows
+
+
+def write_ner(folder: Path, n_train: int = 96, n_test: int = 24) -> Path:
+    """A dataset_dir with `ner` (JSON rows of tokens and tags) and `ner_test` (a CoNLL file:
+    word, a POS column, tag; blank lines between sentences)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ner.json").write_text(json.dumps(ner_rows(n_train, 0)), encoding="utf-8")
+    lines = []
+    for row in ner_rows(n_test, 1):
+        lines += [f"{w} X {t}" for w, t in zip(row["tokens"], row["tags"])] + [""]
+    (folder / "ner_test.conll").write_text("-DOCSTART- -X- O\n\n" + "\n".join(lines), encoding="utf-8")
+    info = {"ner": {"file_name": "ner.json"}, "ner_test": {"file_name": "ner_test.conll"}}
     (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
     return folder

@@ -92,16 +92,17 @@ def task_keys(folder: str) -> dict[str, object]:
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+    architectures = config.get("architectures") or []
+    id2label = config.get("id2label") or {}
+    names = [id2label[k] for k in sorted(id2label, key=int)]
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        return {"stage": "tagging", "label_names": names}
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
         return {}
-    if not config.get("problem_type") and len(config.get("id2label") or {}) < 2:
+    if not config.get("problem_type") and len(id2label) < 2:
         return {}  # one output and no problem type: a reward model, not a classifier
     problem = config.get("problem_type") or "single_label_classification"
-    keys: dict[str, object] = {"stage": "cls", "problem_type": problem}
-    if keys["problem_type"] != "regression":
-        id2label = config.get("id2label") or {}
-        keys["label_names"] = [id2label[k] for k in sorted(id2label, key=int)]
-    return keys
+    return {"stage": "cls", "problem_type": problem, **({"label_names": names} if problem != "regression" else {})}
 
 
 def model_keys(folder: str) -> dict[str, object]:

@@ -113,7 +113,7 @@ def test_task_keys_belong_to_their_stage():
     from lathe.errors import ConfigError
 
     base = {"model_name_or_path": "x", "dataset": "d", "output_dir": "o"}
-    with pytest.raises(ConfigError, match="label_names applies only to stage cls, but stage is sft"):
+    with pytest.raises(ConfigError, match="label_names applies only to stage cls or tagging, but stage is sft"):
         load_config({**base, "label_names": "a,b"})
     with pytest.raises(ConfigError, match="num_labels=3 but label_names has 2 names"):
         load_config({**base, "stage": "cls", "label_names": "a,b", "num_labels": 3})
@@ -131,3 +131,40 @@ def test_a_model_without_the_head_is_refused_before_loading(tmp_path):
     with pytest.raises(ModelError, match=r"stage cls needs a model with a sequence-classification head, and "
                                          r"mamba has none in transformers.*bert"):
         check_task_head(str(tmp_path), "seq_cls", "cls")
+
+
+def test_entity_spans_and_scores_agree_with_seqeval():
+    """conlleval's reading of IOB1, IOB2 (BIO) and IOBES tags, against seqeval on random tags."""
+    seqeval = pytest.importorskip("seqeval.metrics")
+    import random
+
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    rng = random.Random(0)
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "E-PER", "S-LOC", "I-ORG", "E-ORG", "S-PER"]
+    for _ in range(2000):
+        seq = [rng.choice(tags) for _ in range(rng.randrange(1, 9))]
+        assert sorted(M.entities(seq)) == sorted(get_entities(seq)), seq
+    gold = [[rng.choice(tags[:5]) for _ in range(6)] for _ in range(50)]
+    pred = [[t if rng.random() < 0.7 else rng.choice(tags[:5]) for t in y] for y in gold]
+    got = M.entity_scores(pred, gold)
+    assert got["f1"] == pytest.approx(seqeval.f1_score(gold, pred))
+    assert got["precision"] == pytest.approx(seqeval.precision_score(gold, pred))
+    assert got["recall"] == pytest.approx(seqeval.recall_score(gold, pred))
+    assert got["f1_macro"] == pytest.approx(seqeval.f1_score(gold, pred, average="macro"))
+    assert M.entities(["B-PER", "I-PER", "O", "I-LOC", "I-LOC", "B-LOC"]) == \
+        [("PER", 0, 1), ("LOC", 3, 4), ("LOC", 5, 5)]
+
+
+def test_tag_set_order_and_inside_tags():
+    from lathe.data.tasks import inside_tag, resolve_tags
+
+    def tagged(*seqs):
+        return [{"tags": json.dumps(s), "origin": f"t.json row {i}"} for i, s in enumerate(seqs)]
+
+    tags = resolve_tags(tagged(["B-PER", "I-PER", "O"], ["B-LOC", "O"]), [])
+    assert tags.names == ("O", "B-LOC", "B-PER", "I-PER")
+    assert inside_tag(tags.names) == [0, 1, 3, 3]  # B-LOC has no I-LOC: it keeps its own tag
+    with pytest.raises(DataError, match="tags mix names and ids: t.json row 0 has a tag name, t.json row 1 an id"):
+        resolve_tags(tagged(["O"], [1]), [])
+    assert resolve_tags(tagged([0, 2]), []).names == ("0", "1", "2")

@@ -92,7 +92,7 @@ _LORA = ("lora", "adalora")  # AdaLoRA shares LoRA's target, alpha and dropout
 @dataclass(frozen=True)
 class FinetuneConfig:
     stage: str = _f("sft", "Training stage: pt, sft, rm, dpo, kto, ppo; or a task: cls (sequence "
-                    "classification and regression).")
+                    "classification and regression), tagging (token classification, e.g. NER).")
     finetuning_type: Literal["lora", "full", "freeze", "ia3", "prefix", "ptuning", "prompt", "adalora"] = _f(
         "lora", "What is trained (one module each in lathe.model.methods; `lathe methods` lists them)."
     )
@@ -211,7 +211,7 @@ class AlignConfig:
     ppo_whiten_rewards: bool = _f(False, "ppo: whiten the per-token rewards of each batch.")
 
 
-_LABELLED = ("cls",)
+_LABELLED = ("cls", "tagging")
 
 
 @dataclass(frozen=True)
@@ -224,11 +224,15 @@ class TaskConfig:
         "loss). auto: a list means multi-label, numbers with decimals mean regression, else "
         "single-label.", stage="cls")
     label_names: list[str] | None = _f(
-        None, "The classes in id order (comma-separated); default: the labels found in the "
-        "training data, sorted. Integer labels are then ids into this list.", stage=_LABELLED)
+        None, "The classes (tagging: the tags) in id order (comma-separated); default: the labels "
+        "found in the training data, sorted. Integer labels are then ids into this list.", stage=_LABELLED)
     num_labels: int | None = _f(
         None, "How many classes the head has (checked against the data; default: from the data "
         "or label_names).", stage=_LABELLED)
+    label_all_tokens: bool = _f(
+        False, "tagging: also train every later piece of a word split into several tokens (a B- tag "
+        "becomes I- there); default: only the first piece, the rest ignored. Scores stay per word.",
+        stage="tagging")
 
 
 @dataclass(frozen=True)
@@ -321,10 +325,10 @@ class BenchConfig:
 
 
 # Stage names; each has a recipe module `lathe.recipes.<name>` (a test keeps them in step).
-STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls")
+STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls", "tagging")
 # Stages that train a task head instead of a language model (lathe.model.load.TASKS names
 # the model class of each).
-TASK_STAGES: tuple[str, ...] = ("cls",)
+TASK_STAGES: tuple[str, ...] = ("cls", "tagging")
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,

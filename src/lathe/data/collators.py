@@ -91,6 +91,19 @@ class KTOCollator:
         return batch
 
 
+def add_token_types(batch: dict[str, Any], features: list[dict[str, Any]]) -> None:
+    """token_type_ids, right-padded with 0, for models that read them (BERT: 1 on a text pair's
+    second text); rows without them (GPT-2 would add a token's embedding) add none."""
+    import torch
+
+    if not any(f.get("token_type_ids") for f in features):
+        return
+    types = torch.zeros_like(batch["input_ids"])
+    for i, f in enumerate(features):
+        types[i, :len(f["token_type_ids"])] = torch.as_tensor(f["token_type_ids"], dtype=torch.long)
+    batch["token_type_ids"] = types
+
+
 @dataclass
 class ClassifierCollator:
     """cls: right-padded ids, attention mask and token type ids, and one label per row: a class
@@ -103,13 +116,22 @@ class ClassifierCollator:
 
         batch = pad_rows([(f["input_ids"], []) for f in features], self.pad_id)
         del batch["labels"]
-        if any(f.get("token_type_ids") for f in features):  # only models that read them (BERT)
-            types = torch.zeros_like(batch["input_ids"])
-            for i, f in enumerate(features):
-                row = f["token_type_ids"]
-                types[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
-            batch["token_type_ids"] = types
+        add_token_types(batch, features)
         labels = [f["labels"] for f in features]
         dtype = torch.long if isinstance(labels[0], int) else torch.float
         batch["labels"] = torch.as_tensor(labels, dtype=dtype)
+        return batch
+
+
+@dataclass
+class TaggerCollator:
+    """tagging: right-padded ids and one label per piece (IGNORE_INDEX on padding), token type
+    ids for models that read them."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+
+        batch = pad_rows([(f["input_ids"], f["labels"]) for f in features], self.pad_id)
+        add_token_types(batch, features)
         return batch

@@ -7,6 +7,7 @@ Formats (how a row is laid out): alpaca, sharegpt, openai. Kinds (what a stage n
   prompt    a prompt only (a final reply, if any, is dropped)    (ppo)
   text      plain text                                           (pt)
   cls       text + label                                         (classification)
+  tagging   words + one tag per word                             (token classification)
 Every converter returns a plain dict (a `datasets` row) or raises DataError.
 """
 
@@ -20,9 +21,9 @@ from lathe.data.registry import DatasetSpec
 from lathe.data.sources import Row
 from lathe.errors import DataError
 
-KINDS = ("sft", "pairwise", "kto", "prompt", "text", "cls")
+KINDS = ("sft", "pairwise", "kto", "prompt", "text", "cls", "tagging")
 STAGE_KIND = {"sft": "sft", "pt": "text", "rm": "pairwise", "dpo": "pairwise", "kto": "kto",
-              "ppo": "prompt", "cls": "cls"}
+              "ppo": "prompt", "cls": "cls", "tagging": "tagging"}
 _KIND_WANTS = {
     "sft": "instruction data (a prompt and a response)",
     "pairwise": "preference pairs (ranking: true with chosen and rejected)",
@@ -30,6 +31,7 @@ _KIND_WANTS = {
     "prompt": "prompts",
     "text": "plain text (a text column or .txt lines)",
     "cls": "text with a label column",
+    "tagging": "words with a tag each (tokens and tags columns, or a CoNLL file)",
 }
 
 
@@ -39,6 +41,8 @@ def convert(row: Row, spec: DatasetSpec, kind: str) -> dict[str, Any]:
         return {"text": _text_field(row, spec, "text", fallback="prompt"), "origin": row.where}
     if kind == "cls":
         return _classification(row, spec)
+    if kind == "tagging":
+        return _tagged_words(row, spec)
     if kind == "pairwise":
         return _pairwise(row, spec)
     if spec.ranking:
@@ -80,6 +84,32 @@ def _classification(row: Row, spec: DatasetSpec) -> dict[str, Any]:
     if pair and row.data.get(pair) is not None:
         out["text_pair"] = _text(row, pair, required=True, role="text_pair")
     return out
+
+
+def _tagged_words(row: Row, spec: DatasetSpec) -> dict[str, Any]:
+    """tokens (a list of words) and tags (one per word: a name such as B-PER, or an id into
+    label_names), kept as JSON text like a classification label."""
+    found = {}
+    for role in ("tokens", "tags"):
+        column = spec.column(role) or role
+        value = row.data.get(column)
+        if not isinstance(value, list) or not value:
+            have = ", ".join(sorted(row.data)) or "none"
+            what = "missing" if value is None else f"a {type(value).__name__}, not a non-empty list"
+            raise DataError(f"{row.where}: column {column!r} ({role}) is {what}; the row has: {have}. "
+                            f"A tagging row has a list of words and a list of tags, one per word "
+                            f"(map columns.{role} in dataset_info.json)")
+        found[role] = value
+    words, tags = found["tokens"], found["tags"]
+    if len(words) != len(tags):
+        raise DataError(f"{row.where}: {len(words)} tokens but {len(tags)} tags; each word needs exactly one tag")
+    bad = next((w for w in words if not isinstance(w, str) or not w.strip()), None)
+    if bad is not None:
+        raise DataError(f"{row.where}: token {bad!r:.40} is not a word; tokens are non-empty strings")
+    bad = next((t for t in tags if not isinstance(t, (str, int)) or isinstance(t, bool)), None)
+    if bad is not None:
+        raise DataError(f"{row.where}: tag {bad!r:.40} is neither a tag name nor an id")
+    return {"tokens": words, "tags": json.dumps(tags, ensure_ascii=False), "origin": row.where}
 
 
 def conversation(row: Row, spec: DatasetSpec, need_response: bool) -> Conversation:

@@ -1,8 +1,9 @@
 """Read rows from data files, remembering where each came from.
 
 Supported: .json (an array of objects, or JSON lines), .jsonl, .csv, .parquet, .arrow
-(as written by `datasets`), .txt (one text per line, for pretraining), and folders of
-them. Each row carries `where` ("data/x.jsonl line 17", "data/x.json row 3") so that
+(as written by `datasets`), .txt (one text per line, for pretraining), .conll / .bio /
+.iob (CoNLL columns: a word and its tag per line, sentences apart by a blank line), and
+folders of them. Each row carries `where` ("data/x.jsonl line 17", "data/x.json row 3") so that
 every later error can name the file and row.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 from lathe.errors import DataError
 
-SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".conll", ".bio", ".iob")
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,32 @@ def _read_txt(path: Path) -> Iterator[Row]:
             yield Row({"text": text}, f"{path} line {lineno}")
 
 
+def _read_conll(path: Path) -> Iterator[Row]:
+    """CoNLL / BIO columns: `word ... tag` per line (whitespace apart: the first column is the
+    word, the last its tag; CoNLL-2003's POS and chunk columns between are skipped), a blank
+    line between sentences, -DOCSTART- lines ignored. A row: {"tokens", "tags"}, named by the
+    line its sentence starts on."""
+    words: list[str] = []
+    tags: list[str] = []
+    start = 0
+    for lineno, line in enumerate(_lines(path), start=1):
+        cells = line.split()
+        if not cells or cells[0] == "-DOCSTART-":
+            if words:
+                yield Row({"tokens": words, "tags": tags}, f"{path} line {start}")
+            words, tags = [], []
+            continue
+        if len(cells) < 2:
+            raise DataError(f"{path} line {lineno}: {line.strip()!r:.60} has no tag; a CoNLL line is a word and "
+                            "its tag, whitespace apart (a blank line ends a sentence)")
+        if not words:
+            start = lineno
+        words.append(cells[0])
+        tags.append(cells[-1])
+    if words:
+        yield Row({"tokens": words, "tags": tags}, f"{path} line {start}")
+
+
 _READERS = {
     ".json": _read_json,
     ".jsonl": _read_json,
@@ -178,4 +205,7 @@ _READERS = {
     ".parquet": _read_table,
     ".arrow": _read_table,
     ".txt": _read_txt,
+    ".conll": _read_conll,
+    ".bio": _read_conll,
+    ".iob": _read_conll,
 }

@@ -37,6 +37,8 @@ class LabelSet:
         export rebuild the same head)."""
         if self.problem_type == REGRESSION:
             return {"problem_type": REGRESSION}
+        if self.problem_type == TAGGING:  # problem_type is a cls key
+            return {"label_names": list(self.names)}
         return {"problem_type": self.problem_type, "label_names": list(self.names)}
 
     def encode(self, raw: str, where: str) -> Any:
@@ -227,6 +229,110 @@ def make_cls_preprocess(tokenizer: Any, cutoff_len: int, labels: LabelSet):
             out["labels"].append(labels.encode(label, origin))
             out["text"].append(text)
             out["text_pair"].append(pair or "")
+            out["origin"].append(origin)
+        return out
+
+    return preprocess
+
+
+# --- tagging ----------------------------------------------------------------------------------
+
+TAGGING = "token_classification"
+_PREFIX_ORDER = {"B": 0, "I": 1, "E": 2, "S": 3}
+
+
+def _tag_key(tag: str) -> tuple[int, str, int, str]:
+    """O first, then by entity type, B- before I- (E-, S-) within a type."""
+    if tag == "O":
+        return (0, "", 0, tag)
+    prefix, _, kind = tag.partition("-")
+    if kind and prefix in _PREFIX_ORDER:
+        return (1, kind, _PREFIX_ORDER[prefix], tag)
+    return (1, tag, 9, tag)
+
+
+def resolve_tags(rows: list[dict], eval_rows: list[dict], label_names: list[str] | None = None,
+                 num_labels: int | None = None) -> LabelSet:
+    """The tag set of a tagging run: label_names, or every tag in the training rows (ids into
+    label_names, or names); eval tags the training rows never use are refused, naming the row."""
+    found: dict[str, str] = {}
+    kinds: dict[str, str] = {}
+    for r in rows:
+        for tag in json.loads(r["tags"]):
+            kind = "id" if isinstance(tag, int) else "name"
+            kinds.setdefault(kind, r["origin"])
+            found.setdefault(_name(tag), r["origin"])
+    if len(kinds) > 1 and not label_names:
+        raise DataError(f"the tags mix names and ids: {kinds['name']} has a tag name, {kinds['id']} an id; "
+                        "write every tag as a name (B-PER, O, ...) or give label_names for the ids")
+    if label_names:
+        names = tuple(label_names)
+    elif "id" in kinds:
+        names = tuple(str(i) for i in range(max(max(int(t) for t in found) + 1, num_labels or 0)))
+    else:
+        names = tuple(sorted(found, key=_tag_key))
+    if num_labels is not None and num_labels != len(names):
+        raise DataError(f"num_labels={num_labels} disagrees with the data: it has {len(names)} tags "
+                        f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); drop num_labels or "
+                        "give label_names")
+    tags = LabelSet(TAGGING, names)
+    index = {n: i for i, n in enumerate(names)}
+    for r in rows:
+        for tag in json.loads(r["tags"]):
+            _class_id(tag, index, names, r["origin"])
+    for r in eval_rows:
+        for tag in json.loads(r["tags"]):
+            if not label_names and _name(tag) not in index and not isinstance(tag, int):
+                raise DataError(f"{r['origin']}: eval tag {_name(tag)!r} never appears in the training rows, so "
+                                f"the model cannot predict it (training has: {', '.join(names[:10])}"
+                                f"{', ...' if len(names) > 10 else ''}); fix the row, or list every tag in label_names")
+            _class_id(tag, index, names, r["origin"])
+    return tags
+
+
+def inside_tag(names: tuple[str, ...]) -> list[int]:
+    """For each tag id: the id later pieces of a word get with label_all_tokens (B-X -> I-X
+    where the set has I-X; the tag itself otherwise)."""
+    index = {n: i for i, n in enumerate(names)}
+    return [index.get("I-" + n[2:], i) if n.startswith("B-") else i for i, n in enumerate(names)]
+
+
+def make_tagging_preprocess(tokenizer: Any, cutoff_len: int, tags: LabelSet, label_all_tokens: bool = False):
+    """Batched map function: words -> pieces (the tokenizer's own split of each word, special
+    tokens added), each word's tag on its first piece and IGNORE_INDEX on the rest (or the
+    inside tag with label_all_tokens) and on special tokens; `word_ids` keeps which word each
+    piece came from (-1: special), for word-level scores and predictions."""
+    from lathe.data.processors import IGNORE_INDEX
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"stage tagging needs a fast tokenizer (it maps pieces back to words); "
+                        f"{type(tokenizer).__name__} is not one: install `tokenizers` or convert the tokenizer")
+    types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+    inside = inside_tag(tags.names)
+    index = {n: i for i, n in enumerate(tags.names)}
+
+    def preprocess(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "token_type_ids": [], "labels": [], "word_ids": [],
+                                "tokens": [], "origin": []}
+        for words, raw, origin in zip(batch["tokens"], batch["tags"], batch["origin"]):
+            ids = [_class_id(t, index, tags.names, origin) for t in json.loads(raw)]
+            enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=cutoff_len,
+                            return_token_type_ids=types)
+            word_ids = [-1 if w is None else w for w in enc.word_ids()]
+            labels, previous = [], -1
+            for w in word_ids:
+                if w < 0:
+                    labels.append(IGNORE_INDEX)
+                elif w != previous:
+                    labels.append(ids[w])
+                else:
+                    labels.append(inside[ids[w]] if label_all_tokens else IGNORE_INDEX)
+                previous = w
+            out["input_ids"].append(enc["input_ids"])
+            out["token_type_ids"].append(enc["token_type_ids"] if types else [])
+            out["labels"].append(labels)
+            out["word_ids"].append(word_ids)
+            out["tokens"].append(words)
             out["origin"].append(origin)
         return out
 

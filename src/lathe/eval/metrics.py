@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from functools import cache
+from typing import Any
 
 # --------------------------------------------------------------------------- classic
 
@@ -161,6 +162,69 @@ def regression_scores(preds: Sequence[float], labels: Sequence[float]) -> dict[s
     """mse, rmse, mae and r2."""
     m = mse(preds, labels)
     return {"mse": m, "rmse": math.sqrt(m), "mae": mae(preds, labels), "r2": r2(preds, labels)}
+
+
+# --------------------------------------------------------------------------- entities
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    """'B-PER' -> ('B', 'PER'); 'O' -> ('O', ''); a bare 'PER' counts as inside ('I', 'PER')."""
+    if tag == "O" or not tag:
+        return "O", ""
+    head, sep, kind = tag.partition("-")
+    if sep and head in ("B", "I", "E", "S"):
+        return head, kind
+    return "I", tag
+
+
+def entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """The entity spans of one tagged sentence as (type, first, last) word indices, read the
+    way CoNLL's conlleval reads them, so IOB1, IOB2 (BIO) and IOBES tags all work: an entity
+    begins at B- or S-, or where an I-/E- tag follows O or a tag of another type (or one
+    that closed its entity: E-, S-); it ends before a B-, S- or O, at E- or S-, or where the
+    type changes."""
+    spans: list[tuple[str, int, int]] = []
+    open_kind, open_at = "", -1
+    for i, tag in enumerate([*tags, "O"]):  # a final O closes whatever is open
+        prefix, kind = _split_tag(tag)
+        if open_kind and (prefix in ("B", "S", "O") or kind != open_kind):
+            spans.append((open_kind, open_at, i - 1))
+            open_kind = ""
+        if prefix != "O" and not open_kind:
+            open_kind, open_at = kind, i
+        if prefix in ("E", "S") and open_kind:
+            spans.append((open_kind, open_at, i))
+            open_kind = ""
+    return spans
+
+
+def entity_scores(predicted: Sequence[Sequence[str]], gold: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Entity-level precision, recall and F1 (exact span and type match, pooled over all
+    sentences: CoNLL's micro average), macro F1 over entity types, per-type scores, and the
+    accuracy of the word tags."""
+    _check_pair(predicted, gold)
+    found: Counter = Counter()
+    wanted: Counter = Counter()
+    hit: Counter = Counter()
+    right = words = 0
+    for i, (p, y) in enumerate(zip(predicted, gold)):
+        if len(p) != len(y):
+            raise ValueError(f"sentence {i}: {len(p)} predicted tags for {len(y)} words")
+        ps, ys = set(entities(p)), set(entities(y))
+        found.update(k for k, _, _ in ps)
+        wanted.update(k for k, _, _ in ys)
+        hit.update(k for k, _, _ in ps & ys)
+        right += sum(a == b for a, b in zip(p, y))
+        words += len(y)
+    kinds = sorted(set(found) | set(wanted))
+    per_type = {}
+    for k in kinds:
+        precision, recall = _safe_div(hit[k], found[k]), _safe_div(hit[k], wanted[k])
+        per_type[k] = {"precision": precision, "recall": recall, "f1": _f1(precision, recall), "support": wanted[k]}
+    precision = _safe_div(sum(hit.values()), sum(found.values()))
+    recall = _safe_div(sum(hit.values()), sum(wanted.values()))
+    return {"precision": precision, "recall": recall, "f1": _f1(precision, recall),
+            "f1_macro": math.fsum(v["f1"] for v in per_type.values()) / len(kinds) if kinds else 0.0,
+            "accuracy": _safe_div(right, words), "per_type": per_type}
 
 
 def perplexity(loss: float) -> float:

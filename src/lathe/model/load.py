@@ -166,12 +166,14 @@ TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "causal_lm": ("AutoModelForCausalLM", {}),
     "reward": ("AutoModelForSequenceClassification", {"num_labels": 1}),  # the LM with a scalar head
     "seq_cls": ("AutoModelForSequenceClassification", {}),  # + the label set's num_labels, id2label
+    "token_cls": ("AutoModelForTokenClassification", {}),  # + the tag set's
 }
 # The task each stage trains (the others: causal_lm), what its head is called in messages,
 # and peft's task_type for its adapters (which decides what peft saves beside them).
-STAGE_TASK = {"rm": "reward", "cls": "seq_cls"}
-HEAD_WORDS = {"seq_cls": "sequence-classification", "reward": "sequence-classification"}
-PEFT_TASK_TYPE = {"causal_lm": "CAUSAL_LM", "reward": "SEQ_CLS", "seq_cls": "SEQ_CLS"}
+STAGE_TASK = {"rm": "reward", "cls": "seq_cls", "tagging": "token_cls"}
+HEAD_WORDS = {"seq_cls": "sequence-classification", "reward": "sequence-classification",
+              "token_cls": "token-classification"}
+PEFT_TASK_TYPE = {"causal_lm": "CAUSAL_LM", "reward": "SEQ_CLS", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS"}
 # Models users know that have each head (named in the refusal when theirs has none).
 _KNOWN_FAMILIES = ("bert", "roberta", "deberta-v2", "distilbert", "xlm-roberta", "t5", "bart", "gpt2",
                    "llama", "qwen2", "mistral", "bloom", "opt", "gpt_neo")
@@ -273,7 +275,10 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any, task: str = "causal_
 def head_kwargs(cfg: LatheConfig) -> dict[str, Any]:
     """A task run's head as its config records it (label_names, problem_type), for loading it
     again (predict, export); {} for other stages."""
-    if stage_task(cfg.finetune.stage) != "seq_cls" or cfg.task.problem_type == "auto":
+    task = stage_task(cfg.finetune.stage)
+    if task == "token_cls" and cfg.task.label_names:
+        return classifier_head("token_classification", cfg.task.label_names)
+    if task != "seq_cls" or cfg.task.problem_type == "auto":
         return {}
     return classifier_head(cfg.task.problem_type, cfg.task.label_names or [])
 
@@ -283,7 +288,8 @@ def classifier_head(problem_type: str, names: list[str] | tuple[str, ...]) -> di
     for classes, id2label / label2id (saved in config.json, read by pipelines and predict)."""
     if problem_type == "regression":
         return {"num_labels": 1, "problem_type": problem_type}
-    return {"num_labels": len(names), "problem_type": problem_type, "id2label": dict(enumerate(names)),
+    kinds = {"problem_type": problem_type} if problem_type != "token_classification" else {}
+    return {"num_labels": len(names), **kinds, "id2label": dict(enumerate(names)),
             "label2id": {n: i for i, n in enumerate(names)}}
 
 

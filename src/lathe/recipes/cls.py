@@ -24,12 +24,10 @@ from typing import Any
 from lathe.config.load import replace
 from lathe.config.schema import LatheConfig
 from lathe.data.collators import ClassifierCollator
-from lathe.data.loader import TaskProcessor, load_conversations
+from lathe.data.loader import TaskProcessor
 from lathe.data.tasks import MULTI, REGRESSION, LabelSet, make_cls_preprocess, resolve_labels
-from lathe.errors import ConfigError
 from lathe.eval import metrics as M
-from lathe.model.adapters import apply_finetuning
-from lathe.model.load import classifier_head, load_model
+from lathe.model.load import classifier_head
 from lathe.recipes.common import (
     RunResult,
     finish_run,
@@ -38,10 +36,10 @@ from lathe.recipes.common import (
     log,
     open_stage,
     print_summary,
-    ready_for_training,
     run_eval,
     start_run,
 )
+from lathe.recipes.heads import build_task_model, label_rows, refuse_packing
 
 PREDICTIONS_FILE = "predictions.jsonl"
 REPORT_FILE = "classification_report.json"
@@ -49,9 +47,7 @@ CONFUSION_PNG = "confusion_matrix.png"
 
 
 def run(cfg: LatheConfig) -> RunResult:
-    if cfg.data.packing:
-        raise ConfigError("packing applies to language-model stages; a classifier reads one text per row, "
-                          "so remove packing")
+    refuse_packing(cfg)
     o = open_stage(cfg, check_template=False, task=partial(label_set, cfg))
     labels: LabelSet = o.task
     cfg = replace(cfg, **labels.config_keys())  # config.yaml records the classes, in id order
@@ -86,13 +82,7 @@ def run(cfg: LatheConfig) -> RunResult:
 
 def label_set(cfg: LatheConfig, rows: list[dict] | None, tokenizer: Any) -> tuple[TaskProcessor, LabelSet]:
     """The classes (or regression) from the training rows, checked against the eval rows."""
-    if rows is None:
-        raise ConfigError("stage cls reads its label set from every training row; streaming: true cannot "
-                          "do that yet, so turn streaming off")
-    eval_rows = load_conversations(cfg.data, "cls", names=cfg.data.eval_dataset)[0] \
-        if cfg.data.eval_dataset else []
-    if not cfg.data.dataset:  # predicting only: the eval rows stand in (label_names from the run)
-        rows, eval_rows = eval_rows, []
+    rows, eval_rows = label_rows(cfg, rows, "cls")
     t = cfg.task
     labels = resolve_labels(rows, eval_rows, t.problem_type, t.label_names, t.num_labels)
     key = json.dumps([labels.problem_type, list(labels.names)])
@@ -124,20 +114,8 @@ def gold(encoded: Any, labels: LabelSet) -> Any:
 
 # --- the model and the trainer --------------------------------------------------------------
 
-HEAD_MODULES = ("classifier", "score", "classification_head")
-
-
 def build_model(cfg: LatheConfig, model_path: str, tokenizer: Any, labels: LabelSet) -> Any:
-    from lathe.model.methods import get_method
-
-    model = load_model(cfg, model_path, tokenizer, "seq_cls",
-                       classifier_head(labels.problem_type, labels.names))
-    model = apply_finetuning(model, cfg.finetune, cfg.model, task_type="SEQ_CLS")
-    if not get_method(cfg.finetune.finetuning_type).adapter:  # freeze: the new head trains too
-        for name, module in model.named_children():
-            if name in HEAD_MODULES:
-                module.requires_grad_(True)
-    return ready_for_training(model, cfg)
+    return build_task_model(cfg, model_path, tokenizer, "seq_cls", classifier_head(labels.problem_type, labels.names))
 
 
 def build_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any, labels: LabelSet) -> Any:

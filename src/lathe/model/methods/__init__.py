@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lathe.config.schema import STAGES
 from lathe.registry import Registry
 
 
@@ -30,7 +31,7 @@ class Method:
     reference: str  # what dpo/kto/ppo compare against
     quantized_base: bool  # trains on a 4/8-bit base (QLoRA)
     peft_type: str | None = None  # what its adapter_config.json says (an adapter method)
-    stages: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls")  # where it trains
+    stages: tuple[str, ...] = STAGES  # where it trains
     packs: bool = True  # trains on packed batches (position ids restarting per example)
     # what the Trainer needs beside the model: callbacks, optimizer parameter groups
     prepare_trainer: Callable[[Any, Any], None] | None = None  # (trainer, LatheConfig)

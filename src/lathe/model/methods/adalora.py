@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lathe.config.schema import FinetuneConfig, ModelConfig
+from lathe.config.schema import TASK_STAGES, FinetuneConfig, ModelConfig
 from lathe.errors import ConfigError
 from lathe.model.methods import Method, register, task_heads
 from lathe.model.methods.lora import resolve_lora_targets
@@ -96,6 +96,6 @@ register(Method(
     reference="the adapter switched off",
     quantized_base=False,
     peft_type="ADALORA",
-    stages=("pt", "sft", "rm", "dpo", "kto", "cls"),  # ppo runs its own loop: no reallocation callback
+    stages=("pt", "sft", "rm", "dpo", "kto", *TASK_STAGES),  # ppo runs its own loop: no reallocation callback
     prepare_trainer=prepare_trainer,
 ))

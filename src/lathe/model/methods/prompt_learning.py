@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lathe.config.schema import FinetuneConfig, ModelConfig
+from lathe.config.schema import TASK_STAGES, FinetuneConfig, ModelConfig
 from lathe.errors import ConfigError
 from lathe.model.methods import Method, method_of_peft_type, register, start_from_adapters, task_heads
 
@@ -108,7 +108,7 @@ def _probe(model: Any) -> None:
 
 
 _COMMON = dict(adapter=True, can_merge=False, reference="the adapter switched off", quantized_base=False,
-               stages=("pt", "sft", "dpo", "kto", "cls"), packs=False)
+               stages=("pt", "sft", "dpo", "kto", *TASK_STAGES), packs=False)
 
 register(Method(name="prefix", peft_type="PREFIX_TUNING", apply=_applier("prefix"),
                 summary="prefix tuning / P-tuning v2 (peft): learned keys and values before every layer",

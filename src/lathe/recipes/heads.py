@@ -1,0 +1,51 @@
+"""What the task stages (cls, tagging, ...) share: the rows their label set is read from, and
+the checkpoint under a new task head with what trains marked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lathe.config.schema import LatheConfig
+from lathe.errors import ConfigError
+from lathe.model.adapters import apply_finetuning
+from lathe.model.load import PEFT_TASK_TYPE, load_model
+from lathe.recipes.common import ready_for_training
+
+# Names of new task heads across architectures (BERT: classifier; Llama, GPT-2: score;
+# BART, T5: classification_head; QA models: qa_outputs).
+HEAD_MODULES = ("classifier", "score", "classification_head", "qa_outputs")
+
+
+def label_rows(cfg: LatheConfig, rows: list[dict] | None, kind: str) -> tuple[list[dict], list[dict]]:
+    """(rows the label set is read from, eval rows checked against it). Predicting only (no
+    dataset): the eval rows stand in, and the run's recorded label_names decide."""
+    from lathe.data.loader import load_conversations
+
+    if rows is None:
+        raise ConfigError(f"stage {cfg.finetune.stage} reads its label set from every training row; "
+                          "streaming: true cannot do that yet, so turn streaming off")
+    evals = load_conversations(cfg.data, kind, names=cfg.data.eval_dataset)[0] if cfg.data.eval_dataset else []
+    if not cfg.data.dataset:
+        return evals, []
+    return rows, evals
+
+
+def build_task_model(cfg: LatheConfig, model_path: str, tokenizer: Any, task: str, head: dict[str, Any]) -> Any:
+    """The checkpoint under its new head (`task`: a row of lathe.model.load.TASKS), the method
+    applied (an adapter trains the head in full beside it and saves it with it; freeze trains
+    its blocks and the head)."""
+    from lathe.model.methods import get_method
+
+    model = load_model(cfg, model_path, tokenizer, task, head)
+    model = apply_finetuning(model, cfg.finetune, cfg.model, task_type=PEFT_TASK_TYPE[task])
+    if not get_method(cfg.finetune.finetuning_type).adapter:
+        for name, module in model.named_children():
+            if name in HEAD_MODULES:
+                module.requires_grad_(True)
+    return ready_for_training(model, cfg)
+
+
+def refuse_packing(cfg: LatheConfig) -> None:
+    if cfg.data.packing:
+        raise ConfigError(f"packing applies to language-model stages; stage {cfg.finetune.stage} reads one "
+                          "example per row, so remove packing")
