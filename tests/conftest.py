@@ -49,6 +49,20 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    from tests.tiny_encoders import build_tiny_t5
+
+    return build_tiny_t5(tmp_path_factory.mktemp("models") / "tiny-t5")
+
+
+@pytest.fixture(scope="session")
+def tiny_bart(tmp_path_factory) -> Path:
+    from tests.tiny_encoders import build_tiny_bart
+
+    return build_tiny_bart(tmp_path_factory.mktemp("models") / "tiny-bart")
+
+
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """dataset_info.json with the identity set (JSON) and a copy of it as JSONL."""
     d = tmp_path_factory.mktemp("data")

@@ -117,3 +117,75 @@ def write_ner(folder: Path, n_train: int = 96, n_test: int = 24) -> Path:
     info = {"ner": {"file_name": "ner.json"}, "ner_test": {"file_name": "ner_test.conll"}}
     (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
     return folder
+
+
+EN_FR = {"red": "rouge", "blue": "bleu", "green": "vert", "cat": "chat", "dog": "chien", "house": "maison",
+         "big": "grand", "small": "petit", "white": "blanc", "black": "noir", "sun": "soleil", "moon": "lune"}
+
+
+def translation_rows(n: int, seed: int = 0) -> list[dict]:
+    """A word-for-word 'translation' (English words -> French ones, in order): a mapping only a
+    model that reads its source through cross-attention can learn."""
+    rng = random.Random(seed)
+    words = sorted(EN_FR)
+    rows = []
+    for _ in range(n):
+        source = [rng.choice(words) for _ in range(rng.randrange(3, 6))]
+        rows.append({"source": " ".join(source), "target": " ".join(EN_FR[w] for w in source)})
+    return rows
+
+
+def write_translation(folder: Path, n_train: int = 512, n_test: int = 24) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "en_fr.json").write_text(json.dumps(translation_rows(n_train, 0)), encoding="utf-8")
+    (folder / "en_fr_test.json").write_text(json.dumps(translation_rows(n_test, 1)), encoding="utf-8")
+    info = {"en_fr": {"file_name": "en_fr.json"}, "en_fr_test": {"file_name": "en_fr_test.json"}}
+    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return folder
+
+
+def _word_tokenizer(specials: list[str], template: str, **names: str):
+    """A word-level tokenizer over every word the task data uses (and letters, for the rest)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=names["unk_token"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = vocabulary_texts() + [" ".join(list(EN_FR) + list(EN_FR.values()))] + [chr(c) for c in range(97, 123)]
+    tok.train_from_iterator(words, trainers.WordLevelTrainer(special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, tok.token_to_id(t)) for t in specials if t in template])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+
+
+def build_tiny_t5(folder: Path, d_model: int = 64) -> Path:
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = _word_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", pad_token="<pad>", eos_token="</s>",
+                          unk_token="<unk>")
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tok), d_model=d_model, d_ff=2 * d_model, d_kv=16, num_layers=2,
+                      num_decoder_layers=2, num_heads=4, decoder_start_token_id=tok.pad_token_id, dropout_rate=0.0,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_bart(folder: Path, d_model: int = 64) -> Path:
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    tok = _word_tokenizer(["<s>", "<pad>", "</s>", "<unk>"], "<s> $A </s>", bos_token="<s>", pad_token="<pad>",
+                          eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=len(tok), d_model=d_model, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * d_model,
+                        decoder_ffn_dim=2 * d_model, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=tok.eos_token_id)
+    BartForConditionalGeneration(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -32,7 +32,8 @@ def train(config: str | os.PathLike | Mapping[str, Any] | None = None,
 # Stages whose runs `lathe predict` can score, and what it then does.
 PREDICTS = {"sft": "generates a reply per row and scores it (BLEU-4, ROUGE)",
             "pt": "reports the loss and perplexity", "cls": "predicts a label per row, with probabilities",
-            "tagging": "tags every word and lists the entities"}
+            "tagging": "tags every word and lists the entities",
+            "seq2seq": "generates every target and scores it (BLEU-4, ROUGE)"}
 
 
 def predict(source: str | os.PathLike, overrides: list[str] | Mapping[str, Any] | None = None):

@@ -438,7 +438,9 @@ def _logits(model: Any, inputs: list[list[int]]) -> list[Any]:
     out = []
     with torch.no_grad():  # P-tuning / prompt tuning put logits of their virtual tokens in front
         for ids in inputs:
-            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            x = torch.tensor([ids])
+            decoder = {"decoder_input_ids": x} if getattr(model.config, "is_encoder_decoder", False) else {}
+            logits = model(input_ids=x, **decoder).logits[0]  # an encoder-decoder: teacher-forced on the text
             out.append((logits[-len(ids):] if logits.dim() == 2 and logits.shape[0] >= len(ids) else logits).float())
     return out
 

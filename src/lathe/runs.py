@@ -97,6 +97,8 @@ def task_keys(folder: str) -> dict[str, object]:
     names = [id2label[k] for k in sorted(id2label, key=int)]
     if any(a.endswith("ForTokenClassification") for a in architectures):
         return {"stage": "tagging", "label_names": names}
+    if config.get("is_encoder_decoder") and any(a.endswith("ForConditionalGeneration") for a in architectures):
+        return {"stage": "seq2seq"}
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         return {}
     if not config.get("problem_type") and len(id2label) < 2:

@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import json
 import os
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -103,11 +104,27 @@ def parse_overrides(overrides: Iterable[str] | Mapping[str, Any] | None) -> dict
         if not sep or not key.strip():
             raise ConfigError(f"command-line override {item!r} must look like key=value")
         key = key.strip().lstrip("-").replace("-", "_")
+        if _is_text(key) and value.strip() and value.strip().lower() not in ("null", "none", "~"):
+            out[key] = _unquote(value)  # a text key keeps its text: `source_prefix=summarize: `
+            continue
         try:
             out[key] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
             out[key] = value
     return out
+
+
+def _is_text(key: str) -> bool:
+    """Whether a key's declared type is a plain string (YAML would read `a: b` as a mapping)."""
+    declared = _FIELDS.get(ALIASES.get(key, key), (None, None))[1]
+    return declared is str or (typing.get_origin(declared) in (typing.Union, types.UnionType)
+                               and set(typing.get_args(declared)) == {str, type(None)})
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
 
 
 def build_config(raw: Mapping[str, Any], source: str | None = None, command: str = "train") -> LatheConfig:

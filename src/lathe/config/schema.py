@@ -92,7 +92,8 @@ _LORA = ("lora", "adalora")  # AdaLoRA shares LoRA's target, alpha and dropout
 @dataclass(frozen=True)
 class FinetuneConfig:
     stage: str = _f("sft", "Training stage: pt, sft, rm, dpo, kto, ppo; or a task: cls (sequence "
-                    "classification and regression), tagging (token classification, e.g. NER).")
+                    "classification and regression), tagging (token classification, e.g. NER), seq2seq (an "
+                    "encoder-decoder such as T5 or BART: source -> target).")
     finetuning_type: Literal["lora", "full", "freeze", "ia3", "prefix", "ptuning", "prompt", "adalora"] = _f(
         "lora", "What is trained (one module each in lathe.model.methods; `lathe methods` lists them)."
     )
@@ -233,6 +234,11 @@ class TaskConfig:
         False, "tagging: also train every later piece of a word split into several tokens (a B- tag "
         "becomes I- there); default: only the first piece, the rest ignored. Scores stay per word.",
         stage="tagging")
+    max_target_length: int = _f(
+        128, "seq2seq: most tokens of a target text (cutoff_len bounds the source).", stage="seq2seq")
+    source_prefix: str | None = _f(
+        None, "seq2seq: text put before every source, e.g. 'summarize: ' or 'translate English to "
+        "German: ' for T5.", stage="seq2seq")
 
 
 @dataclass(frozen=True)
@@ -325,10 +331,10 @@ class BenchConfig:
 
 
 # Stage names; each has a recipe module `lathe.recipes.<name>` (a test keeps them in step).
-STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls", "tagging")
+STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls", "tagging", "seq2seq")
 # Stages that train a task head instead of a language model (lathe.model.load.TASKS names
 # the model class of each).
-TASK_STAGES: tuple[str, ...] = ("cls", "tagging")
+TASK_STAGES: tuple[str, ...] = ("cls", "tagging", "seq2seq")
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,

@@ -135,3 +135,16 @@ class TaggerCollator:
         batch = pad_rows([(f["input_ids"], f["labels"]) for f in features], self.pad_id)
         add_token_types(batch, features)
         return batch
+
+
+@dataclass
+class Seq2SeqCollator:
+    """seq2seq: right-padded source ids and attention mask; the targets padded apart (their own
+    length) with IGNORE_INDEX, from which the model makes its decoder inputs."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = pad_rows([(f["input_ids"], []) for f in features], self.pad_id)
+        batch["labels"] = pad_rows([(f["labels"], f["labels"]) for f in features], self.pad_id)["labels"]
+        return batch

@@ -8,6 +8,7 @@ Formats (how a row is laid out): alpaca, sharegpt, openai. Kinds (what a stage n
   text      plain text                                           (pt)
   cls       text + label                                         (classification)
   tagging   words + one tag per word                             (token classification)
+  seq2seq   a source text + a target text                        (encoder-decoder models)
 Every converter returns a plain dict (a `datasets` row) or raises DataError.
 """
 
@@ -21,9 +22,9 @@ from lathe.data.registry import DatasetSpec
 from lathe.data.sources import Row
 from lathe.errors import DataError
 
-KINDS = ("sft", "pairwise", "kto", "prompt", "text", "cls", "tagging")
+KINDS = ("sft", "pairwise", "kto", "prompt", "text", "cls", "tagging", "seq2seq")
 STAGE_KIND = {"sft": "sft", "pt": "text", "rm": "pairwise", "dpo": "pairwise", "kto": "kto",
-              "ppo": "prompt", "cls": "cls", "tagging": "tagging"}
+              "ppo": "prompt", "cls": "cls", "tagging": "tagging", "seq2seq": "seq2seq"}
 _KIND_WANTS = {
     "sft": "instruction data (a prompt and a response)",
     "pairwise": "preference pairs (ranking: true with chosen and rejected)",
@@ -32,6 +33,7 @@ _KIND_WANTS = {
     "text": "plain text (a text column or .txt lines)",
     "cls": "text with a label column",
     "tagging": "words with a tag each (tokens and tags columns, or a CoNLL file)",
+    "seq2seq": "source and target texts (or alpaca rows: the prompt is the source)",
 }
 
 
@@ -43,6 +45,8 @@ def convert(row: Row, spec: DatasetSpec, kind: str) -> dict[str, Any]:
         return _classification(row, spec)
     if kind == "tagging":
         return _tagged_words(row, spec)
+    if kind == "seq2seq":
+        return _source_target(row, spec)
     if kind == "pairwise":
         return _pairwise(row, spec)
     if spec.ranking:
@@ -110,6 +114,29 @@ def _tagged_words(row: Row, spec: DatasetSpec) -> dict[str, Any]:
     if bad is not None:
         raise DataError(f"{row.where}: tag {bad!r:.40} is neither a tag name nor an id")
     return {"tokens": words, "tags": json.dumps(tags, ensure_ascii=False), "origin": row.where}
+
+
+def _source_target(row: Row, spec: DatasetSpec) -> dict[str, Any]:
+    """source and target columns; without a source column, an alpaca row's prompt (instruction
+    and input, a line apart) is the source and its response the target."""
+    source_col, target_col = spec.column("source") or "source", spec.column("target") or "target"
+    if source_col in row.data:
+        source = _text(row, source_col, required=True, role="source")
+        target = _text(row, target_col, required=True, role="target")
+    else:
+        if spec.column("prompt") not in row.data:
+            have = ", ".join(sorted(row.data)) or "none"
+            raise DataError(f"{row.where}: column {source_col!r} (source) is missing; the row has: {have}. "
+                            "A seq2seq row has source and target (map columns.source / columns.target in "
+                            "dataset_info.json), or alpaca's instruction / input / output")
+        prompt = _text(row, spec.column("prompt"), required=True, role="prompt")
+        query = _text(row, spec.column("query"), required=False, role="query")
+        source = "\n".join(x for x in (prompt, query) if x)
+        target = _text(row, spec.column("response"), required=True, role="response")
+    for role, value in (("source", source), ("target", target)):
+        if not value.strip():
+            raise DataError(f"{row.where}: the {role} text is empty; there is nothing to learn from")
+    return {"source": source, "target": target, "origin": row.where}
 
 
 def conversation(row: Row, spec: DatasetSpec, need_response: bool) -> Conversation:

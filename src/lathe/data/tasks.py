@@ -337,3 +337,21 @@ def make_tagging_preprocess(tokenizer: Any, cutoff_len: int, tags: LabelSet, lab
         return out
 
     return preprocess
+
+
+# --- seq2seq ----------------------------------------------------------------------------------
+
+def make_seq2seq_preprocess(tokenizer: Any, cutoff_len: int, max_target_length: int, prefix: str | None = None):
+    """Batched map function: the source (after `prefix`) -> input ids (at most cutoff_len),
+    the target -> labels (at most max_target_length; the tokenizer's end token kept last, so
+    the model learns where to stop)."""
+
+    def ids(texts: list[str], limit: int) -> list[list[int]]:
+        return list(tokenizer(texts, truncation=True, max_length=limit)["input_ids"])
+
+    def preprocess(batch: dict[str, list]) -> dict[str, list]:
+        sources = [(prefix or "") + s for s in batch["source"]]
+        return {"input_ids": ids(sources, cutoff_len), "labels": ids(batch["target"], max_target_length),
+                "source": batch["source"], "target": batch["target"], "origin": batch["origin"]}
+
+    return preprocess

@@ -170,6 +170,7 @@ def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any
     """Lathe's training keys + passthrough fields -> transformers.TrainingArguments."""
     from transformers import TrainingArguments
 
+    args_class = stage_overrides.pop("args_class", TrainingArguments)  # seq2seq: Seq2SeqTrainingArguments
     t = cfg.train
     eval_strategy = t.eval_strategy or ("steps" if has_eval else "no")
     kwargs: dict[str, Any] = dict(
@@ -220,7 +221,7 @@ def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any
     if best and "greater_is_better" not in t.extra and best.removeprefix("eval_") in LOWER_IS_BETTER:
         kwargs["greater_is_better"] = False  # transformers assumes higher is better unless "loss"
     try:
-        return TrainingArguments(**kwargs)
+        return args_class(**kwargs)
     except (ValueError, TypeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"the training keys do not fit together: {first}") from None
@@ -468,7 +469,8 @@ class Opening:
 
 
 def open_stage(cfg: LatheConfig, *, check_template: bool = True, training_args: bool = True,
-               task: Callable[[list[dict] | None, Any], tuple[Any, Any]] | None = None) -> Opening:
+               task: Callable[[list[dict] | None, Any], tuple[Any, Any]] | None = None,
+               args_kwargs: dict[str, Any] | None = None) -> Opening:
     """The opening every stage shares, in the one order its rules need: the cheap checks (the
     template name, the output folder, the model path, every row) before the slow imports; the
     seed before anything random is made (adapters, heads); the data; then TrainingArguments,
@@ -477,7 +479,8 @@ def open_stage(cfg: LatheConfig, *, check_template: bool = True, training_args: 
     loaded, so a model that fails to load leaves no folder behind.
 
     `task` (task stages): (training rows, tokenizer) -> (a TaskProcessor, what it decided),
-    called once the rows are read and checked (e.g. the label set of a classifier)."""
+    called once the rows are read and checked (e.g. the label set of a classifier);
+    `args_kwargs`: the stage's own TrainingArguments fields (args_class: another class)."""
     from lathe.data.loader import load_stage_data
     from lathe.data.templates import check_against_tokenizer, get_template
     from lathe.model.load import (
@@ -503,7 +506,7 @@ def open_stage(cfg: LatheConfig, *, check_template: bool = True, training_args: 
     processor, decided = task(conversations[0] if conversations else None, tokenizer) if task else (None, None)
     data = load_stage_data(cfg.finetune.stage, cfg.data, tokenizer, template, seed=cfg.train.seed,
                            conversations=conversations, task=processor)
-    args = build_training_args(cfg, has_eval=data.eval is not None) if training_args else None
+    args = build_training_args(cfg, has_eval=data.eval is not None, **(args_kwargs or {})) if training_args else None
     return Opening(template, resume_from, model_path, tokenizer, data, [n for n in notes if n], args, decided)
 
 

@@ -102,7 +102,8 @@ def _probe(model: Any) -> None:
         model.eval()
         try:
             ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            decoder = {"decoder_input_ids": ids} if getattr(model.config, "is_encoder_decoder", False) else {}
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), **decoder)
         finally:
             model.train(was_training)
 
