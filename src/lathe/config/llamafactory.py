@@ -309,8 +309,6 @@ KEYS: dict[str, Key] = {
     "dev_ratio": Key("older names", "alias", to="val_size"),
     "max_source_length": Key("older names", "no", "the prompt's share of the length",
                              "cutoff_len bounds prompt + reply and cuts both in proportion", None),
-    "max_target_length": Key("older names", "no", "the reply's share of the length",
-                             "cutoff_len bounds prompt + reply and cuts both in proportion", None),
 }
 
 

@@ -104,13 +104,12 @@ def parse_overrides(overrides: Iterable[str] | Mapping[str, Any] | None) -> dict
         if not sep or not key.strip():
             raise ConfigError(f"command-line override {item!r} must look like key=value")
         key = key.strip().lstrip("-").replace("-", "_")
-        if _is_text(key) and value.strip() and value.strip().lower() not in ("null", "none", "~"):
-            out[key] = _unquote(value)  # a text key keeps its text: `source_prefix=summarize: `
-            continue
         try:
             out[key] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
             out[key] = value
+        if isinstance(out[key], dict) and _is_text(key):  # `source_prefix=summarize: ` is text, not a mapping
+            out[key] = _unquote(value)
     return out
 
 
