@@ -27,7 +27,8 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def vocabulary_texts() -> list[str]:
-    return [" ".join(POSITIVE + NEGATIVE + THINGS + FILLERS + PEOPLE + PLACES + OTHER + ["in", "smith"])] * 4
+    return [" ".join(POSITIVE + NEGATIVE + THINGS + FILLERS + PEOPLE + PLACES + OTHER
+                      + ["in", "smith", "lives", "where", "does", "live", "?", "."])] * 4
 
 
 def build_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
@@ -188,4 +189,30 @@ def build_tiny_bart(folder: Path, d_model: int = 64) -> Path:
                         decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=tok.eos_token_id)
     BartForConditionalGeneration(config).save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder
+
+
+def qa_rows(n: int, seed: int = 0, fillers: int = 2) -> list[dict]:
+    """SQuAD-style rows: a context of filler sentences around one "<person> lives in <place>."
+    and the question where that person lives; the answer is the place, at its character
+    offset (more fillers: contexts longer than a window)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        person, place = rng.choice(PEOPLE), rng.choice(PLACES)
+        sentences = [" ".join(rng.choice(OTHER) for _ in range(4)) + "." for _ in range(fillers)]
+        sentences.insert(rng.randrange(fillers + 1), f"{person} lives in {place}.")
+        context = " ".join(sentences)
+        start = context.index(f"{person} lives in ") + len(f"{person} lives in ")
+        rows.append({"context": context, "question": f"where does {person} live?",
+                     "answers": {"text": [place], "answer_start": [start]}})
+    return rows
+
+
+def write_qa(folder: Path, n_train: int = 128, n_test: int = 24) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "qa.json").write_text(json.dumps(qa_rows(n_train, 0)), encoding="utf-8")
+    (folder / "qa_test.json").write_text(json.dumps(qa_rows(n_test, 1, fillers=6)), encoding="utf-8")
+    info = {"qa": {"file_name": "qa.json"}, "qa_test": {"file_name": "qa_test.json"}}
+    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
     return folder

@@ -440,7 +440,10 @@ def _logits(model: Any, inputs: list[list[int]]) -> list[Any]:
         for ids in inputs:
             x = torch.tensor([ids])
             decoder = {"decoder_input_ids": x} if getattr(model.config, "is_encoder_decoder", False) else {}
-            logits = model(input_ids=x, **decoder).logits[0]  # an encoder-decoder: teacher-forced on the text
+            result = model(input_ids=x, **decoder)  # an encoder-decoder: teacher-forced on the text
+            # a span head (QA) has start and end logits: compared as one [tokens, 2] tensor
+            logits = result.logits[0] if hasattr(result, "logits") else \
+                torch.stack([result.start_logits[0], result.end_logits[0]], dim=-1)
             out.append((logits[-len(ids):] if logits.dim() == 2 and logits.shape[0] >= len(ids) else logits).float())
     return out
 

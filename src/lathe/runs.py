@@ -99,6 +99,8 @@ def task_keys(folder: str) -> dict[str, object]:
         return {"stage": "tagging", "label_names": names}
     if config.get("is_encoder_decoder") and any(a.endswith("ForConditionalGeneration") for a in architectures):
         return {"stage": "seq2seq"}
+    if any(a.endswith("ForQuestionAnswering") for a in architectures):
+        return {"stage": "qa"}
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         return {}
     if not config.get("problem_type") and len(id2label) < 2:

@@ -168,3 +168,10 @@ def test_tag_set_order_and_inside_tags():
     with pytest.raises(DataError, match="tags mix names and ids: t.json row 0 has a tag name, t.json row 1 an id"):
         resolve_tags(tagged(["O"], [1]), [])
     assert resolve_tags(tagged([0, 2]), []).names == ("0", "1", "2")
+
+
+def test_squad_scores():
+    got = M.squad_scores(["The Eiffel tower!", "in rome", ""], [["eiffel tower"], ["rome", "in Rome city"], []])
+    assert got["exact_match"] == pytest.approx(100 * 2 / 3)  # normalised match; an empty answer to none
+    assert got["f1"] == pytest.approx(100 * (1 + 0.8 + 1) / 3)  # "in rome" vs "in rome city": 2 of 2 and 3
+    assert M.answer_f1("北京大学", "北京") == pytest.approx(2 * 0.5 * 1 / 1.5)  # characters for Chinese

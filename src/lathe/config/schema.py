@@ -93,7 +93,8 @@ _LORA = ("lora", "adalora")  # AdaLoRA shares LoRA's target, alpha and dropout
 class FinetuneConfig:
     stage: str = _f("sft", "Training stage: pt, sft, rm, dpo, kto, ppo; or a task: cls (sequence "
                     "classification and regression), tagging (token classification, e.g. NER), seq2seq (an "
-                    "encoder-decoder such as T5 or BART: source -> target).")
+                    "encoder-decoder such as T5 or BART: source -> target), qa (extractive question "
+                    "answering: an answer span in a context).")
     finetuning_type: Literal["lora", "full", "freeze", "ia3", "prefix", "ptuning", "prompt", "adalora"] = _f(
         "lora", "What is trained (one module each in lathe.model.methods; `lathe methods` lists them)."
     )
@@ -239,6 +240,11 @@ class TaskConfig:
     source_prefix: str | None = _f(
         None, "seq2seq: text put before every source, e.g. 'summarize: ' or 'translate English to "
         "German: ' for T5.", stage="seq2seq")
+    doc_stride: int | None = _f(
+        None, "qa: a context longer than cutoff_len is read in windows that overlap by this many "
+        "tokens (the answer is searched in each); default: a quarter of cutoff_len, at most 128.",
+        stage="qa")
+    max_answer_length: int = _f(30, "qa: the longest answer span considered, in tokens.", stage="qa")
 
 
 @dataclass(frozen=True)
@@ -331,10 +337,10 @@ class BenchConfig:
 
 
 # Stage names; each has a recipe module `lathe.recipes.<name>` (a test keeps them in step).
-STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls", "tagging", "seq2seq")
+STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls", "tagging", "seq2seq", "qa")
 # Stages that train a task head instead of a language model (lathe.model.load.TASKS names
 # the model class of each).
-TASK_STAGES: tuple[str, ...] = ("cls", "tagging", "seq2seq")
+TASK_STAGES: tuple[str, ...] = ("cls", "tagging", "seq2seq", "qa")
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,

@@ -148,3 +148,21 @@ class Seq2SeqCollator:
         batch = pad_rows([(f["input_ids"], []) for f in features], self.pad_id)
         batch["labels"] = pad_rows([(f["labels"], f["labels"]) for f in features], self.pad_id)["labels"]
         return batch
+
+
+@dataclass
+class QACollator:
+    """qa: right-padded ids (question, then a window of the context) and the answer's start
+    and end token positions."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        batch = pad_rows([(f["input_ids"], []) for f in features], self.pad_id)
+        del batch["labels"]
+        add_token_types(batch, features)
+        batch["start_positions"] = torch.as_tensor([f["start_positions"] for f in features], dtype=torch.long)
+        batch["end_positions"] = torch.as_tensor([f["end_positions"] for f in features], dtype=torch.long)
+        return batch

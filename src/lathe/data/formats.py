@@ -9,6 +9,7 @@ Formats (how a row is laid out): alpaca, sharegpt, openai. Kinds (what a stage n
   cls       text + label                                         (classification)
   tagging   words + one tag per word                             (token classification)
   seq2seq   a source text + a target text                        (encoder-decoder models)
+  qa        context + question + answers at character offsets    (extractive QA)
 Every converter returns a plain dict (a `datasets` row) or raises DataError.
 """
 
@@ -22,9 +23,10 @@ from lathe.data.registry import DatasetSpec
 from lathe.data.sources import Row
 from lathe.errors import DataError
 
-KINDS = ("sft", "pairwise", "kto", "prompt", "text", "cls", "tagging", "seq2seq")
+KINDS = ("sft", "pairwise", "kto", "prompt", "text", "cls", "tagging", "seq2seq", "qa")
 STAGE_KIND = {"sft": "sft", "pt": "text", "rm": "pairwise", "dpo": "pairwise", "kto": "kto",
-              "ppo": "prompt", "cls": "cls", "tagging": "tagging", "seq2seq": "seq2seq"}
+              "ppo": "prompt", "cls": "cls", "tagging": "tagging", "seq2seq": "seq2seq",
+              "qa": "qa"}
 _KIND_WANTS = {
     "sft": "instruction data (a prompt and a response)",
     "pairwise": "preference pairs (ranking: true with chosen and rejected)",
@@ -34,6 +36,7 @@ _KIND_WANTS = {
     "cls": "text with a label column",
     "tagging": "words with a tag each (tokens and tags columns, or a CoNLL file)",
     "seq2seq": "source and target texts (or alpaca rows: the prompt is the source)",
+    "qa": "a context, a question and answers with their character starts (SQuAD layout)",
 }
 
 
@@ -47,6 +50,8 @@ def convert(row: Row, spec: DatasetSpec, kind: str) -> dict[str, Any]:
         return _tagged_words(row, spec)
     if kind == "seq2seq":
         return _source_target(row, spec)
+    if kind == "qa":
+        return _question(row, spec)
     if kind == "pairwise":
         return _pairwise(row, spec)
     if spec.ranking:
@@ -137,6 +142,42 @@ def _source_target(row: Row, spec: DatasetSpec) -> dict[str, Any]:
         if not value.strip():
             raise DataError(f"{row.where}: the {role} text is empty; there is nothing to learn from")
     return {"source": source, "target": target, "origin": row.where}
+
+
+def _question(row: Row, spec: DatasetSpec) -> dict[str, Any]:
+    """context, question and answers in SQuAD's layout: {"text": [...], "answer_start": [...]}
+    (or a list of {"text", "answer_start"}); every answer must be found at its start offset in
+    the context. No answers: the question has none in this context (SQuAD 2.0)."""
+    context = _text(row, spec.column("context") or "context", required=True, role="context")
+    question = _text(row, spec.column("question") or "question", required=True, role="question")
+    column = spec.column("answers") or "answers"
+    raw = row.data.get(column)
+    if isinstance(raw, dict):
+        texts, starts = raw.get("text"), raw.get("answer_start")
+        if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
+            raise DataError(f"{row.where}: {column!r} must hold equal lists 'text' and 'answer_start' "
+                            "(SQuAD's layout)")
+        answers = list(zip(texts, starts))
+    elif isinstance(raw, list):
+        if not all(isinstance(a, dict) and "text" in a and "answer_start" in a for a in raw):
+            raise DataError(f"{row.where}: {column!r}: each answer needs 'text' and 'answer_start'")
+        answers = [(a["text"], a["answer_start"]) for a in raw]
+    else:
+        have = ", ".join(sorted(row.data)) or "none"
+        raise DataError(f"{row.where}: column {column!r} (answers) is missing or not a list; the row has: {have}. "
+                        "Give {\"text\": [...], \"answer_start\": [...]} (an empty list: no answer)")
+    for text, start in answers:
+        if not isinstance(text, str) or not text or not isinstance(start, int) or isinstance(start, bool):
+            raise DataError(f"{row.where}: answer {text!r:.40} at {start!r}: an answer is a non-empty text and "
+                            "the character offset where it starts in the context")
+        found = context[start:start + len(text)]
+        if found != text:
+            near = context.find(text)
+            hint = f" (it occurs at {near})" if near >= 0 else " (it does not occur in the context)"
+            raise DataError(f"{row.where}: answer {text!r:.60} is not at its start offset {start}: the context "
+                            f"there reads {found!r:.60}{hint}; fix answer_start")
+    return {"context": context, "question": question, "answers": json.dumps(answers, ensure_ascii=False),
+            "origin": row.where}
 
 
 def conversation(row: Row, spec: DatasetSpec, need_response: bool) -> Conversation:

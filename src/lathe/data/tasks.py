@@ -355,3 +355,47 @@ def make_seq2seq_preprocess(tokenizer: Any, cutoff_len: int, max_target_length: 
                 "source": batch["source"], "target": batch["target"], "origin": batch["origin"]}
 
     return preprocess
+
+
+# --- extractive question answering ---------------------------------------------------------------
+
+def make_qa_preprocess(tokenizer: Any, cutoff_len: int, doc_stride: int):
+    """Batched map function: (question, context) -> one feature per window of the context
+    (windows of cutoff_len tokens overlapping by doc_stride, the question in each). A feature
+    keeps each token's character span in the context (offsets; [-1, -1] outside it) and the
+    token positions of the first answer (start_positions / end_positions), or 0 (the first
+    token, standing for "no answer") where the answer is not inside this window."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"stage qa needs a fast tokenizer (it maps answer characters to tokens); "
+                        f"{type(tokenizer).__name__} is not one")
+    types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+
+    def preprocess(batch: dict[str, list]) -> dict[str, list]:
+        enc = tokenizer(batch["question"], batch["context"], truncation="only_second", max_length=cutoff_len,
+                        stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True,
+                        return_token_type_ids=types)
+        out: dict[str, list] = {k: [] for k in ("input_ids", "token_type_ids", "start_positions", "end_positions",
+                                                "offsets", "context", "question", "answers", "origin")}
+        for i, offsets in enumerate(enc["offset_mapping"]):
+            ex = enc["overflow_to_sample_mapping"][i]
+            sequence = enc.sequence_ids(i)
+            spans = [list(o) if sequence[k] == 1 else [-1, -1] for k, o in enumerate(offsets)]
+            inside = [k for k, s in enumerate(sequence) if s == 1]
+            start = end = 0
+            answers = json.loads(batch["answers"][ex])
+            if answers and inside:
+                text, first_char = answers[0]
+                last_char = first_char + len(text)
+                if spans[inside[0]][0] <= first_char and spans[inside[-1]][1] >= last_char:
+                    start = next(k for k in inside if spans[k][1] > first_char)
+                    end = next(k for k in reversed(inside) if spans[k][0] < last_char)
+            out["input_ids"].append(enc["input_ids"][i])
+            out["token_type_ids"].append(enc["token_type_ids"][i] if types else [])
+            out["start_positions"].append(start)
+            out["end_positions"].append(end)
+            out["offsets"].append(spans)
+            for key in ("context", "question", "answers", "origin"):
+                out[key].append(batch[key][ex])
+        return out
+
+    return preprocess

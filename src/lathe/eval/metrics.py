@@ -227,6 +227,44 @@ def entity_scores(predicted: Sequence[Sequence[str]], gold: Sequence[Sequence[st
             "accuracy": _safe_div(right, words), "per_type": per_type}
 
 
+# --------------------------------------------------------------------------- extractive QA
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no English articles, single spaces."""
+    text = _PUNCTUATION.sub(" ", text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _answer_tokens(text: str) -> list[str]:
+    norm = normalize_answer(text)
+    return list(norm.replace(" ", "")) if has_cjk(norm) else norm.split()
+
+
+def answer_f1(prediction: str, gold: str) -> float:
+    """Token overlap F1 of two answers (characters for Chinese); two empty answers agree."""
+    p, g = _answer_tokens(prediction), _answer_tokens(gold)
+    if not p or not g:
+        return float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    return _f1(common / len(p), common / len(g)) if common else 0.0
+
+
+def squad_scores(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, float]:
+    """exact_match and f1 in percent, each row scored against its best gold answer (an
+    unanswerable question has no gold answers: only the empty prediction is right)."""
+    _check_pair(predictions, golds)
+    em = f1 = 0.0
+    for p, answers in zip(predictions, golds):
+        answers = list(answers) or [""]
+        em += max(float(normalize_answer(p) == normalize_answer(a)) for a in answers)
+        f1 += max(answer_f1(p, a) for a in answers)
+    return {"exact_match": 100 * em / len(golds), "f1": 100 * f1 / len(golds)}
+
+
 def perplexity(loss: float) -> float:
     """exp(mean token cross-entropy); inf instead of OverflowError for a diverged run."""
     try:

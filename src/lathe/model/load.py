@@ -168,14 +168,16 @@ TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "seq_cls": ("AutoModelForSequenceClassification", {}),  # + the label set's num_labels, id2label
     "token_cls": ("AutoModelForTokenClassification", {}),  # + the tag set's
     "seq2seq": ("AutoModelForSeq2SeqLM", {}),  # an encoder-decoder (T5, BART, mT5, Marian ...)
+    "qa": ("AutoModelForQuestionAnswering", {}),  # start and end logits over the tokens
 }
 # The task each stage trains (the others: causal_lm), what its head is called in messages,
 # and peft's task_type for its adapters (which decides what peft saves beside them).
-STAGE_TASK = {"rm": "reward", "cls": "seq_cls", "tagging": "token_cls", "seq2seq": "seq2seq"}
+STAGE_TASK = {"rm": "reward", "cls": "seq_cls", "tagging": "token_cls", "seq2seq": "seq2seq", "qa": "qa"}
 HEAD_WORDS = {"seq_cls": "sequence-classification", "reward": "sequence-classification",
-              "token_cls": "token-classification", "seq2seq": "sequence-to-sequence (encoder-decoder)"}
+              "token_cls": "token-classification", "seq2seq": "sequence-to-sequence (encoder-decoder)",
+              "qa": "question-answering (span)"}
 PEFT_TASK_TYPE = {"causal_lm": "CAUSAL_LM", "reward": "SEQ_CLS", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS",
-                  "seq2seq": "SEQ_2_SEQ_LM"}
+                  "seq2seq": "SEQ_2_SEQ_LM", "qa": "QUESTION_ANS"}
 # Models users know that have each head (named in the refusal when theirs has none).
 _KNOWN_FAMILIES = ("bert", "roberta", "deberta-v2", "distilbert", "xlm-roberta", "t5", "bart", "gpt2",
                    "llama", "qwen2", "mistral", "bloom", "opt", "gpt_neo")

@@ -12,7 +12,7 @@ from lathe.errors import ConfigError, ModelError, did_you_mean
 from lathe.model.methods import Method, register, start_from_adapters, task_heads
 
 # Output heads that never get LoRA, whatever the architecture calls them.
-HEAD_NAMES = {"lm_head", "output_layer", "embed_out", "score", "classifier", "v_head"}
+HEAD_NAMES = {"lm_head", "output_layer", "embed_out", "score", "classifier", "v_head", "qa_outputs"}
 
 
 def linear_module_names(model: Any) -> list[str]:
