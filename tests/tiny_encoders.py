@@ -27,8 +27,8 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def vocabulary_texts() -> list[str]:
-    return [" ".join(POSITIVE + NEGATIVE + THINGS + FILLERS + PEOPLE + PLACES + OTHER
-                      + ["in", "smith", "lives", "where", "does", "live", "?", "."])] * 4
+    words = POSITIVE + NEGATIVE + THINGS + FILLERS + PEOPLE + PLACES + OTHER + list(EN_FR) + list(EN_FR.values())
+    return [" ".join(words + ["in", "smith", "lives", "where", "does", "live", "?", ".", "with", "of"])] * 4
 
 
 def build_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
@@ -211,8 +211,23 @@ def qa_rows(n: int, seed: int = 0, fillers: int = 2) -> list[dict]:
 
 def write_qa(folder: Path, n_train: int = 128, n_test: int = 24) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "qa.json").write_text(json.dumps(qa_rows(n_train, 0)), encoding="utf-8")
-    (folder / "qa_test.json").write_text(json.dumps(qa_rows(n_test, 1, fillers=6)), encoding="utf-8")
+    (folder / "qa.json").write_text(json.dumps(qa_rows(n_train, 0, fillers=6)), encoding="utf-8")
+    (folder / "qa_test.json").write_text(json.dumps(qa_rows(n_test, 1, fillers=8)), encoding="utf-8")
     info = {"qa": {"file_name": "qa.json"}, "qa_test": {"file_name": "qa_test.json"}}
+    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return folder
+
+
+def pair_rows(n: int, seed: int = 0) -> list[dict]:
+    """Cross-lingual pairs: English words and their French translation (no word in common, so
+    only a trained encoder puts them together); any other row's translation is a negative."""
+    return [{"anchor": r["source"], "positive": r["target"]} for r in translation_rows(n, seed)]
+
+
+def write_pairs(folder: Path, n_train: int = 128, n_test: int = 32) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pairs.json").write_text(json.dumps(pair_rows(n_train, 0)), encoding="utf-8")
+    (folder / "pairs_test.json").write_text(json.dumps(pair_rows(n_test, 1)), encoding="utf-8")
+    info = {"pairs": {"file_name": "pairs.json"}, "pairs_test": {"file_name": "pairs_test.json"}}
     (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
     return folder

@@ -34,7 +34,8 @@ PREDICTS = {"sft": "generates a reply per row and scores it (BLEU-4, ROUGE)",
             "pt": "reports the loss and perplexity", "cls": "predicts a label per row, with probabilities",
             "tagging": "tags every word and lists the entities",
             "seq2seq": "generates every target and scores it (BLEU-4, ROUGE)",
-            "qa": "finds every question's answer span (exact match, F1)"}
+            "qa": "finds every question's answer span (exact match, F1)",
+            "embed": "ranks every eval positive for each anchor (recall@k, MRR)"}
 
 
 def predict(source: str | os.PathLike, overrides: list[str] | Mapping[str, Any] | None = None):

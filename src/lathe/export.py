@@ -87,6 +87,11 @@ def run_export(cfg: LatheConfig) -> dict[str, Any]:
         files = save_export(model, tokenizer, tmp, dtype=dtype, max_shard_size=f"{cfg.export.export_size}GB",
                             legacy=cfg.export.export_legacy_format, chat_template=chat_template,
                             stop_ids=stop_ids, final_dir=out)
+        if cfg.finetune.stage == "embed":  # loads with SentenceTransformer(export_dir) too
+            from lathe.recipes.embed import write_sentence_transformers_files
+
+            write_sentence_transformers_files(tmp, cfg.task.pooling if cfg.task.pooling != "auto" else "mean",
+                                              cfg.data.cutoff_len, model.config)
         del model  # the verification loads the export and the reference one at a time
         report = None
         if cfg.export.export_verify:
@@ -441,9 +446,14 @@ def _logits(model: Any, inputs: list[list[int]]) -> list[Any]:
             x = torch.tensor([ids])
             decoder = {"decoder_input_ids": x} if getattr(model.config, "is_encoder_decoder", False) else {}
             result = model(input_ids=x, **decoder)  # an encoder-decoder: teacher-forced on the text
-            # a span head (QA) has start and end logits: compared as one [tokens, 2] tensor
-            logits = result.logits[0] if hasattr(result, "logits") else \
-                torch.stack([result.start_logits[0], result.end_logits[0]], dim=-1)
+            # a span head (QA) has start and end logits: compared as one [tokens, 2] tensor; a bare
+            # encoder (embed) its token vectors
+            if hasattr(result, "logits"):
+                logits = result.logits[0]
+            elif hasattr(result, "start_logits"):
+                logits = torch.stack([result.start_logits[0], result.end_logits[0]], dim=-1)
+            else:
+                logits = result.last_hidden_state[0]
             out.append((logits[-len(ids):] if logits.dim() == 2 and logits.shape[0] >= len(ids) else logits).float())
     return out
 

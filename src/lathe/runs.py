@@ -87,7 +87,11 @@ def task_keys(folder: str) -> dict[str, object]:
     if recorded:  # a Lathe run says what it trained (an rm run is a sequence classifier too)
         if recorded.get("stage") not in TASK_STAGES:
             return {}
-        return {k: recorded[k] for k in ("stage", "problem_type", "label_names") if recorded.get(k) is not None}
+        keys = ("stage", "problem_type", "label_names") if recorded["stage"] != "embed" else ("stage", "pooling")
+        return {k: recorded[k] for k in keys if recorded.get(k) is not None}
+    pooling = _sentence_transformers_pooling(Path(folder))
+    if pooling:
+        return {"stage": "embed", "pooling": pooling}
     try:
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -107,6 +111,20 @@ def task_keys(folder: str) -> dict[str, object]:
         return {}  # one output and no problem type: a reward model, not a classifier
     problem = config.get("problem_type") or "single_label_classification"
     return {"stage": "cls", "problem_type": problem, **({"label_names": names} if problem != "regression" else {})}
+
+
+def _sentence_transformers_pooling(folder: Path) -> str | None:
+    """The pooling of a sentence-transformers folder (modules.json + 1_Pooling), if it is one."""
+    import json
+
+    try:
+        config = json.loads((folder / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (folder / "modules.json").is_file():
+        return None
+    modes = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_lasttoken": "last"}
+    return next((name for key, name in modes.items() if config.get(key)), None)
 
 
 def model_keys(folder: str) -> dict[str, object]:

@@ -94,7 +94,7 @@ class FinetuneConfig:
     stage: str = _f("sft", "Training stage: pt, sft, rm, dpo, kto, ppo; or a task: cls (sequence "
                     "classification and regression), tagging (token classification, e.g. NER), seq2seq (an "
                     "encoder-decoder such as T5 or BART: source -> target), qa (extractive question "
-                    "answering: an answer span in a context).")
+                    "answering: an answer span in a context), embed (a sentence encoder for search).")
     finetuning_type: Literal["lora", "full", "freeze", "ia3", "prefix", "ptuning", "prompt", "adalora"] = _f(
         "lora", "What is trained (one module each in lathe.model.methods; `lathe methods` lists them)."
     )
@@ -245,6 +245,13 @@ class TaskConfig:
         "tokens (the answer is searched in each); default: a quarter of cutoff_len, at most 128.",
         stage="qa")
     max_answer_length: int = _f(30, "qa: the longest answer span considered, in tokens.", stage="qa")
+    pooling: Literal["auto", "mean", "cls", "last"] = _f(
+        "auto", "embed: how token vectors become one text vector: mean (over real tokens), cls (the "
+        "first token), last (the last real token); auto: mean for encoders (BERT ...), last for "
+        "decoders (Llama, Qwen ...).", stage="embed")
+    embed_temperature: float = _f(
+        0.05, "embed: temperature of the contrastive loss (cosine similarities are divided by it).",
+        stage="embed")
 
 
 @dataclass(frozen=True)
@@ -337,10 +344,10 @@ class BenchConfig:
 
 
 # Stage names; each has a recipe module `lathe.recipes.<name>` (a test keeps them in step).
-STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls", "tagging", "seq2seq", "qa")
+STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls", "tagging", "seq2seq", "qa", "embed")
 # Stages that train a task head instead of a language model (lathe.model.load.TASKS names
 # the model class of each).
-TASK_STAGES: tuple[str, ...] = ("cls", "tagging", "seq2seq", "qa")
+TASK_STAGES: tuple[str, ...] = ("cls", "tagging", "seq2seq", "qa", "embed")
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,

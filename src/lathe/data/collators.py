@@ -166,3 +166,29 @@ class QACollator:
         batch["start_positions"] = torch.as_tensor([f["start_positions"] for f in features], dtype=torch.long)
         batch["end_positions"] = torch.as_tensor([f["end_positions"] for f in features], dtype=torch.long)
         return batch
+
+
+@dataclass
+class EmbedCollator:
+    """embed: anchors, positives and (where given) hard negatives, each right-padded as its own
+    block (anchor_*, positive_*, negative_*), and the pairs' scores when they have them."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import math
+
+        import torch
+
+        batch: dict[str, Any] = {}
+        blocks = {"anchor": [f["input_ids"] for f in features], "positive": [f["positive_ids"] for f in features],
+                  "negative": [f["negative_ids"] for f in features if f.get("negative_ids")]}
+        for name, rows in blocks.items():
+            if rows:
+                padded = pad_rows([(ids, []) for ids in rows], self.pad_id)
+                batch[f"{name}_input_ids"] = padded["input_ids"]
+                batch[f"{name}_attention_mask"] = padded["attention_mask"]
+        scores = [f.get("score") for f in features]
+        if all(s is not None and not math.isnan(s) for s in scores):
+            batch["scores"] = torch.as_tensor(scores, dtype=torch.float)
+        return batch

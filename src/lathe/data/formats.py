@@ -10,6 +10,7 @@ Formats (how a row is laid out): alpaca, sharegpt, openai. Kinds (what a stage n
   tagging   words + one tag per word                             (token classification)
   seq2seq   a source text + a target text                        (encoder-decoder models)
   qa        context + question + answers at character offsets    (extractive QA)
+  embed     anchor + positive (+ negative, or a score)            (sentence embeddings)
 Every converter returns a plain dict (a `datasets` row) or raises DataError.
 """
 
@@ -23,10 +24,10 @@ from lathe.data.registry import DatasetSpec
 from lathe.data.sources import Row
 from lathe.errors import DataError
 
-KINDS = ("sft", "pairwise", "kto", "prompt", "text", "cls", "tagging", "seq2seq", "qa")
+KINDS = ("sft", "pairwise", "kto", "prompt", "text", "cls", "tagging", "seq2seq", "qa", "embed")
 STAGE_KIND = {"sft": "sft", "pt": "text", "rm": "pairwise", "dpo": "pairwise", "kto": "kto",
               "ppo": "prompt", "cls": "cls", "tagging": "tagging", "seq2seq": "seq2seq",
-              "qa": "qa"}
+              "qa": "qa", "embed": "embed"}
 _KIND_WANTS = {
     "sft": "instruction data (a prompt and a response)",
     "pairwise": "preference pairs (ranking: true with chosen and rejected)",
@@ -37,6 +38,7 @@ _KIND_WANTS = {
     "tagging": "words with a tag each (tokens and tags columns, or a CoNLL file)",
     "seq2seq": "source and target texts (or alpaca rows: the prompt is the source)",
     "qa": "a context, a question and answers with their character starts (SQuAD layout)",
+    "embed": "text pairs: anchor and positive (+ a hard negative, or a similarity score)",
 }
 
 
@@ -52,6 +54,8 @@ def convert(row: Row, spec: DatasetSpec, kind: str) -> dict[str, Any]:
         return _source_target(row, spec)
     if kind == "qa":
         return _question(row, spec)
+    if kind == "embed":
+        return _text_pair(row, spec)
     if kind == "pairwise":
         return _pairwise(row, spec)
     if spec.ranking:
@@ -178,6 +182,29 @@ def _question(row: Row, spec: DatasetSpec) -> dict[str, Any]:
                             f"there reads {found!r:.60}{hint}; fix answer_start")
     return {"context": context, "question": question, "answers": json.dumps(answers, ensure_ascii=False),
             "origin": row.where}
+
+
+def _text_pair(row: Row, spec: DatasetSpec) -> dict[str, Any]:
+    """anchor and positive texts (a query and its passage, or two paraphrases), and either a
+    hard negative text or a similarity score (for example 0 to 1) for the pair."""
+    out: dict[str, Any] = {"origin": row.where}
+    for role in ("anchor", "positive"):
+        out[role] = _text(row, spec.column(role) or role, required=True, role=role)
+        if not out[role].strip():
+            raise DataError(f"{row.where}: the {role} text is empty")
+    negative = spec.column("negative") or "negative"
+    out["negative"] = _text(row, negative, required=True, role="negative") \
+        if row.data.get(negative) is not None else ""
+    score = row.data.get(spec.column("score") or "score")
+    if score is not None and score != "":
+        try:
+            out["score"] = float(score)
+        except (TypeError, ValueError):
+            raise DataError(f"{row.where}: score {score!r:.40} is not a number; a pair's score is its "
+                            "similarity, e.g. from 0 to 1") from None
+    else:
+        out["score"] = None
+    return out
 
 
 def conversation(row: Row, spec: DatasetSpec, need_response: bool) -> Conversation:

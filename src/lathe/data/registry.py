@@ -18,7 +18,7 @@ from lathe.errors import DataError, did_you_mean
 FORMATTINGS = ("alpaca", "sharegpt", "openai")
 COLUMN_ROLES = ("prompt", "query", "response", "history", "system", "messages", "tools",
                 "chosen", "rejected", "kto_tag", "text", "label", "text_pair", "tokens", "tags", "source", "target",
-                "context", "question", "answers")
+                "context", "question", "answers", "anchor", "positive", "negative", "score")
 TAG_NAMES = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag",
              "function_tag", "system_tag")
 ENTRY_KEYS = ("file_name", "hf_hub_url", "ms_hub_url", "script_url", "formatting", "columns",
@@ -28,7 +28,8 @@ DEFAULT_COLUMNS: dict[str, dict[str, str | None]] = {
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output",
                "chosen": "chosen", "rejected": "rejected", "text": "text", "label": "label", "text_pair": "text_pair",
                "tokens": "tokens", "tags": "tags", "source": "source", "target": "target",
-               "context": "context", "question": "question", "answers": "answers"},
+               "context": "context", "question": "question", "answers": "answers",
+               "anchor": "anchor", "positive": "positive", "negative": "negative", "score": "score"},
     "sharegpt": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected",
                  "text": "text", "label": "label"},
     "openai": {"messages": "messages", "chosen": "chosen", "rejected": "rejected",

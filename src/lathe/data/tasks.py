@@ -399,3 +399,35 @@ def make_qa_preprocess(tokenizer: Any, cutoff_len: int, doc_stride: int):
         return out
 
     return preprocess
+
+
+# --- sentence embeddings --------------------------------------------------------------------------
+
+def check_pairs(rows: list[dict]) -> str:
+    """What the pairs train with: "score" (every row has a similarity score: cosine loss) or
+    "contrastive" (none has: in-batch negatives, plus the hard negatives given)."""
+    scored = [r for r in rows if r["score"] is not None]
+    if scored and len(scored) != len(rows):
+        bare = next(r for r in rows if r["score"] is None)
+        raise DataError(f"{bare['origin']} has no score but {scored[0]['origin']} has one; give every pair a "
+                        "score (cosine loss) or none (contrastive loss)")
+    if scored and any(r["negative"] for r in rows):
+        raise DataError(f"{next(r for r in rows if r['negative'])['origin']}: a hard negative with scored pairs; "
+                        "scored pairs train a cosine loss, which has no use for negatives: drop one of them")
+    return "score" if scored else "contrastive"
+
+
+def make_embed_preprocess(tokenizer: Any, cutoff_len: int):
+    """Batched map function: anchor, positive and (maybe empty) negative texts -> their ids."""
+    def ids(texts: list[str]) -> list[list[int]]:
+        return list(tokenizer(texts, truncation=True, max_length=cutoff_len)["input_ids"])
+
+    def preprocess(batch: dict[str, list]) -> dict[str, list]:
+        negatives = [n or "" for n in batch["negative"]]
+        encoded = ids([n or "-" for n in negatives])
+        return {"input_ids": ids(batch["anchor"]), "positive_ids": ids(batch["positive"]),
+                "negative_ids": [e if n else [] for e, n in zip(encoded, negatives)],
+                "score": [s if s is not None else float("nan") for s in batch["score"]],
+                "anchor": batch["anchor"], "positive": batch["positive"], "origin": batch["origin"]}
+
+    return preprocess

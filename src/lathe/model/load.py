@@ -169,15 +169,17 @@ TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "token_cls": ("AutoModelForTokenClassification", {}),  # + the tag set's
     "seq2seq": ("AutoModelForSeq2SeqLM", {}),  # an encoder-decoder (T5, BART, mT5, Marian ...)
     "qa": ("AutoModelForQuestionAnswering", {}),  # start and end logits over the tokens
+    "embed": ("AutoModel", {}),  # the bare model: token vectors, pooled into one per text
 }
 # The task each stage trains (the others: causal_lm), what its head is called in messages,
 # and peft's task_type for its adapters (which decides what peft saves beside them).
-STAGE_TASK = {"rm": "reward", "cls": "seq_cls", "tagging": "token_cls", "seq2seq": "seq2seq", "qa": "qa"}
+STAGE_TASK = {"rm": "reward", "cls": "seq_cls", "tagging": "token_cls", "seq2seq": "seq2seq", "qa": "qa",
+              "embed": "embed"}
 HEAD_WORDS = {"seq_cls": "sequence-classification", "reward": "sequence-classification",
               "token_cls": "token-classification", "seq2seq": "sequence-to-sequence (encoder-decoder)",
-              "qa": "question-answering (span)"}
+              "qa": "question-answering (span)", "embed": "feature-extraction"}
 PEFT_TASK_TYPE = {"causal_lm": "CAUSAL_LM", "reward": "SEQ_CLS", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS",
-                  "seq2seq": "SEQ_2_SEQ_LM", "qa": "QUESTION_ANS"}
+                  "seq2seq": "SEQ_2_SEQ_LM", "qa": "QUESTION_ANS", "embed": "FEATURE_EXTRACTION"}
 # Models users know that have each head (named in the refusal when theirs has none).
 _KNOWN_FAMILIES = ("bert", "roberta", "deberta-v2", "distilbert", "xlm-roberta", "t5", "bart", "gpt2",
                    "llama", "qwen2", "mistral", "bloom", "opt", "gpt_neo")

@@ -21,6 +21,7 @@ import torch
 from transformers import Trainer
 
 from lathe.model.reference import REF_ADAPTER, as_reference
+from lathe.recipes.embed import contrastive_loss, cosine_loss, pool
 from lathe.recipes.losses import average_logps, kto_loss, preference_loss, sequence_logps
 from lathe.recipes.rm import pair_rewards, pairwise_loss
 
@@ -289,3 +290,40 @@ class PairwiseTrainer(Trainer):
             return loss, None, None
         # labels are a placeholder: the Trainer only calls compute_metrics when there are some
         return loss, torch.stack([chosen, rejected], -1).detach(), torch.zeros_like(chosen)
+
+
+class EmbeddingTrainer(Trainer):
+    """embed: the bare model's token vectors, pooled per text (`pooling`), under a contrastive
+    loss (in-batch negatives) or, for scored pairs, a cosine loss (lathe.recipes.embed). Its
+    prediction step returns each pair's two vectors (and the score as the label), which the
+    retrieval metrics rank."""
+
+    pooling = "mean"
+    temperature = 0.05
+
+    def _embed(self, model: Any, inputs: dict[str, Any], name: str) -> Any:
+        ids, mask = inputs[f"{name}_input_ids"], inputs[f"{name}_attention_mask"]
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return pool(hidden, mask, self.pooling)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        anchors, positives = self._embed(model, inputs, "anchor"), self._embed(model, inputs, "positive")
+        if "scores" in inputs:
+            loss = cosine_loss(anchors, positives, inputs["scores"])
+        else:
+            candidates = positives
+            if "negative_input_ids" in inputs:
+                candidates = torch.cat([positives, self._embed(model, inputs, "negative")])
+            loss = contrastive_loss(anchors, candidates, self.temperature)
+        return (loss, {"vectors": torch.stack([anchors, positives], dim=1)}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        labels = inputs.get("scores")
+        if labels is None:
+            labels = torch.full((outputs["vectors"].shape[0],), float("nan"), device=loss.device)
+        return loss.detach(), outputs["vectors"].detach(), labels.detach()
