@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from tests.conftest import as_overrides, run_cli
 from tests.tiny_encoders import write_qa
 
@@ -73,3 +75,22 @@ def test_answers_off_their_offset_are_one_line(tiny_bert, tmp_path):
            " (it occurs at 13); fix answer_start" in r.stderr
     r = run_cli("train", *_args(tiny_bert, data, tmp_path / "run", doc_stride=16, max_steps=1))
     assert r.returncode == 2 and "doc_stride=16 must be less than half of cutoff_len=32" in r.stderr
+
+
+def test_lora_on_bert_reads_token_types_like_its_export(tiny_bert, tmp_path):
+    """peft's QA wrapper drops token_type_ids; Lathe trains through the plain PeftModel, so the
+    adapter learns with the token types its merged export is then given."""
+    data = write_qa(tmp_path / "data", n_train=64, n_test=16)
+    run = tmp_path / "run"
+    r = run_cli("train", *_args(tiny_bert, data, run, finetuning_type="lora", max_steps=12, do_predict=True))
+    assert r.returncode == 0, r.stderr[-2000:]
+    export = tmp_path / "export"
+    r = run_cli("export", str(run), f"export_dir={export}")
+    assert r.returncode == 0 and "Verification passed" in r.stdout, r.stderr[-2000:]
+    r = run_cli("predict", str(export), "eval_dataset=qa_test", f"dataset_dir={data}", "cutoff_len=32",
+                "doc_stride=8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    mine = json.loads((run / "predict_results.json").read_text())
+    theirs = json.loads((export / "predict" / "predict_results.json").read_text())
+    assert theirs["predict_f1"] == mine["predict_f1"]
+    assert theirs["predict_loss"] == pytest.approx(mine["predict_loss"], abs=1e-4)

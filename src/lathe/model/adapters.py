@@ -8,7 +8,8 @@ from lathe.config.schema import FinetuneConfig, ModelConfig
 from lathe.model.methods import get_method
 
 
-def apply_finetuning(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> Any:
+def apply_finetuning(model: Any, ft: FinetuneConfig, model_cfg: ModelConfig,
+                     task_type: str | None = "CAUSAL_LM") -> Any:
     """The model with what `ft.finetuning_type` trains marked trainable (adapters added)."""
     return get_method(ft.finetuning_type).apply(model, ft, model_cfg, task_type=task_type)
 

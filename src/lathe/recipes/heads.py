@@ -34,11 +34,21 @@ def build_task_model(cfg: LatheConfig, model_path: str, tokenizer: Any, task: st
     """The checkpoint under its new head (`task`: a row of lathe.model.load.TASKS), the method
     applied (an adapter trains the head in full beside it and saves it with it; freeze trains
     its blocks and the head)."""
-    from lathe.model.methods import get_method
+    from lathe.model.methods import get_method, start_from_adapters
 
     model = load_model(cfg, model_path, tokenizer, task, head)
-    model = apply_finetuning(model, cfg.finetune, cfg.model, task_type=PEFT_TASK_TYPE[task])
-    if not get_method(cfg.finetune.finetuning_type).adapter:
+    method = get_method(cfg.finetune.finetuning_type)
+    if not cfg.train.do_train:  # predicting: the given adapters, and nothing fresh on top of them
+        model, _ = start_from_adapters(model, cfg.model)
+        return model
+    task_type = PEFT_TASK_TYPE[task]
+    if task == "qa" and method.packs:
+        # peft's question-answering wrapper drops token_type_ids (peft 0.21) when no virtual
+        # tokens are prepended: the plain PeftModel forwards them, and the span head is saved
+        # through modules_to_save (lathe.model.methods.task_heads)
+        task_type = None
+    model = apply_finetuning(model, cfg.finetune, cfg.model, task_type=task_type)
+    if not method.adapter:
         for name, module in model.named_children():
             if name in HEAD_MODULES:
                 module.requires_grad_(True)

@@ -81,15 +81,16 @@ def method_of_peft_type(peft_type: str | None) -> Method | None:
 # Task heads peft does not know by name (it trains and saves `classifier` and `score` of a
 # SEQ_CLS / TOKEN_CLS model, and `qa_outputs` of a QUESTION_ANS one, by itself).
 OTHER_HEADS = ("classification_head",)  # BART, T5, MBart: a dense layer and an out_proj
+SPAN_HEADS = ("qa_outputs",)  # extractive QA, when peft's task wrapper is not used (task_type None)
 
 
-def task_heads(model: Any, task_type: str) -> list[str]:
+def task_heads(model: Any, task_type: str | None) -> list[str]:
     """The new task head(s) of `model` that an adapter must train in full and save with it
     (peft's modules_to_save), beside those peft adds itself; none for a language model."""
     if task_type == "CAUSAL_LM":
         return []
     children = {name for name, _ in model.named_children()}
-    return [h for h in OTHER_HEADS if h in children]
+    return [h for h in OTHER_HEADS + (SPAN_HEADS if task_type is None else ()) if h in children]
 
 
 def start_from_adapters(model: Any, model_cfg: Any, continue_last: bool = True) -> tuple[Any, bool]:
