@@ -25,7 +25,7 @@ def test_a_tiny_bert_learns_to_tag_and_round_trips(tiny_bert, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "4 tags: O, B-LOC, B-PER, I-PER" in r.stdout
     f1 = [json.loads(x)["eval_f1"] for x in (run / "trainer_log.jsonl").read_text().splitlines() if "eval_f1" in x]
-    assert len(f1) == 12 and f1[0] < 0.3 and f1[-1] >= 0.9, f1  # entity F1 rises from near nothing
+    assert len(f1) == 12 and f1[0] <= 0.5 and f1[-1] >= 0.9 and f1[-1] - f1[0] >= 0.4, f1  # entity F1 rises
     report = json.loads((run / "tagging_report.json").read_text())
     assert set(report["per_type"]) == {"PER", "LOC"} and report["f1"] == f1[-1]
     rows = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
