@@ -42,7 +42,8 @@ def predict(source: str | os.PathLike, overrides: list[str] | Mapping[str, Any] 
     """`lathe predict`: the trained model of a run (a run directory, or the config that wrote
     one: its output_dir) predicts the run's held-out rows (its eval_dataset, or the same
     val_size split) or `eval_dataset=...`; the results go to a fresh folder in the run
-    directory (predict, predict-2, ...) unless output_dir is given. Returns a RunResult."""
+    directory (predict, predict-2, ...), or, given a run directory, to output_dir=... if set
+    (given a config, output_dir names the run). Returns a RunResult."""
     from pathlib import Path
 
     from lathe.config.load import read_config_file
@@ -58,6 +59,7 @@ def predict(source: str | os.PathLike, overrides: list[str] | Mapping[str, Any] 
     else:
         given = {**read_config_file(str(source)), **extra}
         run_dir = given.get("output_dir")
+        extra.pop("output_dir", None)  # with a config, output_dir names the run to predict with
         if not run_dir:
             raise ConfigError(f"{source} names no output_dir; lathe predict reads the run it trained "
                               "(or pass the run directory itself)")

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import as_overrides, run_cli
 from tests.tiny_encoders import sentiment_rows, write_sentiment
 
-REVIEWS = Path(__file__).resolve().parents[1] / "fixtures" / "reviews"
+DATA = Path(__file__).resolve().parents[2] / "data"  # the repository's data/ (reviews, reviews_test)
 
 
 def _minilm() -> Path:
@@ -35,7 +35,7 @@ def test_a_real_pretrained_encoder_learns_held_out_sentiment(method, tmp_path):
     run = tmp_path / method
     r = run_cli("train", *as_overrides({
         "stage": "cls", "model_name_or_path": _minilm(), "dataset": "reviews", "eval_dataset": "reviews_test",
-        "dataset_dir": REVIEWS, "finetuning_type": method, "learning_rate": 5e-5 if method == "full" else 1e-3,
+        "dataset_dir": DATA, "finetuning_type": method, "learning_rate": 5e-5 if method == "full" else 1e-3,
         "num_train_epochs": 3, "per_device_train_batch_size": 16, "cutoff_len": 64, "output_dir": run,
         "logging_steps": 5, "seed": 0}))
     assert r.returncode == 0, r.stderr[-2000:]
