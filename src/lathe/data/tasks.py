@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from lathe.errors import DataError
@@ -46,7 +47,7 @@ class LabelSet:
         value = json.loads(raw)
         if self.problem_type == REGRESSION:
             return _number(value, where)
-        index = {n: i for i, n in enumerate(self.names)}
+        index = self.index
         if self.problem_type == MULTI:
             hot = [0.0] * len(self.names)
             for item in _as_list(value):
@@ -59,6 +60,11 @@ class LabelSet:
 
     def decode(self, class_id: int) -> str:
         return self.names[class_id]
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        """name -> id (computed once: encode runs for every row)."""
+        return {n: i for i, n in enumerate(self.names)}
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -276,7 +282,7 @@ def resolve_tags(rows: list[dict], eval_rows: list[dict], label_names: list[str]
                         f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); drop num_labels or "
                         "give label_names")
     tags = LabelSet(TAGGING, names)
-    index = {n: i for i, n in enumerate(names)}
+    index = tags.index
     for r in rows:
         for tag in json.loads(r["tags"]):
             _class_id(tag, index, names, r["origin"])
@@ -309,7 +315,7 @@ def make_tagging_preprocess(tokenizer: Any, cutoff_len: int, tags: LabelSet, lab
                         f"{type(tokenizer).__name__} is not one: install `tokenizers` or convert the tokenizer")
     types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
     inside = inside_tag(tags.names)
-    index = {n: i for i, n in enumerate(tags.names)}
+    index = tags.index
 
     def preprocess(batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "token_type_ids": [], "labels": [], "word_ids": [],

@@ -31,16 +31,13 @@ from lathe.data.tasks import check_pairs, make_embed_preprocess
 from lathe.errors import ConfigError
 from lathe.recipes.common import (
     RunResult,
-    finish_run,
-    install_callbacks,
     is_main_process,
     log,
     open_stage,
     print_summary,
-    run_eval,
     start_run,
 )
-from lathe.recipes.heads import build_task_model, label_rows, refuse_packing
+from lathe.recipes.heads import build_task_model, finish, fit, label_rows, refuse_packing
 
 PREDICTIONS_FILE = "predictions.jsonl"
 RECALL_AT = (1, 5, 10)
@@ -69,22 +66,13 @@ def run(cfg: LatheConfig) -> RunResult:
                                processing_class=tokenizer, data_collator=EmbedCollator(tokenizer.pad_token_id),
                                compute_metrics=retrieval_scores)
     trainer.pooling, trainer.temperature = pooling, cfg.task.embed_temperature
-    install_callbacks(trainer, cfg, perplexity=False)
-
-    train_metrics: dict[str, Any] = {}
-    if cfg.train.do_train:
-        train_metrics = dict(trainer.train(resume_from_checkpoint=o.resume_from).metrics)
-        trainer.save_model()
-        if is_main_process():
-            write_sentence_transformers_files(Path(cfg.train.output_dir), pooling, cfg.data.cutoff_len, model.config)
-    eval_metrics = None
-    if data.eval is not None and (cfg.train.do_train or cfg.train.do_eval):
-        eval_metrics = run_eval(trainer, perplexity=False)
+    train_metrics, eval_metrics = fit(
+        trainer, cfg, o.resume_from, data.eval is not None,
+        after_save=lambda: write_sentence_transformers_files(Path(cfg.train.output_dir), pooling,
+                                                             cfg.data.cutoff_len, model.config))
     predict_metrics = predict(trainer, data.eval, cfg.train.output_dir) \
         if cfg.train.do_predict and data.eval is not None else {}
-    result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
-    result.metrics.update(predict_metrics)
-    return result
+    return finish(trainer, cfg, tokenizer, train_metrics, eval_metrics, predict_metrics)
 
 
 def processor(cfg: LatheConfig, rows: list[dict] | None, tokenizer: Any) -> tuple[TaskProcessor, str]:

@@ -3,13 +3,14 @@ the checkpoint under a new task head with what trains marked."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lathe.config.schema import LatheConfig
 from lathe.errors import ConfigError
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import PEFT_TASK_TYPE, load_model
-from lathe.recipes.common import ready_for_training
+from lathe.recipes.common import RunResult, finish_run, install_callbacks, is_main_process, ready_for_training, run_eval
 
 # Names of new task heads across architectures (BERT: classifier; Llama, GPT-2: score;
 # BART, T5: classification_head; QA models: qa_outputs).
@@ -59,3 +60,28 @@ def refuse_packing(cfg: LatheConfig) -> None:
     if cfg.data.packing:
         raise ConfigError(f"packing applies to language-model stages; stage {cfg.finetune.stage} reads one "
                           "example per row, so remove packing")
+
+
+def fit(trainer: Any, cfg: LatheConfig, resume_from: str | None, has_eval: bool,
+        after_save: Callable[[], None] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """What every task stage does with its trainer: our progress bar and log, training (when
+    do_train) and saving (`after_save`: rank 0 writes what goes beside the weights), then the
+    evaluation. Returns (train metrics, eval metrics or None)."""
+    install_callbacks(trainer, cfg, perplexity=False)
+    train_metrics: dict[str, Any] = {}
+    if cfg.train.do_train:
+        train_metrics = dict(trainer.train(resume_from_checkpoint=resume_from).metrics)
+        trainer.save_model()
+        if after_save is not None and is_main_process():
+            after_save()
+    eval_metrics = None
+    if has_eval and (cfg.train.do_train or cfg.train.do_eval):
+        eval_metrics = run_eval(trainer, perplexity=False)
+    return train_metrics, eval_metrics
+
+
+def finish(trainer: Any, cfg: LatheConfig, tokenizer: Any, train_metrics: dict[str, Any],
+           eval_metrics: dict[str, Any] | None, predict_metrics: dict[str, Any]) -> RunResult:
+    result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
+    result.metrics.update(predict_metrics)
+    return result

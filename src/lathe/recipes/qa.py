@@ -30,16 +30,13 @@ from lathe.errors import ConfigError
 from lathe.eval.metrics import squad_scores
 from lathe.recipes.common import (
     RunResult,
-    finish_run,
-    install_callbacks,
     is_main_process,
     log,
     open_stage,
     print_summary,
-    run_eval,
     start_run,
 )
-from lathe.recipes.heads import build_task_model, label_rows, refuse_packing
+from lathe.recipes.heads import build_task_model, finish, fit, label_rows, refuse_packing
 
 PREDICTIONS_FILE = "predictions.jsonl"
 N_BEST = 20  # the best start and end positions of a window that are paired up
@@ -60,20 +57,10 @@ def run(cfg: LatheConfig) -> RunResult:
                   example_caption="question | context -> answer; one window of the context per row")
 
     trainer = build_trainer(model, o.args, tokenizer, data.train, data.eval, cfg.task.max_answer_length)
-    install_callbacks(trainer, cfg, perplexity=False)
-
-    train_metrics: dict[str, Any] = {}
-    if cfg.train.do_train:
-        train_metrics = dict(trainer.train(resume_from_checkpoint=o.resume_from).metrics)
-        trainer.save_model()
-    eval_metrics = None
-    if data.eval is not None and (cfg.train.do_train or cfg.train.do_eval):
-        eval_metrics = run_eval(trainer, perplexity=False)
+    train_metrics, eval_metrics = fit(trainer, cfg, o.resume_from, data.eval is not None)
     predict_metrics = predict(trainer, data.eval, cfg.task.max_answer_length, cfg.train.output_dir) \
         if cfg.train.do_predict and data.eval is not None else {}
-    result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
-    result.metrics.update(predict_metrics)
-    return result
+    return finish(trainer, cfg, tokenizer, train_metrics, eval_metrics, predict_metrics)
 
 
 def stride(cfg: LatheConfig) -> int:

@@ -28,16 +28,13 @@ from lathe.data.tasks import make_seq2seq_preprocess
 from lathe.eval.metrics import generation_scores
 from lathe.recipes.common import (
     RunResult,
-    finish_run,
-    install_callbacks,
     is_main_process,
     log,
     open_stage,
     print_summary,
-    run_eval,
     start_run,
 )
-from lathe.recipes.heads import build_task_model, label_rows, refuse_packing
+from lathe.recipes.heads import build_task_model, finish, fit, label_rows, refuse_packing
 
 PREDICTIONS_FILE = "predictions.jsonl"
 
@@ -58,20 +55,10 @@ def run(cfg: LatheConfig) -> RunResult:
                   example_caption="source -> target")
 
     trainer = build_trainer(model, o.args, tokenizer, data.train, data.eval)
-    install_callbacks(trainer, cfg, perplexity=False)
-
-    train_metrics: dict[str, Any] = {}
-    if cfg.train.do_train:
-        train_metrics = dict(trainer.train(resume_from_checkpoint=o.resume_from).metrics)
-        trainer.save_model()
-    eval_metrics = None
-    if data.eval is not None and (cfg.train.do_train or cfg.train.do_eval):
-        eval_metrics = run_eval(trainer, perplexity=False)
+    train_metrics, eval_metrics = fit(trainer, cfg, o.resume_from, data.eval is not None)
     predict_metrics = predict(trainer, data.eval, tokenizer, cfg.train.output_dir) \
         if cfg.train.do_predict and data.eval is not None else {}
-    result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
-    result.metrics.update(predict_metrics)
-    return result
+    return finish(trainer, cfg, tokenizer, train_metrics, eval_metrics, predict_metrics)
 
 
 def processor(cfg: LatheConfig, rows: list[dict] | None, tokenizer: Any) -> tuple[TaskProcessor, None]:

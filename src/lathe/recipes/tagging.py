@@ -29,16 +29,13 @@ from lathe.eval import metrics as M
 from lathe.model.load import classifier_head
 from lathe.recipes.common import (
     RunResult,
-    finish_run,
-    install_callbacks,
     is_main_process,
     log,
     open_stage,
     print_summary,
-    run_eval,
     start_run,
 )
-from lathe.recipes.heads import build_task_model, label_rows, refuse_packing
+from lathe.recipes.heads import build_task_model, finish, fit, label_rows, refuse_packing
 
 PREDICTIONS_FILE = "predictions.jsonl"
 REPORT_FILE = "tagging_report.json"
@@ -59,21 +56,11 @@ def run(cfg: LatheConfig) -> RunResult:
                   example_caption=f"word/TAG; {len(tags.names)} tags: {shown}")
 
     trainer = build_trainer(model, o.args, tokenizer, data.train, data.eval, tags)
-    install_callbacks(trainer, cfg, perplexity=False)
-
-    train_metrics: dict[str, Any] = {}
-    if cfg.train.do_train:
-        train_metrics = dict(trainer.train(resume_from_checkpoint=o.resume_from).metrics)
-        trainer.save_model()
-    eval_metrics = None
-    if data.eval is not None and (cfg.train.do_train or cfg.train.do_eval):
-        eval_metrics = run_eval(trainer, perplexity=False)
-    result_metrics: dict[str, Any] = {}
+    train_metrics, eval_metrics = fit(trainer, cfg, o.resume_from, data.eval is not None)
+    predict_metrics: dict[str, Any] = {}
     if data.eval is not None and (cfg.train.do_predict or eval_metrics is not None):
-        result_metrics = predict(trainer, data.eval, tags, cfg.train.output_dir, write=cfg.train.do_predict)
-    result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
-    result.metrics.update(result_metrics)
-    return result
+        predict_metrics = predict(trainer, data.eval, tags, cfg.train.output_dir, write=cfg.train.do_predict)
+    return finish(trainer, cfg, tokenizer, train_metrics, eval_metrics, predict_metrics)
 
 
 def tag_set(cfg: LatheConfig, rows: list[dict] | None, tokenizer: Any) -> tuple[TaskProcessor, LabelSet]:
