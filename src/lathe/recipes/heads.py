@@ -22,13 +22,18 @@ def label_rows(cfg: LatheConfig, rows: list[dict] | None, kind: str) -> tuple[li
     dataset): the eval rows stand in, and the run's recorded label_names decide."""
     from lathe.data.loader import load_conversations
 
-    if rows is None:
-        raise ConfigError(f"stage {cfg.finetune.stage} reads its label set from every training row; "
-                          "streaming: true cannot do that yet, so turn streaming off")
+    refuse_streaming(cfg, rows, "reads its label set from every training row")
     evals = load_conversations(cfg.data, kind, names=cfg.data.eval_dataset)[0] if cfg.data.eval_dataset else []
     if not cfg.data.dataset:
         return evals, []
     return rows, evals
+
+
+def refuse_streaming(cfg: LatheConfig, rows: list[dict] | None, why: str) -> None:
+    """Task stages read their rows up front (`rows` is None when streaming)."""
+    if rows is None:
+        raise ConfigError(f"stage {cfg.finetune.stage} {why}; streaming: true cannot do that yet, so turn "
+                          "streaming off")
 
 
 def build_task_model(cfg: LatheConfig, model_path: str, tokenizer: Any, task: str, head: dict[str, Any]) -> Any:

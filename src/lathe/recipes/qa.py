@@ -36,7 +36,7 @@ from lathe.recipes.common import (
     print_summary,
     start_run,
 )
-from lathe.recipes.heads import build_task_model, finish, fit, label_rows, refuse_packing
+from lathe.recipes.heads import build_task_model, finish, fit, refuse_packing, refuse_streaming
 
 PREDICTIONS_FILE = "predictions.jsonl"
 N_BEST = 20  # the best start and end positions of a window that are paired up
@@ -68,7 +68,7 @@ def stride(cfg: LatheConfig) -> int:
 
 
 def processor(cfg: LatheConfig, rows: list[dict] | None, tokenizer: Any) -> tuple[TaskProcessor, None]:
-    label_rows(cfg, rows, "qa")  # no streaming (yet): the same refusal as the other tasks
+    refuse_streaming(cfg, rows, "tokenizes every row before training")
     return TaskProcessor(make_qa_preprocess(tokenizer, cfg.data.cutoff_len, stride(cfg)),
                          json.dumps([stride(cfg)])), None
 

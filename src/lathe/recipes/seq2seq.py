@@ -34,7 +34,7 @@ from lathe.recipes.common import (
     print_summary,
     start_run,
 )
-from lathe.recipes.heads import build_task_model, finish, fit, label_rows, refuse_packing
+from lathe.recipes.heads import build_task_model, finish, fit, refuse_packing, refuse_streaming
 
 PREDICTIONS_FILE = "predictions.jsonl"
 
@@ -62,7 +62,7 @@ def run(cfg: LatheConfig) -> RunResult:
 
 
 def processor(cfg: LatheConfig, rows: list[dict] | None, tokenizer: Any) -> tuple[TaskProcessor, None]:
-    label_rows(cfg, rows, "seq2seq")  # no streaming (yet): the same refusal as the other tasks
+    refuse_streaming(cfg, rows, "tokenizes every row before training")
     t = cfg.task
     return TaskProcessor(make_seq2seq_preprocess(tokenizer, cfg.data.cutoff_len, t.max_target_length,
                                                  t.source_prefix),
