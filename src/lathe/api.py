@@ -93,3 +93,46 @@ def _free_folder(path) -> str:
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return str(candidate)
+
+
+# What a trained run's config.yaml says about its model that a quantized copy must keep: how
+# its rows are rendered (calibration, the report's eval set) and the task head it has.
+_RUN_KEYS = ("stage", "template", "cutoff_len", "problem_type", "label_names", "pooling", "dataset_dir")
+
+
+def quantize(config: str | os.PathLike | Mapping[str, Any] | None = None,
+             overrides: list[str] | Mapping[str, Any] | None = None, **keys: Any) -> dict[str, Any]:
+    """`lathe quantize`: the model of model_name_or_path (a run directory or an export; or `config`
+    itself when it is one) -> a quantized model folder in output_dir, and its report. The run's
+    own keys (stage, template, cutoff_len, its head's labels) come from its config.yaml; the
+    config's keys win. Returns what was written and the report."""
+    from pathlib import Path
+
+    from lathe.config.load import read_config_file
+    from lathe.errors import ConfigError
+    from lathe.model.quant.store import is_quantized_dir
+    from lathe.quant.run import run_quantize
+    from lathe.quiet import quiet_warnings
+    from lathe.runs import model_keys, read_run_config
+
+    quiet_warnings()
+    if config is not None and not isinstance(config, Mapping) and Path(config).is_dir():
+        given: dict[str, Any] = {"model_name_or_path": str(config)}
+    else:
+        given = dict(config) if isinstance(config, Mapping) else read_config_file(str(config)) if config else {}
+    given.update(parse_overrides(overrides))
+    given.update(keys)
+    source = given.get("model_name_or_path")
+    merged: dict[str, Any] = {}
+    if source and Path(str(source)).is_dir():
+        if is_quantized_dir(str(source)):
+            raise ConfigError(f"model_name_or_path {source} is already quantized (it holds quantization.json); "
+                              "quantize the float run or export it came from")
+        found = model_keys(str(source))
+        recorded = read_run_config(source)
+        for adapter in found.get("adapter_name_or_path") or []:  # a LoRA run: its config says how it trained
+            recorded = {**read_run_config(adapter), **recorded} if not recorded else recorded
+        merged.update({k: recorded[k] for k in _RUN_KEYS if recorded.get(k) is not None})
+        merged.update(found)
+    merged.update({k: v for k, v in given.items() if k != "model_name_or_path" or "model_name_or_path" not in merged})
+    return run_quantize(load_config(merged, command="quantize"))

@@ -48,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
     pr.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    qz = sub.add_parser("quantize", help="quantize a trained model (int8 dynamic/static, weight-only, mixed) "
+                        "and report size, memory, latency and quality",
+                        description="Quantize the model of a run directory or an export into output_dir (a model "
+                                    "folder chat, eval and predict load), then measure the float and quantized "
+                                    "models side by side: quantize_report.json, a table and a chart.")
+    qz.add_argument("config", help="a YAML naming model_name_or_path (a run or export), quantization_scheme and "
+                    "output_dir; or the run directory itself")
+    qz.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
+    qz.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
     e = sub.add_parser("eval", help="score a model on multiple-choice benchmarks (MMLU / C-Eval / CMMLU layout)",
                        description="Answer every question of a benchmark by comparing the logits of the "
                                    "choice letters; report accuracy per subject and category.")
@@ -184,7 +194,7 @@ def _flags_to_overrides(argv: list[str], parser: argparse.ArgumentParser) -> lis
     return out
 
 
-_CONFIG_COMMANDS = ("train", "pipeline", "eval", "export", "chat", "data")
+_CONFIG_COMMANDS = ("train", "pipeline", "quantize", "eval", "export", "chat", "data")
 
 
 def _subcommand_index(argv: list[str]) -> int:
@@ -236,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             from lathe.api import predict
 
             predict(args.config, args.overrides)
+        elif args.command == "quantize":
+            from lathe.api import quantize
+
+            quantize(args.config, args.overrides)
         elif args.command == "pipeline":
             from lathe.pipeline import run_pipeline
 

@@ -33,6 +33,14 @@ def quiet_warnings() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     # 8-bit matmuls say this on every call: the cast is what 8-bit training means
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
+    # torch's quantized engine (lathe quantize's int8 layers): "quantized dtypes are deprecated"
+    warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
+    # torchao, when installed, reports at import the CUDA kernels a CPU machine cannot load, and torch
+    # the enum registrations torchao makes: neither concerns the user's run
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     # P-tuning / prompt tuning: said on every forward; Lathe refuses packing (which needs them)
     warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient",
                             category=UserWarning)

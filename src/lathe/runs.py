@@ -132,7 +132,22 @@ def model_keys(folder: str) -> dict[str, object]:
     holds. A LoRA run is its base model (from the run's config.yaml, else adapter_config.json)
     with the adapters it was trained on top of and its own; an export or a full run is the
     model itself. A task model brings the keys of its head (task_keys)."""
-    return {**_model_keys(folder), **task_keys(folder)}
+    return {**_model_keys(folder), **task_keys(folder), **quantized_keys(folder)}
+
+
+def quantized_keys(folder: str) -> dict[str, object]:
+    """The keys `lathe quantize` recorded in a quantized folder's quantization.json (the stage,
+    the task head's keys, the template the model was trained with); {} for other folders."""
+    import json
+
+    path = Path(folder) / "quantization.json"
+    if not path.is_file():
+        return {}
+    try:
+        keys = json.loads(path.read_text(encoding="utf-8")).get("keys") or {}
+    except (OSError, ValueError):
+        return {}
+    return dict(keys) if isinstance(keys, dict) else {}
 
 
 def _model_keys(folder: str) -> dict[str, object]:

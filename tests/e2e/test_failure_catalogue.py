@@ -105,7 +105,7 @@ CONFIG_CASES = [
     (["lr_scheduler_type=cosin"], "lr_scheduler_type='cosin'"),
     (["report_to=wandbx"], "report_to: wandbx is not a logger"),
     (["report_to=wandb"], "pip install wandb"),
-    (["export_quantization_bit=4"], "issue 14"),
+    (["export_quantization_bit=4"], "quantize the export with lathe quantize"),
     (["quantization_bit=3"], "quantization_bit: 3 is not a width"),
     (["quantization_bit=4", "finetuning_type=full"], "needs finetuning_type: lora"),
     (["use_galore=true"], "not supported in Lathe"),

@@ -9,6 +9,7 @@ the network, eight GPUs, or are the test suite itself).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -120,7 +121,11 @@ def test_every_readme_command_runs(sandbox):
     assert '"passed": true' in (prefix_export / "export_verification.json").read_text()
     assert '"use_dora": true' in (work / "runs" / "sft_dora" / "adapter_config.json").read_text()
     assert '"adalora_rank"' in (work / "runs" / "sft_adalora" / "trainer_log.jsonl").read_text()
+    quantized = json.loads((work / "quantized" / "sft_lora-static" / "quantize_report.json").read_text())
+    assert [m["model"].split(" ")[0] for m in quantized["models"]] == ["float32", "int8_static", "int8_dynamic"]
+    assert (work / "quantized" / "sft_lora-mixed" / "sensitivity.json").is_file()
+    assert (work / "runs" / "predict_int8" / "generated_predictions.jsonl").is_file()
     chat = next(v for k, v in outputs.items() if "lathe chat examples/chat.yaml" in k)
     assert "Assistant:" in chat and "Generation: greedy" in chat
     lf = next(v for k, v in outputs.items() if "--from-llamafactory" in k)
-    assert "export_quantization_bit" in lf and "issue 14" in lf
+    assert "export_quantization_bit" in lf and "lathe quantize" in lf

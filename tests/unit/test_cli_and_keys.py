@@ -84,7 +84,7 @@ def test_translate():
     assert out == {"train_on_last_turn_only": True, "gradient_checkpointing": False, "seed": 1,
                    "pissa_init": "false"}
     assert len(notes) == 1 and "tokenized_path" in notes[0]
-    with pytest.raises(ConfigError, match=r"export_quantization_bit .*issue 14"):
+    with pytest.raises(ConfigError, match=r"export_quantization_bit .*lathe quantize"):
         translate({"export_quantization_bit": 4}, set(_FIELDS))
     assert translate({"pissa_init": "true"}, set(_FIELDS))[0] == {"pissa_init": "true"}  # landed: same
     with pytest.raises(ConfigError, match="infer_backend: vllm"):

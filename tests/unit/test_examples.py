@@ -18,7 +18,8 @@ PIPELINES = [p for p in ALL if "stages" in (yaml.safe_load(p.read_text()) or {})
 BENCHMARKS = [p for p in ALL if "task" in (yaml.safe_load(p.read_text()) or {})]  # `lathe eval` configs
 EXPORTS = [p for p in ALL if "export_dir" in (yaml.safe_load(p.read_text()) or {})]  # `lathe export`
 CHATS = [p for p in ALL if p.name.startswith("chat")]  # `lathe chat`
-EXAMPLES = [p for p in ALL if p not in PIPELINES + BENCHMARKS + EXPORTS + CHATS]
+QUANTIZE = [p for p in ALL if p.name.startswith("quantize")]  # `lathe quantize`
+EXAMPLES = [p for p in ALL if p not in PIPELINES + BENCHMARKS + EXPORTS + CHATS + QUANTIZE]
 
 
 def test_there_are_examples():
@@ -41,6 +42,18 @@ def test_export_and_chat_examples_load(path, monkeypatch):
     command = "export" if path in EXPORTS else "chat"
     cfg = load_config(path, command=command)
     assert cfg.model.model_name_or_path and cfg.model.adapter_name_or_path == ["runs/sft_lora"]
+
+
+@pytest.mark.parametrize("path", QUANTIZE, ids=[p.name for p in QUANTIZE])
+def test_quantize_examples_load_and_their_data_resolves(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(path, command="quantize")
+    assert cfg.model.model_name_or_path == "runs/sft_lora" and cfg.train.output_dir.startswith("quantized/")
+    rows, _ = load_conversations(cfg.data, "sft", names=cfg.data.eval_dataset)
+    assert rows
+    if cfg.quantize.calibration_dataset:
+        rows, _ = load_conversations(cfg.data, "sft", names=cfg.quantize.calibration_dataset)
+        assert len(rows) >= cfg.quantize.calibration_samples
 
 
 @pytest.mark.parametrize("path", BENCHMARKS, ids=[p.name for p in BENCHMARKS])

@@ -524,3 +524,29 @@ def quantization_fits(cfg: LatheConfig) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("quantization_bit needs the bitsandbytes package, which is not installed; "
                           "pip install bitsandbytes (or pip install 'lathe[qlora]')")
+
+
+@check(commands=("quantize",))
+def quantize_keys_fit(cfg: LatheConfig) -> None:
+    """`lathe quantize`: where to write, the scheme's data, values in range."""
+    q = cfg.quantize
+    if not cfg.train.output_dir:
+        raise ConfigError("lathe quantize needs output_dir: the folder the quantized model is written to")
+    if not 0.0 <= q.quantization_keep_float < 1.0:
+        raise ConfigError(f"quantization_keep_float: {q.quantization_keep_float} must be a fraction in [0, 1) "
+                          "(e.g. 0.1 keeps the 10% most sensitive layers in float)")
+    if q.calibration_samples < 1:
+        raise ConfigError(f"calibration_samples: {q.calibration_samples} must be at least 1")
+    if q.quantization_group_size < 2 or q.quantization_group_size % 2:
+        raise ConfigError(f"quantization_group_size: {q.quantization_group_size} must be an even number >= 2 "
+                          "(32, 64 or 128 are usual)")
+    if q.benchmark_repeats < 1:
+        raise ConfigError(f"benchmark_repeats: {q.benchmark_repeats} must be at least 1")
+    needs = ("int8_static" if q.quantization_scheme == "int8_static" else
+             "quantization_keep_float" if q.quantization_keep_float > 0 else None)
+    if needs and not q.calibration_dataset:
+        raise ConfigError(f"{needs} needs calibration rows: set calibration_dataset to a dataset of "
+                          "dataset_info.json (and calibration_samples, default 128)")
+    if _changed(q, "quantization_group_size") and q.quantization_scheme != "int4_weight_only":
+        raise ConfigError(f"quantization_group_size applies to int4_weight_only only (quantization_scheme is "
+                          f"{q.quantization_scheme}); remove it")

@@ -152,14 +152,15 @@ KEYS: dict[str, Key] = {
     **_same("export", "export_dir", "export_size", "export_legacy_format", "export_hub_model_id"),
     "export_device": Key("export", "accepted", note="lathe export merges on the CPU, or on the GPU "
                          "the model loads on", values=("cpu", "auto")),
-    "export_quantization_bit": Key("export", "later", "quantize the exported model (GPTQ)",
-                                   "arrives with lathe quantize (issue 14)", None),
-    "export_quantization_dataset": Key("export", "later", "calibration data for the export "
-                                       "quantization", "arrives with lathe quantize (issue 14)", None),
-    "export_quantization_nsamples": Key("export", "later", "calibration rows",
-                                        "arrives with lathe quantize (issue 14)", 128),
-    "export_quantization_maxlen": Key("export", "later", "calibration length",
-                                      "arrives with lathe quantize (issue 14)", 1024),
+    "export_quantization_bit": Key("export", "no", "quantize the exported model (GPTQ)",
+                                   "quantize the export with lathe quantize (quantization_scheme: "
+                                   "int4_weight_only, int8_static with calibration_dataset, ...)", None),
+    "export_quantization_dataset": Key("export", "no", "calibration data for the export quantization",
+                                       "lathe quantize reads calibration_dataset", None),
+    "export_quantization_nsamples": Key("export", "no", "calibration rows",
+                                        "lathe quantize reads calibration_samples", 128),
+    "export_quantization_maxlen": Key("export", "no", "calibration length",
+                                      "lathe quantize renders calibration rows with the run's cutoff_len", 1024),
     # --- inference engines --------------------------------------------------------------
     **{k: Key("engines", "no", "settings of the vLLM / SGLang / KTransformers engines", _SERVE, d)
        for k, d in {"vllm_maxlen": 4096, "vllm_gpu_util": 0.7, "vllm_enforce_eager": False,
@@ -226,9 +227,9 @@ KEYS: dict[str, Key] = {
                                       "off: no second model to quantize", None),
     "reward_model_adapters": Key("finetuning", "no", "adapters on the reward model", "reward_model "
                                  "takes the run directory of an rm stage (adapter or full)", None),
-    "reward_model_quantization_bit": Key("finetuning", "later", "a quantized reward model",
-                                         "arrives with lathe quantize (issue 14); ppo loads the reward "
-                                         "model in the run's dtype", None),
+    "reward_model_quantization_bit": Key("finetuning", "no", "a quantized reward model",
+                                         "ppo loads the reward model in the run's dtype (lathe quantize "
+                                         "makes int8 models for serving)", None),
     "reward_model_type": Key("finetuning", "accepted", "lora, full or api", "Lathe reads the kind "
                              "from the rm run directory", values=("lora", "full")),
     "ld_alpha": Key("finetuning", "no", "LD-DPO length weighting", "pref_loss: simpo normalises by "

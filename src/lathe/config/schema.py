@@ -343,6 +343,39 @@ class BenchConfig:
     save_dir: str | None = _f(None, "Folder results.json is written to (must not hold files).")
 
 
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """`lathe quantize`: a trained model -> a quantized model folder and a report."""
+
+    quantization_scheme: Literal["int8_dynamic", "int8_static", "int8_weight_only", "int4_weight_only"] = _f(
+        "int8_dynamic", "int8_dynamic (int8 weights, activations quantized per call; no data), int8_static "
+        "(activations too, at ranges calibrated on calibration_dataset), int8_weight_only, int4_weight_only "
+        "(groups of quantization_group_size)."
+    )
+    quantization_skip_modules: list[str] | None = _f(
+        None, "Layers kept in float (names, dotted tails such as classifier or lm_head, or globs; comma-separated)."
+    )
+    quantization_keep_float: float = _f(
+        0.0, "Mixed precision: keep this fraction of the layers in float, the ones whose quantization "
+        "changes the loss on the calibration rows most (a per-layer sensitivity scan, saved as a table)."
+    )
+    quantize_embeddings: bool = _f(True, "Also store embedding tables as int8 rows.")
+    quantization_group_size: int = _f(32, "int4_weight_only: weights per scale and zero.")
+    calibration_dataset: list[str] | None = _f(
+        None, "Dataset(s) from dataset_info.json whose rows calibrate int8_static and the sensitivity scan, "
+        "rendered as the run was trained (template, cutoff_len)."
+    )
+    calibration_samples: int = _f(128, "Calibration rows to use (the dataset must hold at least this many).")
+    quantize_report: bool = _f(
+        True, "Measure the float and quantized models side by side (size, memory, latency, quality on "
+        "eval_dataset) into quantize_report.json, a table and a chart."
+    )
+    quantize_compare: list[str] | None = _f(
+        None, "Other quantized model folders (a QAT run's, another scheme's) measured in the same report."
+    )
+    benchmark_repeats: int = _f(5, "Timed runs per latency figure (the median is reported, after a warm-up).")
+
+
 # Stage names; each has a recipe module `lathe.recipes.<name>` (a test keeps them in step).
 STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls", "tagging", "seq2seq", "qa", "embed")
 # Stages that train a task head instead of a language model (lathe.model.load.TASKS names
@@ -359,10 +392,11 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "export": ExportConfig,
     "bench": BenchConfig,
+    "quantize": QuantizeConfig,
 }
 
 # What a config is loaded for: `lathe <command> cfg.yaml`; checks declare which they serve.
-COMMANDS: tuple[str, ...] = ("train", "export", "chat", "eval")
+COMMANDS: tuple[str, ...] = ("train", "export", "chat", "eval", "quantize")
 
 
 @dataclass(frozen=True)
@@ -378,6 +412,7 @@ class LatheConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     command: str = "train"  # what it was loaded for (decides which checks apply)
     explicit: frozenset[str] = frozenset()  # keys the user set (file or command line)
     source: str | None = None  # the file it came from, if any

@@ -250,6 +250,10 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any, task: str = "causal_
     """The model at `path` as `task` needs it (TASKS; `head`: the task head's arguments, e.g.
     num_labels), in the run's dtype and attention kernel, quantized when quantization_bit is
     set, its embeddings grown to the tokenizer."""
+    from lathe.model.quant.store import is_quantized_dir
+
+    if is_quantized_dir(path):  # a `lathe quantize` folder: predicted with, chatted with; not trained
+        return _load_quantized(cfg, path, tokenizer, task)
     auto, extra = auto_class(task)
     extra.update(head or {})
     try:
@@ -272,6 +276,20 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any, task: str = "causal_
         raise _hub_error(path, e) from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _load_quantized(cfg: LatheConfig, path: str, tokenizer: Any, task: str) -> Any:
+    from lathe.model.quant.store import load_quantized
+
+    if cfg.command == "train" and cfg.train.do_train:
+        raise ModelError(f"{path} is a quantized model (lathe quantize), whose integer weights cannot be "
+                         "trained; train the float model it was made from (its quantization.json names it) and "
+                         "quantize again, or train with quantization_aware_training: true")
+    model = load_quantized(path, task, cfg.model.trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

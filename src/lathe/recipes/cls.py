@@ -220,3 +220,7 @@ def _prediction(logits: Any, decided: Any, labels: LabelSet) -> dict[str, Any]:
     probs = shifted / shifted.sum()
     return {"predict": labels.names[int(decided)],
             "probabilities": {n: round(float(p), 6) for n, p in zip(labels.names, probs)}}
+
+
+# What `lathe quantize` calibrates on: rows as this stage tokenizes them (its processor), batched.
+CALIBRATION = (label_set, ClassifierCollator)

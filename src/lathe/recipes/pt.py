@@ -8,6 +8,7 @@ validation loss reported as perplexity.
 from __future__ import annotations
 
 from lathe.config.schema import LatheConfig
+from lathe.data.collators import LMCollator
 from lathe.errors import ConfigError
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import load_model
@@ -35,7 +36,8 @@ def run(cfg: LatheConfig) -> RunResult:
     example = next(iter(data.train))
 
     model = load_model(cfg, o.model_path, tokenizer)
-    model = ready_for_training(apply_finetuning(model, cfg.finetune, cfg.model), cfg)
+    if cfg.train.do_train or cfg.model.adapter_name_or_path:  # predicting alone adds no fresh adapter
+        model = ready_for_training(apply_finetuning(model, cfg.finetune, cfg.model), cfg)
 
     start_run(cfg, o)
     print_summary(cfg, model, o.model_path, data,
@@ -54,3 +56,7 @@ def run(cfg: LatheConfig) -> RunResult:
     result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
     result.metrics.update(predict_metrics)
     return result
+
+
+# What `lathe quantize` calibrates on: rows as this stage tokenizes them (its processor), batched.
+CALIBRATION = (None, LMCollator)

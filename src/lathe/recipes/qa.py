@@ -153,3 +153,7 @@ def predict(trainer: Any, rows: Any, max_answer_length: int, output_dir: str) ->
     trainer.save_metrics("predict", metrics)
     log(f"Saved {len(first_feature)} predictions to {path}")
     return metrics
+
+
+# What `lathe quantize` calibrates on: rows as this stage tokenizes them (its processor), batched.
+CALIBRATION = (processor, QACollator)

@@ -131,3 +131,7 @@ def predict(trainer: Any, rows: Any, tokenizer: Any, output_dir: str) -> dict[st
     trainer.save_metrics("predict", metrics)
     log(f"Saved {len(generated)} predictions to {path}")
     return metrics
+
+
+# What `lathe quantize` calibrates on: rows as this stage tokenizes them (its processor), batched.
+CALIBRATION = (processor, Seq2SeqCollator)

@@ -35,7 +35,8 @@ def run(cfg: LatheConfig) -> RunResult:
         data, collator, note = pack_for_training(data, model, tokenizer, cfg.data.cutoff_len,
                                                  cfg.train.per_device_train_batch_size)
         notes.append(note)
-    model = ready_for_training(apply_finetuning(model, cfg.finetune, cfg.model), cfg)
+    if cfg.train.do_train or cfg.model.adapter_name_or_path:  # predicting alone adds no fresh adapter
+        model = ready_for_training(apply_finetuning(model, cfg.finetune, cfg.model), cfg)
 
     start_run(cfg, o)
     print_summary(cfg, model, o.model_path, data,
@@ -56,3 +57,7 @@ def run(cfg: LatheConfig) -> RunResult:
     result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
     result.metrics.update(predict_metrics)
     return result
+
+
+# What `lathe quantize` calibrates on: rows as this stage tokenizes them (its processor), batched.
+CALIBRATION = (None, LMCollator)

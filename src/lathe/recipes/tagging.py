@@ -145,3 +145,7 @@ def predict(trainer: Any, rows: Any, tags: LabelSet, output_dir: str, write: boo
     trainer.save_metrics("predict", metrics)
     log(f"Saved {len(predicted)} predictions to {path}")
     return metrics
+
+
+# What `lathe quantize` calibrates on: rows as this stage tokenizes them (its processor), batched.
+CALIBRATION = (tag_set, TaggerCollator)
