@@ -26,7 +26,38 @@ def train(config: str | os.PathLike | Mapping[str, Any] | None = None,
     extra.update(keys)
     cfg = load_config(config, extra)
     cfg = repeat_target(cfg, set(extra))
-    return run(cfg)
+    result = run(cfg)
+    if cfg.finetune.quantization_aware_training and cfg.train.do_train and _is_main_process():
+        result.metrics["quantized"] = convert_qat_run(cfg, result.output_dir)
+    return result
+
+
+def _is_main_process() -> bool:
+    from lathe.recipes.common import is_main_process
+
+    return is_main_process()
+
+
+def convert_qat_run(cfg: Any, run_dir: str) -> str:
+    """A QAT run's float weights -> <run_dir>/quantized, by lathe quantize with the run's scheme
+    (its report measures both, on the run's eval_dataset when it has one)."""
+    from pathlib import Path
+
+    from lathe.quant.run import run_quantize
+
+    q = cfg.quantize
+    keys = {"quantization_scheme": q.quantization_scheme, "quantization_group_size": q.quantization_group_size,
+            "quantize_embeddings": q.quantize_embeddings, "quantize_report": q.quantize_report,
+            "benchmark_repeats": q.benchmark_repeats, "output_dir": str(Path(run_dir) / "quantized"),
+            "dataset_dir": cfg.data.dataset_dir, "max_samples": cfg.data.max_samples}
+    for key, value in (("quantization_skip_modules", q.quantization_skip_modules),
+                       ("quantize_compare", q.quantize_compare), ("eval_dataset", cfg.data.eval_dataset)):
+        if value:
+            keys[key] = value
+    if q.quantization_scheme != "int4_weight_only":
+        keys.pop("quantization_group_size")
+    run_quantize(quantize_config(run_dir, keys), origin="qat")
+    return keys["output_dir"]
 
 
 # Stages whose runs `lathe predict` can score, and what it then does.
@@ -106,21 +137,27 @@ def quantize(config: str | os.PathLike | Mapping[str, Any] | None = None,
     itself when it is one) -> a quantized model folder in output_dir, and its report. The run's
     own keys (stage, template, cutoff_len, its head's labels) come from its config.yaml; the
     config's keys win. Returns what was written and the report."""
+    from lathe.quant.run import run_quantize
+    from lathe.quiet import quiet_warnings
+
+    quiet_warnings()
+    return run_quantize(quantize_config(config, {**parse_overrides(overrides), **keys}))
+
+
+def quantize_config(config: str | os.PathLike | Mapping[str, Any] | None, keys: Mapping[str, Any]) -> Any:
+    """The `lathe quantize` config: `config` (a file, a mapping, or the run directory itself) and
+    `keys`, over the keys of the run model_name_or_path names."""
     from pathlib import Path
 
     from lathe.config.load import read_config_file
     from lathe.errors import ConfigError
     from lathe.model.quant.store import is_quantized_dir
-    from lathe.quant.run import run_quantize
-    from lathe.quiet import quiet_warnings
     from lathe.runs import model_keys, read_run_config
 
-    quiet_warnings()
     if config is not None and not isinstance(config, Mapping) and Path(config).is_dir():
         given: dict[str, Any] = {"model_name_or_path": str(config)}
     else:
         given = dict(config) if isinstance(config, Mapping) else read_config_file(str(config)) if config else {}
-    given.update(parse_overrides(overrides))
     given.update(keys)
     source = given.get("model_name_or_path")
     merged: dict[str, Any] = {}
@@ -135,4 +172,4 @@ def quantize(config: str | os.PathLike | Mapping[str, Any] | None = None,
         merged.update({k: recorded[k] for k in _RUN_KEYS if recorded.get(k) is not None})
         merged.update(found)
     merged.update({k: v for k, v in given.items() if k != "model_name_or_path" or "model_name_or_path" not in merged})
-    return run_quantize(load_config(merged, command="quantize"))
+    return load_config(merged, command="quantize")

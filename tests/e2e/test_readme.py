@@ -125,6 +125,7 @@ def test_every_readme_command_runs(sandbox):
     assert [m["model"].split(" ")[0] for m in quantized["models"]] == ["float32", "int8_static", "int8_dynamic"]
     assert (work / "quantized" / "sft_lora-mixed" / "sensitivity.json").is_file()
     assert (work / "runs" / "predict_int8" / "generated_predictions.jsonl").is_file()
+    assert '"origin": "qat"' in (work / "runs" / "sft_qat" / "quantized" / "quantization.json").read_text()
     chat = next(v for k, v in outputs.items() if "lathe chat examples/chat.yaml" in k)
     assert "Assistant:" in chat and "Generation: greedy" in chat
     lf = next(v for k, v in outputs.items() if "--from-llamafactory" in k)

@@ -144,3 +144,25 @@ def test_quantize_keys_are_checked_before_anything_loads(keys, message):
     base = {"model_name_or_path": "m", "output_dir": "out"}
     with pytest.raises(ConfigError, match=message):
         load_config({**base, **keys}, command="quantize")
+
+
+@pytest.mark.parametrize("scheme", ["int8_dynamic", "int8_weight_only", "int4_weight_only"])
+def test_qat_trains_on_exactly_the_weights_the_conversion_stores(scheme):
+    from lathe.model.quant.qat import FakeQuantization, round_weight
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    first = model[0].weight
+    converted = LAYERS[scheme].from_float(model[0], group_size=32).dequantized()
+    assert torch.allclose(round_weight(first.detach(), scheme), converted, atol=1e-6)
+
+    fq = FakeQuantization(scheme, group_size=32)
+    assert fq.apply(model) == 2
+    assert torch.allclose(model[0].weight, converted, atol=1e-6)  # the forward pass sees the rounded weight
+    x = torch.randn(5, 64)
+    model(x).pow(2).sum().backward()
+    grad = model[0].parametrizations.weight.original.grad
+    assert grad is not None and grad.abs().sum() > 0  # straight through to the float weight
+    fq.remove()
+    assert model[0].weight is first and not hasattr(model[0], "parametrizations")  # the float weight, unrounded
+    assert not torch.equal(model[0].weight.detach(), converted)

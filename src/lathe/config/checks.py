@@ -550,3 +550,38 @@ def quantize_keys_fit(cfg: LatheConfig) -> None:
     if _changed(q, "quantization_group_size") and q.quantization_scheme != "int4_weight_only":
         raise ConfigError(f"quantization_group_size applies to int4_weight_only only (quantization_scheme is "
                           f"{q.quantization_scheme}); remove it")
+
+
+@check
+def quantization_aware_training_fits(cfg: LatheConfig) -> None:
+    """QAT: a scheme it can train for, a method whose result merges into weights, a stage with a
+    Trainer; the quantize keys mean nothing in a train config without it."""
+    q, ft = cfg.quantize, cfg.finetune
+    changed = [k for k in _changed(q, "") if k not in ("quantize_report", "benchmark_repeats")]
+    if not ft.quantization_aware_training:
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} {_verb(changed)} for lathe quantize (or training with "
+                              f"quantization_aware_training: true); remove {_pronoun(changed)} or set "
+                              "quantization_aware_training: true")
+        return
+    from lathe.model.methods import get_method
+    from lathe.model.quant.qat import QAT_SCHEMES
+
+    if q.quantization_scheme not in QAT_SCHEMES:
+        raise ConfigError(f"quantization_aware_training trains for {', '.join(QAT_SCHEMES)}; "
+                          f"quantization_scheme: {q.quantization_scheme} fixes activation ranges by calibration "
+                          "after training: train with int8_dynamic, or quantize the finished run with lathe quantize")
+    method = get_method(ft.finetuning_type)
+    if not method.can_merge:
+        raise ConfigError(f"quantization_aware_training needs weights to round, and finetuning_type: "
+                          f"{ft.finetuning_type} trains virtual tokens instead (it cannot merge into the weights); "
+                          "use lora, full or freeze")
+    if cfg.model.quantization_bit is not None:
+        raise ConfigError("quantization_aware_training and quantization_bit (QLoRA) both quantize the base: "
+                          "choose one")
+    if ft.stage == "ppo":
+        raise ConfigError("quantization_aware_training works in the stages trained by a Trainer (pt, sft, rm, dpo, "
+                          "kto and the task stages), not ppo's own loop; quantize the ppo run with lathe quantize")
+    if q.quantization_keep_float > 0:
+        raise ConfigError("quantization_keep_float (the sensitivity scan) runs in lathe quantize; with "
+                          "quantization_aware_training name the layers to keep float in quantization_skip_modules")

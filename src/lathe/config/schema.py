@@ -98,6 +98,10 @@ class FinetuneConfig:
     finetuning_type: Literal["lora", "full", "freeze", "ia3", "prefix", "ptuning", "prompt", "adalora"] = _f(
         "lora", "What is trained (one module each in lathe.model.methods; `lathe methods` lists them)."
     )
+    quantization_aware_training: bool = _f(
+        False, "QAT: train on the weights (and activations) quantization_scheme will round them to, then "
+        "save the float model and its quantized form in output_dir/quantized (with a report)."
+    )
     lora_rank: int = _f(8, "LoRA rank r.", method="lora")
     lora_alpha: float | None = _f(None, "LoRA scaling alpha (default 2 x lora_rank).", method=_LORA)
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path.", method=_LORA)

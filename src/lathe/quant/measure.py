@@ -4,7 +4,9 @@
 
 A fresh process per model, so the peak memory of loading one is not hidden by another's and
 every model starts from the same state; the peak is counted from just before loading (the
-libraries already imported), so it is what the model's loading adds. Latency is warm (two
+libraries already imported): `load_peak_mb` right after loading (a float checkpoint is
+memory-mapped, so its weights are only read later), `peak_mb` after the first batch has run
+(every weight read once): what the model costs in memory. Latency is warm (two
 untimed runs first), the median of `repeats` timed runs: a forward pass over a batch of the eval rows for task models
 (per example = the batch's time / its size), `new_tokens` greedy tokens for generating
 models (per token = the time / new_tokens, every sequence of the batch advancing a token).
@@ -115,6 +117,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 t = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - t)
+        if "peak_mb" not in result:  # loaded and run once at the smallest batch: every weight was read
+            result["peak_mb"] = round(_peak_mb() - before, 1)
         median = statistics.median(times)
         per = median / (n_new if generate else size)
         result["latency"][str(size)] = {"ms": round(median * 1e3, 3), "ms_per_" + ("token" if generate else "example"):

@@ -1,12 +1,14 @@
 """The float model and its quantized variants side by side: quantize_report.json, a table on
 screen and a bar chart (quantize_report.png).
 
-For each model: size on disk (its weight files), the memory loading it takes (peak resident
-memory of a fresh process, less what the process held before), latency (lathe.quant.measure:
-per example at batch 1 and 32 for task models, per generated token at batch 1 and 8 for
-language models; warm, median of benchmark_repeats), and quality on eval_dataset through
-`lathe predict`, with the stage's own metrics (perplexity for language models, accuracy and F1
-for classifiers, MSE for regression, entity F1, BLEU-4 and ROUGE, exact match and F1, MRR).
+For each model: size on disk (its weight files), the memory it takes (peak resident memory
+of a fresh process once the model is loaded and has run one batch, less what the process
+held before), latency (lathe.quant.measure: per example at batch 1 and 32 for task models,
+per generated token at batch 1 and 8 for language models; warm, the median of
+benchmark_repeats, the better of two rounds over all the models), and quality on
+eval_dataset through `lathe predict`, with the stage's own metrics (perplexity for language
+models, accuracy and F1 for classifiers, MSE for regression, entity F1, BLEU-4 and ROUGE,
+exact match and F1, MRR).
 All models are measured in one run, one after the other, so their figures compare as ratios.
 """
 
@@ -62,6 +64,14 @@ def build_report(cfg: LatheConfig, out: Path, float_dir: Path, tokenizer: Any, t
         if cfg.data.eval_dataset:
             row["quality"] = _quality(cfg, folder)
         rows.append(row)
+    # a second round in the same order: a model timed while something else held the cores is
+    # timed again, and each figure is the better of its two medians
+    log("Timing every model once more")
+    for row, (_, folder) in zip(rows, models):
+        again = _measure(folder, task, inputs, q.benchmark_repeats, tokenizer)["latency"]
+        for batch, figures in again.items():
+            if figures["ms"] < row["latency"][batch]["ms"]:
+                row["latency"][batch] = figures
     report = _ratios(rows, cfg.finetune.stage, task)
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print_table(report)
@@ -169,12 +179,12 @@ def print_table(report: dict[str, Any]) -> None:
     per, head = report["per"], report["headline"]
     unit = per.removeprefix("ms_per_")
     cols = [f"{unit} ms @{b}" for b in report["batches"]]
-    header = f"{'model':<34} {'size MB':>9} {'x':>6} {'load MB':>8} " + " ".join(f"{c:>16}" for c in cols)
+    header = f"{'model':<34} {'size MB':>9} {'x':>6} {'mem MB':>8} " + " ".join(f"{c:>16}" for c in cols)
     if head:
         header += f" {head:>11}"
     print(header)
     for row in report["models"]:
-        line = f"{row['model'][:34]:<34} {row['size_mb']:>9.1f} {row['size_ratio']:>6.2f} {row['load_peak_mb']:>8.0f} "
+        line = f"{row['model'][:34]:<34} {row['size_mb']:>9.1f} {row['size_ratio']:>6.2f} {row['peak_mb']:>8.0f} "
         line += " ".join(f"{row['latency'][b][per]:>9.3f} ({row['latency'][b]['speedup']:.2f}x)"
                          for b in report["batches"])
         if head:

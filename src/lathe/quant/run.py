@@ -64,7 +64,8 @@ def check_adapters_merge(cfg: LatheConfig) -> None:
                              f"({cfg.model.model_name_or_path}) and load the adapter on it, or train with lora")
 
 
-def run_quantize(cfg: LatheConfig) -> dict[str, Any]:
+def run_quantize(cfg: LatheConfig, origin: str = "ptq") -> dict[str, Any]:
+    """`origin`: ptq (a model trained in float) or qat (a quantization-aware training run)."""
     import torch
 
     from lathe.model.load import load_for_inference, resolve_model_path, stage_task
@@ -133,7 +134,8 @@ def run_quantize(cfg: LatheConfig) -> dict[str, Any]:
             tokenizer.save_pretrained(str(float_dir))
         layout = swap(model, names, scheme, ranges=ranges, group_size=q.quantization_group_size)
         before = _outputs(model, probe)
-        info = {"scheme": scheme.name, "summary": scheme.summary, "task": task, "source": str(source),
+        info = {"scheme": scheme.name, "origin": origin, "summary": scheme.summary, "task": task,
+                "source": str(source),
                 "keys": {k: v for k, v in _recorded(cfg).items() if v is not None},
                 "float_layers": kept, "cannot_quantize": cannot, "torch": torch.__version__,
                 "engine": torch.backends.quantized.engine if scheme.engine else None,

@@ -355,6 +355,28 @@ def install_callbacks(trainer: Any, cfg: LatheConfig, perplexity: bool = True) -
         trainer.add_callback(cb)
     if cfg.train.early_stopping_steps:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_steps))
+    if cfg.finetune.quantization_aware_training and cfg.train.do_train:
+        trainer.add_callback(fake_quantization(trainer.model, cfg))
+
+
+def fake_quantization(model: Any, cfg: LatheConfig) -> Any:
+    """QAT: the model's layers round as quantization_scheme will (from now: a resumed checkpoint
+    loads into the same parametrized layers it was saved from), until training ends (then the
+    float weights are what the run saves)."""
+    from transformers import TrainerCallback
+
+    from lathe.model.quant.qat import FakeQuantization
+
+    q = cfg.quantize
+    fq = FakeQuantization(q.quantization_scheme, q.quantization_group_size, q.quantization_skip_modules)
+    n = fq.apply(model)
+    log(f"Quantization-aware training: {n} layers train through {q.quantization_scheme} rounding")
+
+    class EndFakeQuantization(TrainerCallback):
+        def on_train_end(self, args, state, control, **kw):
+            fq.remove()
+
+    return EndFakeQuantization()
 
 
 def _ppl(loss: float) -> float:
