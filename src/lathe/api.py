@@ -165,11 +165,8 @@ def quantize_config(config: str | os.PathLike | Mapping[str, Any] | None, keys: 
         if is_quantized_dir(str(source)):
             raise ConfigError(f"model_name_or_path {source} is already quantized (it holds quantization.json); "
                               "quantize the float run or export it came from")
-        found = model_keys(str(source))
-        recorded = read_run_config(source)
-        for adapter in found.get("adapter_name_or_path") or []:  # a LoRA run: its config says how it trained
-            recorded = {**read_run_config(adapter), **recorded} if not recorded else recorded
+        recorded = read_run_config(source)  # {} for an export: its folder says what it is (model_keys)
         merged.update({k: recorded[k] for k in _RUN_KEYS if recorded.get(k) is not None})
-        merged.update(found)
+        merged.update(model_keys(str(source)))
     merged.update({k: v for k, v in given.items() if k != "model_name_or_path" or "model_name_or_path" not in merged})
     return load_config(merged, command="quantize")

@@ -27,7 +27,7 @@ from lathe.data.conversation import Conversation, Message
 from lathe.data.template_jinja import template_to_jinja
 from lathe.data.templates import Template, get_template
 from lathe.errors import ConfigError, ModelError, OutputError
-from lathe.files import respect_umask
+from lathe.files import check_free_folder, publish_folder
 from lathe.infer import set_stop_tokens
 from lathe.recipes.common import log
 
@@ -119,21 +119,12 @@ def run_export(cfg: LatheConfig) -> dict[str, Any]:
 # --- the export folder ---------------------------------------------------------------
 
 def check_export_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"export_dir {out} is a file; choose a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
-        raise OutputError(f"export_dir {out} already holds files ({held}, ...); choose a new or empty "
-                          "export_dir (nothing was written)")
+    check_free_folder(out, "export_dir")
 
 
 def publish(tmp: Path, out: Path) -> None:
     """Rename the finished temp folder to export_dir (an empty export_dir is replaced)."""
-    check_export_dir(out)  # again: something may have been written there meanwhile
-    if out.is_dir():
-        out.rmdir()
-    respect_umask(tmp)  # mkdtemp made it 0700 and safetensors writes 0600
-    os.replace(tmp, out)
+    publish_folder(tmp, out, "export_dir")
 
 
 # --- what to export ------------------------------------------------------------------

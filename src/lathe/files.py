@@ -1,4 +1,8 @@
-"""File modes: what Lathe writes follows the user's umask, like any other tool.
+"""Output folders: never clobbered, published whole, with the user's file modes.
+
+A verb that writes a model folder (export, quantize) refuses one that holds files before
+anything slow, writes into a temp folder beside it, and renames it into place when complete
+(`check_free_folder`, `publish_folder`).
 
 Some writers create private files (safetensors writes weights with mode 0600, and
 `tempfile.mkdtemp` makes 0700 folders), so an adapter or an export would be unreadable
@@ -10,6 +14,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from lathe.errors import OutputError
+
+
+def check_free_folder(out: Path, key: str) -> None:
+    """`out` (the value of config key `key`) is new or an empty folder, else one OutputError line."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{key} {out} is a file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise OutputError(f"{key} {out} already holds files ({held}, ...); choose a new or empty {key} "
+                          "(nothing was written)")
+
+
+def publish_folder(tmp: Path, out: Path, key: str) -> None:
+    """Rename the finished temp folder to `out` (an empty `out` is replaced), with the user's modes."""
+    check_free_folder(out, key)  # again: something may have been written there meanwhile
+    if out.is_dir():
+        out.rmdir()
+    respect_umask(tmp)  # mkdtemp made it 0700 and safetensors writes 0600
+    os.replace(tmp, out)
 
 
 def current_umask() -> int:

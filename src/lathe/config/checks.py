@@ -564,8 +564,8 @@ def quantization_aware_training_fits(cfg: LatheConfig) -> None:
                               f"quantization_aware_training: true); remove {_pronoun(changed)} or set "
                               "quantization_aware_training: true")
         return
+    from lathe.config.schema import QAT_SCHEMES
     from lathe.model.methods import get_method
-    from lathe.model.quant.qat import QAT_SCHEMES
 
     if q.quantization_scheme not in QAT_SCHEMES:
         raise ConfigError(f"quantization_aware_training trains for {', '.join(QAT_SCHEMES)}; "

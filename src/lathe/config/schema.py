@@ -380,6 +380,10 @@ class QuantizeConfig:
     benchmark_repeats: int = _f(5, "Timed runs per latency figure (the median is reported, after a warm-up).")
 
 
+# The quantization schemes quantization_aware_training can train for (int8_static fixes its
+# activation ranges by calibration after training).
+QAT_SCHEMES: tuple[str, ...] = ("int8_dynamic", "int8_weight_only", "int4_weight_only")
+
 # Stage names; each has a recipe module `lathe.recipes.<name>` (a test keeps them in step).
 STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls", "tagging", "seq2seq", "qa", "embed")
 # Stages that train a task head instead of a language model (lathe.model.load.TASKS names

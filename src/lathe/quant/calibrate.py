@@ -66,6 +66,13 @@ def calibration_batches(cfg: LatheConfig, tokenizer: Any, template: Any, model: 
     return batches
 
 
+def main_output(out: Any) -> Any:
+    """The tensor a model's output is about: logits (LMs, classifiers, taggers, seq2seq), the span
+    start logits (QA), or the token vectors (embedding models)."""
+    return next(getattr(out, k) for k in ("logits", "start_logits", "last_hidden_state")
+                if getattr(out, k, None) is not None).float()
+
+
 def _forward(model: Any, batches: list[dict[str, Any]]) -> tuple[float | None, list[Any]]:
     """(mean loss or None, the main output of each batch)."""
     import torch
@@ -77,9 +84,7 @@ def _forward(model: Any, batches: list[dict[str, Any]]) -> tuple[float | None, l
             loss = getattr(out, "loss", None)
             if loss is not None:
                 losses.append(float(loss))
-            main = next(getattr(out, k) for k in ("logits", "start_logits", "last_hidden_state")
-                        if getattr(out, k, None) is not None)
-            outs.append(main.float())
+            outs.append(main_output(out))
     return (sum(losses) / len(losses) if losses else None), outs
 
 

@@ -122,19 +122,9 @@ def _measure(folder: Path, task: str, inputs: list[list[int]], repeats: int, tok
 def _quality(cfg: LatheConfig, folder: Path) -> dict[str, float]:
     """`lathe predict` on eval_dataset; its metrics without the prefix and the timings."""
     from lathe.api import predict
-    from lathe.runs import quantized_keys
+    from lathe.quant.run import recorded_keys
 
-    keys = {k: v for k, v in {"stage": cfg.finetune.stage, "template": cfg.data.template,
-                              "cutoff_len": cfg.data.cutoff_len, "problem_type": cfg.task.problem_type,
-                              "label_names": list(cfg.task.label_names) if cfg.task.label_names else None,
-                              "pooling": cfg.task.pooling}.items()
-            if v is not None and (k not in quantized_keys(str(folder)) or k == "cutoff_len")}
-    if cfg.finetune.stage != "cls":
-        keys.pop("problem_type", None)
-    if cfg.finetune.stage != "embed":
-        keys.pop("pooling", None)
-    if cfg.finetune.stage not in ("cls", "tagging"):
-        keys.pop("label_names", None)
+    keys = {**recorded_keys(cfg), "cutoff_len": cfg.data.cutoff_len}
     from lathe.quiet import debugging
 
     with tempfile.TemporaryDirectory() as tmp, _silenced(not debugging()):

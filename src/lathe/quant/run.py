@@ -19,11 +19,10 @@ from typing import Any
 
 from lathe.config.schema import LatheConfig
 from lathe.errors import ConfigError, ModelError
+from lathe.files import check_free_folder, publish_folder
 from lathe.recipes.common import log
 
 SCAN_FILE = "sensitivity.json"
-# The keys a quantized folder records for whoever loads it (lathe.runs.quantized_keys).
-RECORDED = ("stage", "template", "problem_type", "label_names", "pooling")
 
 
 def check_scheme_runs_here(scheme: Any, engines: list[str] | None = None) -> None:
@@ -40,17 +39,6 @@ def check_scheme_runs_here(scheme: Any, engines: list[str] | None = None) -> Non
                           f"x86/fbgemm quantized engine (it has {', '.join(engines) or 'none'}); use "
                           "int8_weight_only or int4_weight_only, which run anywhere")
     torch.backends.quantized.engine = engine
-
-
-def check_output_dir(out: Path) -> None:
-    from lathe.errors import OutputError
-
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output_dir {out} is a file; choose a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
-        raise OutputError(f"output_dir {out} already holds files ({held}, ...); choose a new or empty output_dir "
-                          "(nothing was written)")
 
 
 def check_adapters_merge(cfg: LatheConfig) -> None:
@@ -73,7 +61,7 @@ def run_quantize(cfg: LatheConfig, origin: str = "ptq") -> dict[str, Any]:
 
     q = cfg.quantize
     out = Path(cfg.train.output_dir).expanduser()
-    check_output_dir(out)  # before anything slow
+    check_free_folder(out, "output_dir")  # before anything slow
     scheme = SCHEMES[q.quantization_scheme]
     check_scheme_runs_here(scheme)
     resolve_model_path(cfg.model.model_name_or_path)
@@ -136,7 +124,7 @@ def run_quantize(cfg: LatheConfig, origin: str = "ptq") -> dict[str, Any]:
         before = _outputs(model, probe)
         info = {"scheme": scheme.name, "origin": origin, "summary": scheme.summary, "task": task,
                 "source": str(source),
-                "keys": {k: v for k, v in _recorded(cfg).items() if v is not None},
+                "keys": recorded_keys(cfg),
                 "float_layers": kept, "cannot_quantize": cannot, "torch": torch.__version__,
                 "engine": torch.backends.quantized.engine if scheme.engine else None,
                 **({"calibration": {"dataset": q.calibration_dataset, "samples": q.calibration_samples}}
@@ -155,13 +143,7 @@ def run_quantize(cfg: LatheConfig, origin: str = "ptq") -> dict[str, Any]:
             if diff > 1e-5:
                 raise ModelError(f"the quantized model gives other outputs after saving and reloading (max difference "
                                  f"{diff:.3g}); this is a bug in Lathe: please report it (nothing was written)")
-            check_output_dir(out)
-            if out.is_dir():
-                out.rmdir()
-            from lathe.files import respect_umask
-
-            respect_umask(tmp)
-            tmp.replace(out)
+            publish_folder(tmp, out, "output_dir")
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -191,10 +173,15 @@ def _template(cfg: LatheConfig) -> Any:
     return get_template(cfg.data.template)
 
 
-def _recorded(cfg: LatheConfig) -> dict[str, Any]:
-    return {"stage": cfg.finetune.stage, "template": cfg.data.template, "problem_type": cfg.task.problem_type
-            if cfg.finetune.stage == "cls" else None, "label_names": list(cfg.task.label_names)
-            if cfg.task.label_names else None, "pooling": cfg.task.pooling if cfg.finetune.stage == "embed" else None}
+def recorded_keys(cfg: LatheConfig) -> dict[str, Any]:
+    """The keys a quantized folder records for whoever loads it (lathe.runs.quantized_keys reads
+    them): the stage, its template, and the task head's keys where the stage has them."""
+    stage = cfg.finetune.stage
+    keys = {"stage": stage, "template": cfg.data.template,
+            "problem_type": cfg.task.problem_type if stage == "cls" else None,
+            "label_names": list(cfg.task.label_names) if cfg.task.label_names else None,
+            "pooling": cfg.task.pooling if stage == "embed" else None}
+    return {k: v for k, v in keys.items() if v is not None}
 
 
 def _chat_template(model: Any, tokenizer: Any, template: Any, task: str) -> None:
@@ -225,7 +212,7 @@ def _probe(model: Any, tokenizer: Any, task: str) -> dict[str, Any]:
 def _outputs(model: Any, batch: dict[str, Any]) -> Any:
     import torch
 
+    from lathe.quant.calibrate import main_output
+
     with torch.inference_mode():
-        out = model(**batch)
-    return next(getattr(out, k) for k in ("logits", "start_logits", "last_hidden_state")
-                if getattr(out, k, None) is not None).float()
+        return main_output(model(**batch))

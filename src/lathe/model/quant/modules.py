@@ -50,6 +50,19 @@ def per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def grouped_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit in groups of `group_size` along each row: (q in [0, 15] as uint8 [out, in],
+    scale, zero [out, in / group_size], float16 values) with w ~ q * scale + zero."""
+    w = w.float()
+    out, cols = w.shape
+    g = w.view(out, cols // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-6).half().float()  # rounded as stored, so q fits the stored scale
+    zero = lo.half().float()
+    q = torch.round((g - zero[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(out, cols)
+    return q, scale, zero
+
+
 def per_tensor_affine(lo: float, hi: float, qmax: int = ACT_QMAX) -> tuple[float, int]:
     """(scale, zero point) mapping [lo, hi] (widened to hold 0) onto [0, qmax]."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -248,13 +261,7 @@ class WeightOnlyInt4Linear(QuantLayer):
 
     @classmethod
     def from_float(cls, layer: nn.Module, group_size: int = 32, **_: Any) -> WeightOnlyInt4Linear:
-        w = weight_of(layer).float()
-        out, cols = w.shape
-        g = w.view(out, cols // group_size, group_size)
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15.0).clamp(min=1e-6).half().float()
-        zero = lo.half().float()
-        q = torch.round((g - zero[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(out, cols)
+        q, scale, zero = grouped_int4(weight_of(layer), group_size)
         packed = q[:, 0::2] | (q[:, 1::2] << 4)
         return cls(packed, scale, zero, _bias(layer), group_size)
 

@@ -19,10 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lathe.model.quant.modules import ACT_QMAX, per_channel_int8, per_tensor_affine
+from lathe.model.quant.modules import ACT_QMAX, grouped_int4, per_channel_int8, per_tensor_affine
 
-# Schemes QAT can train for (int8_static would need its activation ranges fixed while training).
-QAT_SCHEMES = ("int8_dynamic", "int8_weight_only", "int4_weight_only")
 # Path parts of layers an adapter adds (trained in float and merged at the end) or keeps as a copy.
 _ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                   "original_module")
@@ -31,13 +29,10 @@ _ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "l
 def round_weight(w: torch.Tensor, scheme: str, group_size: int = 32) -> torch.Tensor:
     """The float weight the scheme's quantized layer will hold ([out, in])."""
     if scheme == "int4_weight_only":
-        out, cols = w.shape
-        g = w.float().view(out, cols // group_size, group_size)
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15.0).clamp(min=1e-6).half().float()
-        zero = lo.half().float()
-        q = torch.round((g - zero[..., None]) / scale[..., None]).clamp(0, 15)
-        return (q * scale[..., None] + zero[..., None]).view(out, cols).to(w.dtype)
+        q, scale, zero = grouped_int4(w, group_size)
+        out, cols = q.shape
+        g = q.float().view(out, cols // group_size, group_size)
+        return (g * scale[..., None] + zero[..., None]).view(out, cols).to(w.dtype)
     q, scale = per_channel_int8(w)
     return (q.float() * scale[:, None]).to(w.dtype)
 
