@@ -88,6 +88,7 @@ def main() -> None:
     base = reports["classifier"]["models"][0]
     checks = {"size <= 0.4x": q["size_ratio"] <= 0.4,
               "batch 32 >= 1.5x faster": q["latency"]["32"]["speedup"] >= 1.5,
+              "batch 32 >= 1.5x less CPU time": q["latency"]["32"]["cpu_speedup"] >= 1.5,
               "accuracy within 1 point": abs(q["quality"]["accuracy"] - base["quality"]["accuracy"]) <= 0.01}
     for name, ok in checks.items():
         print(f"classifier int8_dynamic {name}: {'met' if ok else 'NOT met'}")

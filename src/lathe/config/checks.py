@@ -540,8 +540,8 @@ def quantize_keys_fit(cfg: LatheConfig) -> None:
     if q.quantization_group_size < 2 or q.quantization_group_size % 2:
         raise ConfigError(f"quantization_group_size: {q.quantization_group_size} must be an even number >= 2 "
                           "(32, 64 or 128 are usual)")
-    if q.benchmark_repeats < 1:
-        raise ConfigError(f"benchmark_repeats: {q.benchmark_repeats} must be at least 1")
+    if q.benchmark_repeats < 0:
+        raise ConfigError(f"benchmark_repeats: {q.benchmark_repeats} must be 0 (no timing) or more")
     needs = ("int8_static" if q.quantization_scheme == "int8_static" else
              "quantization_keep_float" if q.quantization_keep_float > 0 else None)
     if needs and not q.calibration_dataset:

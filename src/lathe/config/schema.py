@@ -377,7 +377,8 @@ class QuantizeConfig:
     quantize_compare: list[str] | None = _f(
         None, "Other quantized model folders (a QAT run's, another scheme's) measured in the same report."
     )
-    benchmark_repeats: int = _f(5, "Timed runs per latency figure (the median is reported, after a warm-up).")
+    benchmark_repeats: int = _f(5, "Timed runs per latency figure (the median is reported, after a warm-up); "
+                              "0: no model is timed (size on disk and quality only).")
 
 
 # The quantization schemes quantization_aware_training can train for (int8_static fixes its

@@ -10,6 +10,8 @@ memory-mapped, so its weights are only read later), `peak_mb` after the first ba
 untimed runs first), the median of `repeats` timed runs: a forward pass over a batch of the eval rows for task models
 (per example = the batch's time / its size), `new_tokens` greedy tokens for generating
 models (per token = the time / new_tokens, every sequence of the batch advancing a token).
+`cpu_ms` is the median CPU time of the same runs (every thread of the process): on a machine
+other work shares, a model that waited for a core is slower by the clock but not by it.
 """
 
 from __future__ import annotations
@@ -109,20 +111,22 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             def step(ids: Any = ids, mask: Any = mask) -> None:
                 model(input_ids=ids, attention_mask=mask)
-        times = []
+        times, cpu = [], []
         with torch.inference_mode():
             for _ in range(2):
                 step()
             for _ in range(int(spec["repeats"])):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 step()
                 times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
         if "peak_mb" not in result:  # loaded and run once at the smallest batch: every weight was read
             result["peak_mb"] = round(_peak_mb() - before, 1)
-        median = statistics.median(times)
-        per = median / (n_new if generate else size)
+        median, cpu_median = statistics.median(times), statistics.median(cpu)
+        unit = n_new if generate else size
         result["latency"][str(size)] = {"ms": round(median * 1e3, 3), "ms_per_" + ("token" if generate else "example"):
-                                        round(per * 1e3, 4), "runs_ms": [round(t * 1e3, 3) for t in times]}
+                                        round(median / unit * 1e3, 4), "runs_ms": [round(t * 1e3, 3) for t in times],
+                                        "cpu_ms": round(cpu_median * 1e3, 3)}
     return result
 
 

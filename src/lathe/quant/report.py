@@ -5,7 +5,8 @@ For each model: size on disk (its weight files), the memory it takes (peak resid
 of a fresh process once the model is loaded and has run one batch, less what the process
 held before), latency (lathe.quant.measure: per example at batch 1 and 32 for task models,
 per generated token at batch 1 and 8 for language models; warm, the median of
-benchmark_repeats, the better of two rounds over all the models), and quality on
+benchmark_repeats, the better of two rounds over all the models; by the clock and in CPU
+time, the steadier of the two where other work shares the cores), and quality on
 eval_dataset through `lathe predict`, with the stage's own metrics (perplexity for language
 models, accuracy and F1 for classifiers, MSE for regression, entity F1, BLEU-4 and ROUGE,
 exact match and F1, MRR).
@@ -34,7 +35,7 @@ GENERATES = ("causal_lm", "seq2seq")
 # The quality figure the table shows per stage (every predict metric is in the JSON).
 HEADLINE = {"sft": "perplexity", "pt": "perplexity", "cls": "accuracy", "tagging": "f1", "seq2seq": "rouge-l",
             "qa": "f1", "embed": "mrr", "rm": "accuracy"}
-_TIMING = ("runtime", "samples_per_second", "steps_per_second", "samples")
+_TIMING = ("runtime", "samples_per_second", "steps_per_second", "samples", "preparation_time")
 
 
 def weights_mb(folder: Path) -> float:
@@ -57,21 +58,26 @@ def build_report(cfg: LatheConfig, out: Path, float_dir: Path, tokenizer: Any, t
     inputs = _latency_inputs(cfg, tokenizer, template, task)
     rows = []
     for name, folder in models:
-        log(f"Measuring {name}: size, memory, latency" + (", quality" if cfg.data.eval_dataset else ""))
+        log(f"Measuring {name}: size" + (", memory, latency" if q.benchmark_repeats else "")
+            + (", quality" if cfg.data.eval_dataset else ""))
         where = str(folder) if folder != float_dir else cfg.model.model_name_or_path
-        row: dict[str, Any] = {"model": name, "folder": where, "size_mb": weights_mb(folder)}
-        row.update(_measure(folder, task, inputs, q.benchmark_repeats, tokenizer))
+        row: dict[str, Any] = {"model": name, "folder": where, "size_mb": weights_mb(folder), "latency": {}}
+        if q.benchmark_repeats:
+            row.update(_measure(folder, task, inputs, q.benchmark_repeats, tokenizer))
         if cfg.data.eval_dataset:
             row["quality"] = _quality(cfg, folder)
         rows.append(row)
     # a second round in the same order: a model timed while something else held the cores is
     # timed again, and each figure is the better of its two medians
-    log("Timing every model once more")
-    for row, (_, folder) in zip(rows, models):
+    if q.benchmark_repeats:
+        log("Timing every model once more")
+    for row, (_, folder) in zip(rows, models if q.benchmark_repeats else []):
         again = _measure(folder, task, inputs, q.benchmark_repeats, tokenizer)["latency"]
         for batch, figures in again.items():
+            cpu = min(figures["cpu_ms"], row["latency"][batch]["cpu_ms"])
             if figures["ms"] < row["latency"][batch]["ms"]:
                 row["latency"][batch] = figures
+            row["latency"][batch]["cpu_ms"] = cpu
     report = _ratios(rows, cfg.finetune.stage, task)
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print_table(report)
@@ -154,7 +160,9 @@ def _ratios(rows: list[dict[str, Any]], stage: str, task: str) -> dict[str, Any]
     for row in rows:
         row["size_ratio"] = round(row["size_mb"] / base["size_mb"], 4)
         for b in row["latency"]:
-            row["latency"][b]["speedup"] = round(base["latency"][b][per] / row["latency"][b][per], 3)
+            mine, theirs = row["latency"][b], base["latency"][b]
+            mine["speedup"] = round(theirs[per] / mine[per], 3)
+            mine["cpu_speedup"] = round(theirs["cpu_ms"] / mine["cpu_ms"], 3) if mine.get("cpu_ms") else None
     return {"stage": stage, "task": task, "per": per, "batches": list(base["latency"]), "large_batch": big,
             "headline": HEADLINE.get(stage), "threads": _threads(), "models": rows}
 
@@ -168,19 +176,24 @@ def _threads() -> int:
 def print_table(report: dict[str, Any]) -> None:
     per, head = report["per"], report["headline"]
     unit = per.removeprefix("ms_per_")
-    cols = [f"{unit} ms @{b}" for b in report["batches"]]
-    header = f"{'model':<34} {'size MB':>9} {'x':>6} {'mem MB':>8} " + " ".join(f"{c:>16}" for c in cols)
+    cols = [f"{unit} ms @{b} (x, cpu x)" for b in report["batches"]]
+    header = f"{'model':<34} {'size MB':>9} {'x':>6} {'mem MB':>8} " + " ".join(f"{c:>26}" for c in cols)
     if head:
         header += f" {head:>11}"
     print(header)
     for row in report["models"]:
-        line = f"{row['model'][:34]:<34} {row['size_mb']:>9.1f} {row['size_ratio']:>6.2f} {row['peak_mb']:>8.0f} "
-        line += " ".join(f"{row['latency'][b][per]:>9.3f} ({row['latency'][b]['speedup']:.2f}x)"
-                         for b in report["batches"])
+        mem = f"{row['peak_mb']:>8.0f}" if "peak_mb" in row else f"{'-':>8}"
+        line = f"{row['model'][:34]:<34} {row['size_mb']:>9.1f} {row['size_ratio']:>6.2f} {mem} "
+        line += " ".join(f"{_cell(row['latency'][b], per):>26}" for b in report["batches"])
         if head:
             value = (row.get("quality") or {}).get(head)
             line += f" {value:>11.4f}" if value is not None else f" {'-':>11}"
         print(line)
+
+
+def _cell(figures: dict[str, Any], per: str) -> str:
+    cpu = figures.get("cpu_speedup")
+    return f"{figures[per]:.3f} ({figures['speedup']:.2f}x" + (f", {cpu:.2f}x)" if cpu else ")")
 
 
 def chart(report: dict[str, Any], path: Path) -> None:
@@ -192,14 +205,15 @@ def chart(report: dict[str, Any], path: Path) -> None:
     rows = report["models"]
     names = [r["model"] for r in rows]
     big, per = report["large_batch"], report["per"]
-    panels = [("size on disk (MB)", [r["size_mb"] for r in rows]),
-              (f"{per.replace('_', ' ')} at batch {big}", [r["latency"][big][per] for r in rows])]
+    panels = [("size on disk (MB)", [r["size_mb"] for r in rows])]
+    if report["batches"]:  # timed (benchmark_repeats > 0)
+        panels.append((f"{per.replace('_', ' ')} at batch {big}", [r["latency"][big][per] for r in rows]))
     head = report["headline"]
     if head and all((r.get("quality") or {}).get(head) is not None for r in rows):
         panels.append((head, [r["quality"][head] for r in rows]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=100)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=100, squeeze=False)
     colors = ["#888888", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
-    for ax, (title, values) in zip(list(axes), panels):
+    for ax, (title, values) in zip(list(axes[0]), panels):
         bars = ax.bar(range(len(values)), values, color=[colors[i % len(colors)] for i in range(len(values))])
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(values)), [n[:18] for n in names], rotation=20, fontsize=8, ha="right")
