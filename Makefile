@@ -25,7 +25,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -q -n auto --maxschedchunk 1
+	$(BIN)/python -m pytest -q -n auto --maxschedchunk 1 --durations=25
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

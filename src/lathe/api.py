@@ -32,6 +32,17 @@ def train(config: str | os.PathLike | Mapping[str, Any] | None = None,
     return result
 
 
+def cv(config: str | os.PathLike | Mapping[str, Any] | None = None,
+       overrides: list[str] | Mapping[str, Any] | None = None, **keys: Any) -> dict[str, Any]:
+    """`lathe cv`: k-fold cross-validation (folds=K) with the config's training run; returns the
+    summary cv_results.json holds (each validation metric per fold, mean and std)."""
+    from lathe.choose.cv import run_cv
+    from lathe.quiet import quiet_warnings
+
+    quiet_warnings()
+    return run_cv(config, {**parse_overrides(overrides), **keys})
+
+
 def _is_main_process() -> bool:
     from lathe.recipes.common import is_main_process
 

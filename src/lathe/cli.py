@@ -39,6 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--dry-run", action="store_true", help="only say which stages would run")
     pl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    cv = sub.add_parser("cv", help="k-fold cross-validation: one run per fold, each metric's mean and std",
+                        description="Deal the training rows into folds (folds=K; stratified for classifiers), "
+                                    "train once per fold holding it out for validation (output_dir/fold-k), "
+                                    "then report each metric per fold with its mean and standard deviation: "
+                                    "cv_results.json, a table and cv_results.png. Finished folds are kept "
+                                    "when it runs again.")
+    cv.add_argument("config", nargs="?", help="a training config (e.g. examples/cls_sentiment.yaml)")
+    cv.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override (folds=5 ...)")
+    cv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
     pr = sub.add_parser("predict", help="predict with a trained run: its held-out rows, or eval_dataset=...",
                         description="Load the model a run trained (a run directory, or the config that "
                                     "wrote it) and predict every row of its eval set (or eval_dataset=NAME): "
@@ -194,7 +204,7 @@ def _flags_to_overrides(argv: list[str], parser: argparse.ArgumentParser) -> lis
     return out
 
 
-_CONFIG_COMMANDS = ("train", "pipeline", "quantize", "eval", "export", "chat", "data")
+_CONFIG_COMMANDS = ("train", "cv", "pipeline", "quantize", "eval", "export", "chat", "data")
 
 
 def _subcommand_index(argv: list[str]) -> int:
@@ -242,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
             from lathe.api import train
 
             train(args.config, args.overrides)
+        elif args.command == "cv":
+            from lathe.api import cv
+
+            cv(args.config, args.overrides)
         elif args.command == "predict":
             from lathe.api import predict
 

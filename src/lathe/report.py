@@ -116,6 +116,7 @@ def build(cfg: LatheConfig, n: int, color: bool
     duplicates = di.duplicate_rows(rows)
     report["duplicates"] = {"rows": len(duplicates),
                             "dropped_by_dedup": stats.cleaning.get("dropped_duplicate_rows", 0)}
+    report["splits"] = planned_splits(data, len(rows))
     report["cleaning"] = dict(stats.cleaning)
     report["examples"] = shown
     warnings = di.template_warnings(template, tokenizer)
@@ -126,6 +127,21 @@ def build(cfg: LatheConfig, n: int, color: bool
                                  stats.cleaning.get("dropped_empty_response_rows", 0))
     report["warnings"] = warnings
     return report, examples, lengths
+
+
+def planned_splits(data: Any, n: int) -> dict[str, Any]:
+    """How many of the `n` rows train, validate and test (lathe.data.splits), or the folds."""
+    from lathe.data.splits import size_of
+
+    test = 0 if data.test_dataset else size_of(data.test_size, n)
+    out: dict[str, Any] = {"rows": n, "test": test if not data.test_dataset else f"test_dataset {data.test_dataset}"}
+    if data.folds:
+        left = n - test
+        out.update(folds=data.folds, train=left - left // data.folds, eval=left // data.folds)
+    else:
+        val = 0 if data.eval_dataset else size_of(data.val_size, n)
+        out.update(train=n - test - val, eval=val if not data.eval_dataset else f"eval_dataset {data.eval_dataset}")
+    return out
 
 
 def _config_summary(cfg: LatheConfig, model_path: str) -> dict[str, Any]:
@@ -139,7 +155,7 @@ def _config_summary(cfg: LatheConfig, model_path: str) -> dict[str, Any]:
         "train_on_prompt": d.train_on_prompt,
         "train_on_last_turn_only": d.train_on_last_turn_only,
         "packing": d.packing,
-        "note": "all rows of dataset, before any val_size split, in the order they are read",
+        "note": "all rows of dataset, before the val_size / test_size split, in the order they are read",
     }
 
 

@@ -126,6 +126,9 @@ def test_every_readme_command_runs(sandbox):
     assert (work / "quantized" / "sft_lora-mixed" / "sensitivity.json").is_file()
     assert (work / "runs" / "predict_int8" / "generated_predictions.jsonl").is_file()
     assert '"origin": "qat"' in (work / "runs" / "sft_qat" / "quantized" / "quantization.json").read_text()
+    assert "test_loss" in (work / "runs" / "sft_tested" / "test_results.json").read_text()
+    cv = json.loads((work / "runs" / "sft_cv" / "cv_results.json").read_text())
+    assert len(cv["metrics"]["loss"]["per_fold"]) == 3
     chat = next(v for k, v in outputs.items() if "lathe chat examples/chat.yaml" in k)
     assert "Assistant:" in chat and "Generation: greedy" in chat
     lf = next(v for k, v in outputs.items() if "--from-llamafactory" in k)

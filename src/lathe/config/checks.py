@@ -285,6 +285,67 @@ def val_size_is_fraction_or_count(cfg: LatheConfig) -> None:
         )
 
 
+def _has_eval_set(cfg: LatheConfig) -> bool:
+    d = cfg.data
+    return bool(d.val_size or d.eval_dataset or d.folds)
+
+
+@check
+def test_split_fits(cfg: LatheConfig) -> None:
+    d = cfg.data
+    v = d.test_size
+    if v < 0 or (1.0 <= v and not float(v).is_integer()):
+        raise ConfigError(f"test_size={v} must be a fraction in (0, 1) or a whole number of rows (>= 1)")
+    if d.test_dataset and d.test_size:
+        raise ConfigError("give either test_size (split off the training data) or test_dataset, not both")
+    if 0 < d.val_size < 1 and 0 < d.test_size < 1 and d.val_size + d.test_size >= 1:
+        raise ConfigError(f"val_size={d.val_size:g} + test_size={d.test_size:g} = {d.val_size + d.test_size:g} "
+                          "leaves nothing to train on; together they must stay below 1 (e.g. 0.1 and 0.1)")
+    if (d.test_size or d.test_dataset) and cfg.finetune.stage == "ppo":
+        raise ConfigError("stage ppo has no evaluation pass to run a test set through; remove test_size / "
+                          "test_dataset (score the policy with lathe eval or predict afterwards)")
+    if d.streaming and 0 < d.test_size < 1:
+        raise ConfigError(f"test_size={d.test_size} is a fraction, but a stream has no known length; "
+                          "give a row count (test_size: 500) or a test_dataset")
+    if d.test_size and not d.dataset:
+        raise ConfigError("test_size splits the training rows, and no dataset is given; set dataset or "
+                          "use test_dataset")
+
+
+@check
+def folds_fit(cfg: LatheConfig) -> None:
+    d = cfg.data
+    if d.folds == 1 or d.folds < 0:
+        raise ConfigError(f"folds={d.folds} must be at least 2 (5 or 10 are usual), or 0 for no cross-validation")
+    if d.fold is not None and not d.folds:
+        raise ConfigError(f"fold={d.fold} picks one of the folds, but folds is not set; set folds (e.g. folds=5)")
+    if d.fold is not None and not 1 <= d.fold <= d.folds:
+        raise ConfigError(f"fold={d.fold} must be between 1 and folds={d.folds}")
+    if not d.folds:
+        return
+    if d.val_size or d.eval_dataset:
+        key = "val_size" if d.val_size else "eval_dataset"
+        raise ConfigError(f"with folds, each run's held-out fold is its validation set; remove {key}")
+    if d.streaming:
+        raise ConfigError("folds deal every row into folds, and a stream is read once; turn streaming off")
+    if cfg.finetune.stage == "ppo":
+        raise ConfigError("stage ppo has no evaluation pass to score a fold with; cross-validate the reward "
+                          "model (stage rm) instead")
+
+
+@check
+def cv_keys_fit(cfg: LatheConfig) -> None:
+    if cfg.selection.cv_parallel < 1:
+        raise ConfigError(f"cv_parallel={cfg.selection.cv_parallel} must be at least 1 (folds run at once)")
+
+
+@check
+def stratify_fits(cfg: LatheConfig) -> None:
+    if cfg.data.stratify and cfg.finetune.stage != "cls":
+        raise ConfigError(f"stratify: true splits by class, and stage {cfg.finetune.stage} has no class per row "
+                          "(stage cls has); remove stratify")
+
+
 @check
 def resume_or_overwrite(cfg: LatheConfig) -> None:
     if cfg.train.resume_from_checkpoint and cfg.train.overwrite_output_dir:
@@ -304,8 +365,7 @@ def something_to_do(cfg: LatheConfig) -> None:
 @check
 def eval_needs_a_split(cfg: LatheConfig) -> None:
     t = cfg.train
-    if (t.do_eval or t.eval_strategy not in (None, "no")) and cfg.data.val_size == 0 \
-            and not cfg.data.eval_dataset:
+    if (t.do_eval or t.eval_strategy not in (None, "no")) and not _has_eval_set(cfg):
         raise ConfigError(
             "evaluation is asked for (do_eval / eval_strategy) but val_size is 0; "
             "set val_size (e.g. val_size: 0.1) or eval_dataset"
@@ -425,7 +485,7 @@ def generation_values_in_range(cfg: LatheConfig) -> None:
 @check
 def predict_needs_an_eval_set(cfg: LatheConfig) -> None:
     t = cfg.train
-    if (t.do_predict or t.predict_with_generate) and cfg.data.val_size == 0 and not cfg.data.eval_dataset:
+    if (t.do_predict or t.predict_with_generate) and not _has_eval_set(cfg):
         key = "predict_with_generate" if t.predict_with_generate else "do_predict"
         raise ConfigError(
             f"{key} needs rows to predict on, but there is no eval set; "
@@ -440,7 +500,7 @@ def early_stopping_needs_evaluation(cfg: LatheConfig) -> None:
         return
     if t.early_stopping_steps < 1:
         raise ConfigError(f"early_stopping_steps={t.early_stopping_steps} must be at least 1")
-    if cfg.data.val_size == 0 and not cfg.data.eval_dataset:
+    if not _has_eval_set(cfg):
         raise ConfigError("early_stopping_steps needs an eval set to watch; set val_size or eval_dataset")
     if t.eval_strategy == "no":
         raise ConfigError("early_stopping_steps needs evaluations; remove eval_strategy: no")

@@ -63,6 +63,16 @@ class DataConfig:
     max_samples: int | None = _f(None, "Keep at most this many rows of each dataset.")
     val_size: float = _f(0.0, "Validation split: a fraction in (0, 1) or a row count >= 1.")
     eval_dataset: list[str] | None = _f(None, "Dataset name(s) used only for evaluation.")
+    test_size: float = _f(0.0, "Test split, held out from dataset: a fraction in (0, 1) or a row count >= 1; "
+                          "evaluated once, after training and model selection (test_results.json).")
+    test_dataset: list[str] | None = _f(None, "Dataset name(s) used only as the test set (instead of test_size).")
+    stratify: bool | None = _f(None, "Split by label (stage cls, one class per row): every split and fold keeps "
+                               "the class shares of the data. Unset: folds are stratified for such "
+                               "classifiers, val_size / test_size splits are not.")
+    folds: int = _f(0, "k-fold cross-validation (lathe cv): the rows not in the test split, dealt into "
+                    "this many folds; each run holds one out as its validation set.")
+    fold: int | None = _f(None, "Which fold (1..folds) this run holds out (lathe cv sets it for each run; "
+                          "lathe train runs that one fold).")
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = _f(
         "concat", "How several datasets mix: concatenated, or interleaved until the first "
         "(under) or last (over) runs out."
@@ -391,6 +401,16 @@ STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "kto", "ppo", "cls", "taggi
 # the model class of each).
 TASK_STAGES: tuple[str, ...] = ("cls", "tagging", "seq2seq", "qa", "embed")
 
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Choosing the model: `lathe cv` (k-fold cross-validation; folds and fold are data keys)."""
+
+    cv_retrain: bool = _f(False, "lathe cv: after the folds, train once more on every row but the test split "
+                          "(output_dir/full), the model to keep; its test set is evaluated then.")
+    cv_parallel: int = _f(1, "lathe cv: folds run at once, each in a process of its own with its share of the "
+                          "CPU threads (1: one after the other, in this process).")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -402,6 +422,7 @@ SECTIONS: dict[str, type] = {
     "export": ExportConfig,
     "bench": BenchConfig,
     "quantize": QuantizeConfig,
+    "selection": SelectionConfig,
 }
 
 # What a config is loaded for: `lathe <command> cfg.yaml`; checks declare which they serve.
@@ -422,6 +443,7 @@ class LatheConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     command: str = "train"  # what it was loaded for (decides which checks apply)
     explicit: frozenset[str] = frozenset()  # keys the user set (file or command line)
     source: str | None = None  # the file it came from, if any

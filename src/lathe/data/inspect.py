@@ -281,6 +281,11 @@ def format_report(report: dict[str, Any], examples: Sequence[str], color: bool =
     if d is not None:
         dedup = f" ({d['dropped_by_dedup']} already dropped by dedup)" if d.get("dropped_by_dedup") else ""
         lines.append(f"Exact duplicates: {_n(d['rows'], 'row repeats', 'rows repeat')} an earlier row{dedup}")
+    sp = report.get("splits")
+    if sp is not None:
+        fold = f" in each of {sp['folds']} folds (lathe cv)" if sp.get("folds") else ""
+        lines.append(f"Splits of the {sp['rows']} rows: train {sp['train']}, eval {sp['eval']}{fold}, test {sp['test']}"
+                     " (rows with nothing to train are dropped after this)")
     warnings = report.get("warnings") or []
     lines += ["", f"Warnings ({len(warnings)}):" if warnings else "No warnings."]
     lines += [f"  ! {w}" for w in warnings]

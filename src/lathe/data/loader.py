@@ -37,7 +37,7 @@ from lathe.data.templates import Template
 from lathe.errors import DataError
 from lathe.quiet import datasets_bars_off
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: the cache holds all training rows; splits are made on loading
 STREAM_CHECK_ROWS = 100  # rows of each streamed dataset validated before training starts
 
 # Processors by kind: each returns a batched `datasets.map` function. Stages add theirs.
@@ -57,6 +57,8 @@ class DataStats:
     dropped_empty_response: int = 0
     train_rows: int = 0
     eval_rows: int = 0
+    test_rows: int = 0
+    split: str = ""  # how the splits were made (random / stratified, fold k of n), for the summary
     train_tokens: int = 0
     trained_tokens: int = 0
     cache: str = "off"  # "hit", "miss" or "off" (streaming)
@@ -67,6 +69,7 @@ class SplitData:
     train: Any  # datasets.Dataset or IterableDataset
     eval: Any | None
     stats: DataStats
+    test: Any | None = None  # evaluated once, after training (test_size / test_dataset)
 
 
 # --- reading and converting -----------------------------------------------------------
@@ -125,7 +128,7 @@ def load_conversations(data: DataConfig, kind: str = "sft",
 
 def check_streamed(data: DataConfig, kind: str) -> None:
     """For streaming: validate the first rows of each dataset before anything slow starts."""
-    for name in (data.dataset or []) + (data.eval_dataset or []):
+    for name in (data.dataset or []) + (data.eval_dataset or []) + (data.test_dataset or []):
         spec = get_spec(name, data.dataset_dir)
         if spec.path is not None:
             data_files(spec.path, name)
@@ -272,26 +275,74 @@ def load_tokenized(data: DataConfig, tokenizer: Any, template: Template, seed: i
         stats = DataStats(**json.loads((cache_dir / "stats.json").read_text()))
         stats.cache = "hit"
         with datasets_bars_off():
-            train = load_from_disk(str(cache_dir / "train"))
-            ev = load_from_disk(str(cache_dir / "eval")) if (cache_dir / "eval").is_dir() else None
-        return SplitData(train, ev, stats)
-
-    rows, stats = conversations or load_conversations(data, kind)
-    ev = None
-    if data.eval_dataset:
-        eval_rows, eval_stats = load_conversations(data, kind, names=data.eval_dataset)
-        ev = _tokenize(Dataset.from_list(eval_rows), preprocess, data, DataStats(), kind)
+            train, ev, test = (load_from_disk(str(cache_dir / part)) if (cache_dir / part).is_dir() else None
+                               for part in ("train", "eval", "test"))
+    else:
+        rows, stats = conversations or load_conversations(data, kind)
+        ev = test = None
+        if data.eval_dataset:
+            eval_rows, _ = load_conversations(data, kind, names=data.eval_dataset)
+            ev = _tokenize(Dataset.from_list(eval_rows), preprocess, data, DataStats(), kind)
+        if data.test_dataset:
+            test_rows, _ = load_conversations(data, kind, names=data.test_dataset)
+            test = _tokenize(Dataset.from_list(test_rows), preprocess, data, DataStats(), kind)
+        if data.dataset:
+            parts = [Dataset.from_list(part) for part in _per_dataset(rows, stats.rows_read)]
+            train = _tokenize(_mix(parts, data, seed), preprocess, data, stats, kind)
+        else:  # evaluate / predict only (do_train: false, a config check): the eval rows stand in
+            train = ev
+        stats.cache = "miss"
+        _save_cache(cache_dir, {"train": train, "eval": ev, "test": test}, stats)
     if data.dataset:
-        parts = [Dataset.from_list(part) for part in _per_dataset(rows, stats.rows_read)]
-        train = _tokenize(_mix(parts, data, seed), preprocess, data, stats, kind)
-        if ev is None and data.val_size:
-            train, ev = _split(train, data.val_size, seed)
-    else:  # evaluate / predict only (do_train: false, a config check): the eval rows stand in
-        train = ev
-    _count(train, ev, stats)
-    stats.cache = "miss"
-    _save_cache(cache_dir, train, ev, stats)
-    return SplitData(train, ev, stats)
+        train, ev, test = split(train, ev, test, data, seed, stats)
+    _count(train, ev, test, stats)
+    return SplitData(train, ev, stats, test)
+
+
+def split(train: Any, ev: Any | None, test: Any | None, data: DataConfig, seed: int,
+          stats: DataStats) -> tuple[Any, Any | None, Any | None]:
+    """val_size / test_size / the fold, taken from the tokenized training rows (lathe.data.splits);
+    a registered eval_dataset / test_dataset stays as it is."""
+    from lathe.data.splits import plan
+
+    test_size = data.test_size if test is None else 0.0
+    val_size = data.val_size if ev is None else 0.0
+    if not (test_size or val_size or data.folds):
+        return train, ev, test
+    names = ", ".join(data.dataset or [])
+    labels = _stratify_labels(train, data, names)
+    groups = None
+    if "origin" in train.column_names:  # rows cut from one example (QA windows) stay together
+        origins = train["origin"]
+        groups = origins if len(set(origins)) < len(origins) else None
+    p = plan(len(train), seed=seed, val_size=val_size, test_size=test_size, folds=data.folds, fold=data.fold,
+             labels=labels, groups=groups, where=names)
+    how = "stratified by label" if p.stratified else "random"
+    stats.split = f"fold {data.fold or 1} of {data.folds}, {how}" if data.folds else how
+    if data.folds:  # a fold run only trains and validates: the test set waits for the final run
+        test = None
+
+    def pick(idx: list[int]) -> Any:
+        return train.select(idx, keep_in_memory=True)
+
+    return pick(p.train), pick(p.val) if p.val else ev, pick(p.test) if p.test and not data.folds else test
+
+
+def _stratify_labels(train: Any, data: DataConfig, names: str) -> list[Any] | None:
+    """One class per row to stratify by: stratify: true asks for it (and refuses rows without
+    one); unset, folds of a single-label classifier are stratified."""
+    if data.stratify is False or (data.stratify is None and not data.folds):
+        return None
+    column = train.features.get("labels") if "labels" in train.column_names else None
+    dtype = getattr(column, "dtype", None)
+    if dtype not in ("int64", "int32"):
+        if data.stratify:
+            kind = ("regression" if dtype and dtype.startswith("float") else
+                    "multi-label or per-token" if column is not None else "no")
+            raise DataError(f"stratify: true splits by class, and the rows of {names} have {kind} labels "
+                            "(one class per row is needed: stage cls, single-label); remove stratify")
+        return None
+    return list(train["labels"])
 
 
 def _tokenize(ds: Any, preprocess: Callable, data: DataConfig, stats: DataStats, kind: str) -> Any:
@@ -311,18 +362,11 @@ def _tokenize(ds: Any, preprocess: Callable, data: DataConfig, stats: DataStats,
     return ds
 
 
-def _split(ds: Any, val_size: float, seed: int) -> tuple[Any, Any]:
-    size: float | int = int(val_size) if val_size >= 1 else val_size
-    n_eval = int(size) if size >= 1 else max(1, round(size * len(ds)))
-    if n_eval >= len(ds):
-        raise DataError(f"val_size={val_size} leaves no training rows out of {len(ds)}; make it smaller")
-    split = ds.train_test_split(test_size=size, seed=seed)
-    return split["train"], split["test"]
-
-
-def _count(train: Any, ev: Any | None, stats: DataStats) -> None:
+def _count(train: Any, ev: Any | None, test: Any | None, stats: DataStats) -> None:
     stats.train_rows = len(train)
     stats.eval_rows = len(ev) if ev is not None else 0
+    stats.test_rows = len(test) if test is not None else 0
+    stats.train_tokens = stats.trained_tokens = 0
     prefixes = ("chosen_", "rejected_") if "chosen_input_ids" in train.column_names else ("",)
     for p in prefixes:
         stats.train_tokens += sum(len(x) for x in train[f"{p}input_ids"])
@@ -364,13 +408,18 @@ def _load_streaming(data: DataConfig, preprocess: Callable, kind: str, seed: int
         return ds.filter(lambda ids: len(ids) > 0, input_columns=_KEY_COLUMN.get(kind, "input_ids"))
 
     train = tokenize(_mix(stream(data.dataset or []), data, seed))
-    ev = None
+    ev = test = None
+    if data.test_dataset:
+        test = tokenize(_mix(stream(data.test_dataset), data, seed))
+    elif data.test_size:  # a count (a config check): the first rows of the stream
+        n = int(data.test_size)
+        test, train = train.take(n), train.skip(n)
     if data.eval_dataset:
         ev = tokenize(_mix(stream(data.eval_dataset), data, seed))
     elif data.val_size:
         n = int(data.val_size)
         ev, train = train.take(n), train.skip(n)
-    return SplitData(train, ev, stats)
+    return SplitData(train, ev, stats, test)
 
 
 def cache_root() -> Path:
@@ -378,7 +427,9 @@ def cache_root() -> Path:
 
 
 # Keys that change how fast the data is made, not what it is.
-_NOT_IN_KEY = {"overwrite_cache", "preprocessing_num_workers", "preprocessing_batch_size"}
+_NOT_IN_KEY = {"overwrite_cache", "preprocessing_num_workers", "preprocessing_batch_size",
+               # the cache holds every training row: splits and folds are taken on loading
+               "val_size", "test_size", "stratify", "folds", "fold"}
 
 
 def cache_key(data: DataConfig, tokenizer: Any, template: Template, seed: int, kind: str) -> str:
@@ -389,7 +440,7 @@ def cache_key(data: DataConfig, tokenizer: Any, template: Template, seed: int, k
     h.update(f"{CACHE_VERSION}|{__version__}|{kind}|{seed}|{repr(template)}".encode())
     shaping = {k: v for k, v in asdict(data).items() if k not in _NOT_IN_KEY}
     h.update(json.dumps(shaping, sort_keys=True, default=str).encode())
-    for name in (data.dataset or []) + (data.eval_dataset or []):
+    for name in (data.dataset or []) + (data.eval_dataset or []) + (data.test_dataset or []):
         spec = get_spec(name, data.dataset_dir)
         h.update(repr(spec).encode())
         if spec.path is not None:
@@ -403,16 +454,16 @@ def cache_key(data: DataConfig, tokenizer: Any, template: Template, seed: int, k
     return h.hexdigest()[:24]
 
 
-def _save_cache(cache_dir: Path, train: Any, ev: Any | None, stats: DataStats) -> None:
+def _save_cache(cache_dir: Path, parts: dict[str, Any], stats: DataStats) -> None:
     """Write atomically: a crash or a second process never leaves a half-written cache."""
     tmp: Path | None = None
     try:
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir.parent))
         with datasets_bars_off():
-            train.save_to_disk(str(tmp / "train"))
-            if ev is not None:
-                ev.save_to_disk(str(tmp / "eval"))
+            for name, part in parts.items():
+                if part is not None:
+                    part.save_to_disk(str(tmp / name))
         (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
         if cache_dir.exists():
             shutil.rmtree(cache_dir, ignore_errors=True)

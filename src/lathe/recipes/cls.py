@@ -62,7 +62,7 @@ def run(cfg: LatheConfig) -> RunResult:
         predict_metrics = predict(trainer, data.eval, labels, cfg.train.output_dir)
     elif eval_metrics is not None and labels.problem_type != REGRESSION and is_main_process():
         report(trainer, data.eval, labels, cfg.train.output_dir)  # per class, confusion matrix
-    return finish(trainer, cfg, tokenizer, train_metrics, eval_metrics, predict_metrics)
+    return finish(trainer, cfg, tokenizer, train_metrics, eval_metrics, predict_metrics, data.test)
 
 
 # --- the label set and the data -------------------------------------------------------------

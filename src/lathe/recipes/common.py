@@ -406,7 +406,8 @@ def print_summary(cfg: LatheConfig, model: Any, model_path: str, data: Any, exam
         + (f", {'bf16' if cfg.train.bf16 else 'fp16'} mixed precision (autocast)"
            if cfg.train.bf16 or cfg.train.fp16 else ""),
         f"  params     {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.4f}%)",
-        f"  data       {rows} rows -> train {st.train_rows}, eval {st.eval_rows}; "
+        f"  data       {rows} rows -> train {st.train_rows}, eval {st.eval_rows}"
+        + (f", test {st.test_rows}" if st.test_rows else "") + (f" ({st.split})" if st.split else "") + "; "
         f"{st.dropped_empty_response} dropped (no response left within cutoff_len={cfg.data.cutoff_len})"
         if not cfg.data.streaming else
         f"  data       streamed from {', '.join(cfg.data.dataset or [])} (sizes unknown until read)",
@@ -577,14 +578,32 @@ def run_eval(trainer: Any, perplexity: bool = True) -> dict[str, float]:
     return metrics
 
 
+def run_test(trainer: Any, test: Any, perplexity: bool = True) -> dict[str, float]:
+    """The test set, once, on the model training chose (the best checkpoint where
+    load_best_model_at_end): test_results.json, apart from the validation figures."""
+    metrics = trainer.evaluate(eval_dataset=test, metric_key_prefix="test")
+    if perplexity and "test_loss" in metrics:
+        metrics["test_perplexity"] = math.exp(min(metrics["test_loss"], 50.0))
+    shown = [f"{k[5:]} {v:.4f}" for k, v in metrics.items()
+             if k.startswith("test_") and k[5:] not in _TEST_PLUMBING and isinstance(v, float)]
+    log(f"Test ({len(test)} rows, evaluated once) " + ", ".join(shown))
+    trainer.save_metrics("test", metrics)
+    return metrics
+
+
+_TEST_PLUMBING = {"runtime", "samples_per_second", "steps_per_second", "model_preparation_time"}
+
+
 def finish_run(trainer: Any, cfg: LatheConfig, tokenizer: Any, train_metrics: dict[str, Any],
-               eval_metrics: dict[str, Any] | None) -> RunResult:
-    """train/eval/all_results.json, trainer_state.json and the plots; the RunResult."""
+               eval_metrics: dict[str, Any] | None, test: Any = None, perplexity: bool = True) -> RunResult:
+    """The test set's one evaluation (`test`: the split data's test rows, if any);
+    train/eval/test/all_results.json, trainer_state.json and the plots; the RunResult."""
     from lathe.model.methods import get_method
 
+    test_metrics = run_test(trainer, test, perplexity) if test is not None else {}
     method = get_method(cfg.finetune.finetuning_type)
     if cfg.train.do_train and method.after_training is not None:
-        said = method.after_training(trainer, cfg)
+        said = method.after_training(trainer, cfg)  # e.g. PiSSA's conversion: after the test
         if said:
             log(f"Note: {said}")
     save_run_outputs(trainer, cfg, train_metrics, eval_metrics)
@@ -592,7 +611,7 @@ def finish_run(trainer: Any, cfg: LatheConfig, tokenizer: Any, train_metrics: di
         if cfg.train.resume_from_checkpoint:
             save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")  # the resume succeeded
         respect_umask(cfg.train.output_dir)
-    metrics = {**train_metrics, **(eval_metrics or {})}
+    metrics = {**train_metrics, **(eval_metrics or {}), **test_metrics}
     if cfg.train.do_train:
         log(f"Saved {cfg.finetune.finetuning_type} weights, tokenizer and config to {cfg.train.output_dir}")
     else:  # evaluate / predict only: nothing was trained, so no weights were written

@@ -86,7 +86,7 @@ def fit(trainer: Any, cfg: LatheConfig, resume_from: str | None, has_eval: bool,
 
 
 def finish(trainer: Any, cfg: LatheConfig, tokenizer: Any, train_metrics: dict[str, Any],
-           eval_metrics: dict[str, Any] | None, predict_metrics: dict[str, Any]) -> RunResult:
-    result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
+           eval_metrics: dict[str, Any] | None, predict_metrics: dict[str, Any], test: Any = None) -> RunResult:
+    result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics, test, perplexity=False)
     result.metrics.update(predict_metrics)
     return result

@@ -91,4 +91,5 @@ def train_and_save(setup: Setup, cfg: LatheConfig) -> RunResult:
     if cfg.train.do_train:
         set_stop_tokens(trainer.model, setup.stop_ids)
         trainer.save_model()
-    return finish_run(trainer, cfg, setup.tokenizer, train_metrics, eval_metrics)
+    return finish_run(trainer, cfg, setup.tokenizer, train_metrics, eval_metrics, setup.data.test,
+                      perplexity=False)

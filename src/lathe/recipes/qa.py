@@ -60,7 +60,9 @@ def run(cfg: LatheConfig) -> RunResult:
     train_metrics, eval_metrics = fit(trainer, cfg, o.resume_from, data.eval is not None)
     predict_metrics = predict(trainer, data.eval, cfg.task.max_answer_length, cfg.train.output_dir) \
         if cfg.train.do_predict and data.eval is not None else {}
-    return finish(trainer, cfg, tokenizer, train_metrics, eval_metrics, predict_metrics)
+    if data.test is not None:  # the span scores read the rows they score
+        trainer.compute_metrics = partial(scores, data.test, cfg.task.max_answer_length)
+    return finish(trainer, cfg, tokenizer, train_metrics, eval_metrics, predict_metrics, data.test)
 
 
 def stride(cfg: LatheConfig) -> int:

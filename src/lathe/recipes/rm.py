@@ -75,7 +75,7 @@ def run(cfg: LatheConfig) -> RunResult:
             write_marker(cfg.train.output_dir, _portable(o.model_path), cfg.finetune.finetuning_type,
                          merged, cfg.data.template)
     eval_metrics = run_eval(trainer, perplexity=False) if data.eval is not None else None
-    return finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
+    return finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics, data.test, perplexity=False)
 
 
 # --- the model ----------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def run(cfg: LatheConfig) -> RunResult:
     train_metrics, eval_metrics = fit(trainer, cfg, o.resume_from, data.eval is not None)
     predict_metrics = predict(trainer, data.eval, tokenizer, cfg.train.output_dir) \
         if cfg.train.do_predict and data.eval is not None else {}
-    return finish(trainer, cfg, tokenizer, train_metrics, eval_metrics, predict_metrics)
+    return finish(trainer, cfg, tokenizer, train_metrics, eval_metrics, predict_metrics, data.test)
 
 
 def processor(cfg: LatheConfig, rows: list[dict] | None, tokenizer: Any) -> tuple[TaskProcessor, None]:

@@ -54,7 +54,7 @@ def run(cfg: LatheConfig) -> RunResult:
     eval_metrics = run_eval(trainer) if data.eval is not None else None
     predict_metrics = run_predict(trainer, cfg, tokenizer, o.template, eval_rows) \
         if cfg.train.do_predict else {}
-    result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics)
+    result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics, data.test)
     result.metrics.update(predict_metrics)
     return result
 

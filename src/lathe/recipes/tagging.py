@@ -60,7 +60,7 @@ def run(cfg: LatheConfig) -> RunResult:
     predict_metrics: dict[str, Any] = {}
     if data.eval is not None and (cfg.train.do_predict or eval_metrics is not None):
         predict_metrics = predict(trainer, data.eval, tags, cfg.train.output_dir, write=cfg.train.do_predict)
-    return finish(trainer, cfg, tokenizer, train_metrics, eval_metrics, predict_metrics)
+    return finish(trainer, cfg, tokenizer, train_metrics, eval_metrics, predict_metrics, data.test)
 
 
 def tag_set(cfg: LatheConfig, rows: list[dict] | None, tokenizer: Any) -> tuple[TaskProcessor, LabelSet]:
