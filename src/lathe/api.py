@@ -43,6 +43,17 @@ def cv(config: str | os.PathLike | Mapping[str, Any] | None = None,
     return run_cv(config, {**parse_overrides(overrides), **keys})
 
 
+def tune(config: str | os.PathLike | Mapping[str, Any] | None = None,
+         overrides: list[str] | Mapping[str, Any] | None = None, **keys: Any) -> dict[str, Any]:
+    """`lathe tune`: a hyperparameter search (Optuna) over the config's training run, in a study
+    stored in output_dir/study.db; returns the report tune_results.json holds."""
+    from lathe.choose.tune import run_tune
+    from lathe.quiet import quiet_warnings
+
+    quiet_warnings()
+    return run_tune(config, {**parse_overrides(overrides), **keys})
+
+
 def _is_main_process() -> bool:
     from lathe.recipes.common import is_main_process
 

@@ -49,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override (folds=5 ...)")
     cv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    tu = sub.add_parser("tune", help="hyperparameter search (Optuna): trials of the config over its search_space",
+                        description="Train one run per trial (output_dir/trials/trial-NNN) with values drawn from "
+                                    "search_space (TPE, random or grid), stop the bad ones early (median pruner), "
+                                    "and keep the study in output_dir/study.db (resume=true continues it). "
+                                    "Writes tune_results.json, a table, optimization_history.png, "
+                                    "param_importances.png and best/config.yaml (lathe train runs it).")
+    tu.add_argument("config", nargs="?", help="a training config with a search_space (e.g. examples/tune_lora.yaml)")
+    tu.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override (n_trials=8 ...)")
+    tu.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
     pr = sub.add_parser("predict", help="predict with a trained run: its held-out rows, or eval_dataset=...",
                         description="Load the model a run trained (a run directory, or the config that "
                                     "wrote it) and predict every row of its eval set (or eval_dataset=NAME): "
@@ -204,7 +214,7 @@ def _flags_to_overrides(argv: list[str], parser: argparse.ArgumentParser) -> lis
     return out
 
 
-_CONFIG_COMMANDS = ("train", "cv", "pipeline", "quantize", "eval", "export", "chat", "data")
+_CONFIG_COMMANDS = ("train", "cv", "tune", "pipeline", "quantize", "eval", "export", "chat", "data")
 
 
 def _subcommand_index(argv: list[str]) -> int:
@@ -256,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             from lathe.api import cv
 
             cv(args.config, args.overrides)
+        elif args.command == "tune":
+            from lathe.api import tune
+
+            tune(args.config, args.overrides)
         elif args.command == "predict":
             from lathe.api import predict
 

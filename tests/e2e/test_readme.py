@@ -129,6 +129,8 @@ def test_every_readme_command_runs(sandbox):
     assert "test_loss" in (work / "runs" / "sft_tested" / "test_results.json").read_text()
     cv = json.loads((work / "runs" / "sft_cv" / "cv_results.json").read_text())
     assert len(cv["metrics"]["loss"]["per_fold"]) == 3
+    tuned = json.loads((work / "runs" / "tune-lora" / "tune_results.json").read_text())
+    assert len(tuned["trials"]) == 8 and (work / "runs" / "tune-lora" / "best" / "run" / "eval_results.json").is_file()
     chat = next(v for k, v in outputs.items() if "lathe chat examples/chat.yaml" in k)
     assert "Assistant:" in chat and "Generation: greedy" in chat
     lf = next(v for k, v in outputs.items() if "--from-llamafactory" in k)

@@ -581,3 +581,13 @@ def test_import_scanner_sees_relative_and_nested_imports(tmp_path, monkeypatch):
     bad = _offenders("data", ("lathe.model", "lathe.recipes"))
     assert any("lathe.model" in b for b in bad)
     assert any("lathe.recipes.sft" in b for b in bad)
+
+
+def test_an_unquoted_no_is_the_strategy_no_not_false():
+    """YAML 1.1 reads `eval_strategy=no` as false; a key whose values include "no" takes it as that."""
+    from lathe.config.load import load_config, parse_overrides
+
+    keys = parse_overrides(["eval_strategy=no", "save_strategy=no"])
+    assert keys["eval_strategy"] is False
+    cfg = load_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", **keys})
+    assert cfg.train.eval_strategy == "no" and cfg.train.extra["save_strategy"].value == "no"

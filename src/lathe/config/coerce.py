@@ -100,6 +100,8 @@ def _coerce(value: Any, tp: Any) -> Any:
         raise _Mismatch
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
+        if value is False and "no" in allowed and False not in allowed:
+            return "no"  # YAML 1.1 reads an unquoted `no` (eval_strategy=no) as false
         for a in allowed:
             if value == a or (isinstance(value, str) and str(a) == value.strip()):
                 return a
@@ -118,6 +120,8 @@ def _coerce(value: Any, tp: Any) -> Any:
             return dict(value)
         raise _Mismatch
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if value is False and "no" in {m.value for m in tp}:
+            value = "no"  # YAML 1.1's false for an unquoted `no` (save_strategy=no)
         try:
             return tp(value)
         except ValueError:

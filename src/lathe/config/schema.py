@@ -403,12 +403,30 @@ TASK_STAGES: tuple[str, ...] = ("cls", "tagging", "seq2seq", "qa", "embed")
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    """Choosing the model: `lathe cv` (k-fold cross-validation; folds and fold are data keys)."""
+    """Choosing the model: `lathe cv` (k-fold cross-validation; folds and fold are data keys) and
+    `lathe tune` (hyperparameter search on Optuna)."""
 
     cv_retrain: bool = _f(False, "lathe cv: after the folds, train once more on every row but the test split "
                           "(output_dir/full), the model to keep; its test set is evaluated then.")
     cv_parallel: int = _f(1, "lathe cv: folds run at once, each in a process of its own with its share of the "
                           "CPU threads (1: one after the other, in this process).")
+    search_space: dict[str, Any] | None = _f(
+        None, "lathe tune: config keys to search, each {type: loguniform|uniform|float|int|categorical, low, "
+        "high (log, step) | values}.")
+    n_trials: int = _f(8, "lathe tune: trials in the study (a resumed study counts the finished ones).")
+    tune_timeout: float | None = _f(None, "lathe tune: stop starting trials after this many seconds.")
+    sampler: Literal["tpe", "random", "grid"] = _f("tpe", "lathe tune: how trial values are drawn (Optuna's "
+                                                   "TPE, random, or every combination of a grid).")
+    pruner: Literal["median", "none"] = _f("median", "lathe tune: stop a trial whose validation metric is worse "
+                                           "than the median of earlier trials at the same step.")
+    tune_metric: str = _f("eval_loss", "lathe tune: the validation metric trials are compared on (eval_loss, "
+                          "eval_accuracy, eval_f1_macro ...).")
+    tune_direction: Literal["auto", "minimize", "maximize"] = _f(
+        "auto", "lathe tune: auto minimizes losses, perplexity and errors and maximizes the rest.")
+    keep_best: int = _f(1, "lathe tune: trials whose weights are kept (the best ones); the others keep their "
+                        "config, metrics and logs.")
+    resume: bool = _f(False, "lathe tune: continue the study in output_dir (study.db) without repeating "
+                      "finished trials.")
 
 
 SECTIONS: dict[str, type] = {

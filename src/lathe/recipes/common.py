@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,9 +340,24 @@ def make_callbacks(output_dir: str, perplexity: bool = True) -> list[Any]:
     return [ProgressBar(), JsonlLog(), Modes()]
 
 
+_EXTRA_CALLBACKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("lathe_extra_callbacks",
+                                                                                  default=())
+
+
+@contextlib.contextmanager
+def extra_callbacks(*callbacks: Any) -> Iterator[None]:
+    """TrainerCallbacks every run started inside the block also gets (lathe tune's report of each
+    evaluation to its study): a verb above the recipes hands them in without a global."""
+    token = _EXTRA_CALLBACKS.set(_EXTRA_CALLBACKS.get() + callbacks)
+    try:
+        yield
+    finally:
+        _EXTRA_CALLBACKS.reset(token)
+
+
 def install_callbacks(trainer: Any, cfg: LatheConfig, perplexity: bool = True) -> None:
     """Our progress bar and JSONL log instead of transformers' printing; early stopping
-    when `early_stopping_steps` is set."""
+    when `early_stopping_steps` is set; the callbacks of an enclosing `extra_callbacks`."""
     from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -357,6 +374,8 @@ def install_callbacks(trainer: Any, cfg: LatheConfig, perplexity: bool = True) -
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_steps))
     if cfg.finetune.quantization_aware_training and cfg.train.do_train:
         trainer.add_callback(fake_quantization(trainer.model, cfg))
+    for cb in _EXTRA_CALLBACKS.get():
+        trainer.add_callback(cb)
 
 
 def fake_quantization(model: Any, cfg: LatheConfig) -> Any:
