@@ -117,6 +117,7 @@ def build(cfg: LatheConfig, n: int, color: bool
     report["duplicates"] = {"rows": len(duplicates),
                             "dropped_by_dedup": stats.cleaning.get("dropped_duplicate_rows", 0)}
     report["splits"] = planned_splits(data, len(rows))
+    report.update(text_effects(data, rows, "sft", cfg.train.seed))
     report["cleaning"] = dict(stats.cleaning)
     report["examples"] = shown
     warnings = di.template_warnings(template, tokenizer)
@@ -127,6 +128,43 @@ def build(cfg: LatheConfig, n: int, color: bool
                                  stats.cleaning.get("dropped_empty_response_rows", 0))
     report["warnings"] = warnings
     return report, examples, lengths
+
+
+_PREP_KEYS = ("lowercase", "unify_punctuation", "remove_stopwords", "stem")
+
+
+def text_effects(data: Any, rows: list[dict], kind: str, seed: int, n: int = 3) -> dict[str, Any]:
+    """What text preparation and augmentation do to the rows: counts and `n` before/after pairs."""
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    keys = [k for k in _PREP_KEYS if getattr(data, k)]
+    if keys:
+        raw, _ = load_conversations(dataclasses.replace(data, **dict.fromkeys(_PREP_KEYS, False)), kind)
+        before = {r.get("origin"): r for r in raw}
+        changed = [(before[r.get("origin")], r) for r in rows if r.get("origin") in before
+                   and before[r.get("origin")] != r]
+        out["preparation"] = {"keys": keys, "rows_changed": len(changed), "rows": len(rows),
+                              "examples": [{"origin": b.get("origin"), "before": _text(a), "after": _text(b)}
+                                           for a, b in changed[:n]]}
+    if data.augment:
+        from lathe.data.textprep import Augmenter, read_synonyms
+
+        copies = Augmenter(tuple(data.augment), data.augment_ratio, data.augment_strength,
+                           read_synonyms(data.augment_synonyms), seed).copies(rows, kind)
+        out["augmentation"] = {"ops": list(data.augment), "copies": len(copies), "rows": len(rows),
+                               "share": round(len(copies) / max(1, len(rows) + len(copies)), 4),
+                               "examples": [{"origin": rows[i].get("origin"), "before": _text(rows[i]),
+                                             "after": _text(c)} for i, c in copies[:n]]}
+    return out
+
+
+def _text(row: dict) -> str:
+    if "contents" in row:
+        text = " | ".join(f"{role}: {content}" for role, content in zip(row.get("roles", []), row["contents"]))
+    else:
+        text = " | ".join(str(row[k]) for k in ("text", "source", "target") if row.get(k))
+    return text if len(text) <= 240 else text[:240] + "..."
 
 
 def planned_splits(data: Any, n: int) -> dict[str, Any]:

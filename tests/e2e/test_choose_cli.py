@@ -105,3 +105,34 @@ def test_bad_splits_and_folds_are_one_line_before_anything_is_written(tiny_bert,
     assert "already holds files that are not this cross-validation's (notes.txt)" in _one_error(
         run_cli("cv", *as_overrides({**cls, "folds": 3, "output_dir": mine})))
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_text_preparation_and_augmentation_reach_training_rows_only(tiny_bert, tmp_path):
+    run = tmp_path / "run"
+    args = _cls_args(tiny_bert, tmp_path)
+    csv = args["dataset_dir"] / "sentiment.csv"
+    lines = csv.read_text(encoding="utf-8").splitlines()
+    csv.write_text("\n".join(lines[:1] + [line[:1].upper() + line[1:] for line in lines[1:]]) + "\n", encoding="utf-8")
+    r = run_cli("train", *as_overrides({**args, "val_size": 10, "test_size": 10, "lowercase": True,
+                                        "unify_punctuation": True, "augment": "swap,delete", "augment_ratio": 1.0,
+                                        "output_dir": run}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    # 60 rows + 60 copies; a held-out row's copy goes nowhere: 40 rows and their 40 copies train
+    assert "sentiment: 60 rows -> train 80, eval 10, test 10 (random)" in r.stdout
+    assert "augmented  40 of the 80 training rows are augmented copies (50%; swap, delete)" in r.stdout
+    assert "rows prepared: 60" in r.stdout  # every sentence began with a capital: counted like cleaning
+    recorded = (run / "config.yaml").read_text()
+    assert "lowercase: true" in recorded and "augment:\n- swap\n- delete" in recorded  # predict prepares alike
+
+
+def test_bad_text_options_are_one_line(tiny_bert, base_args, tmp_path):
+    cls = {**_cls_args(tiny_bert, tmp_path), "output_dir": tmp_path / "out"}
+    assert "augment: 'flip' is not an operation" in _one_error(
+        run_cli("train", *as_overrides({**cls, "augment": "flip"})))
+    assert "synonym needs augment_synonyms" in _one_error(
+        run_cli("train", *as_overrides({**cls, "augment": "synonym"})))
+    assert "augment: stage pt has no input text" in _one_error(
+        run_cli("train", *as_overrides({**base_args, "stage": "pt", "augment": "swap"})))
+    assert "remove_stopwords: stage tagging has a tag for every word" in _one_error(
+        run_cli("train", *as_overrides({**cls, "stage": "tagging", "remove_stopwords": True})))
+    assert not (tmp_path / "out").exists()

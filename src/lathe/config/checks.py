@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from lathe.config.schema import COMMANDS, STAGES, FinetuneConfig, LatheConfig
+from lathe.config.schema import AUGMENT_OPS, AUGMENTABLE_STAGES, COMMANDS, STAGES, FinetuneConfig, LatheConfig
 from lathe.errors import ConfigError, did_you_mean
 
 Check = Callable[[LatheConfig], None]
@@ -337,6 +337,36 @@ def folds_fit(cfg: LatheConfig) -> None:
 def cv_keys_fit(cfg: LatheConfig) -> None:
     if cfg.selection.cv_parallel < 1:
         raise ConfigError(f"cv_parallel={cfg.selection.cv_parallel} must be at least 1 (folds run at once)")
+
+
+@check
+def text_preparation_fits(cfg: LatheConfig) -> None:
+    d, stage = cfg.data, cfg.finetune.stage
+    prep = [k for k in ("lowercase", "unify_punctuation", "remove_stopwords", "stem") if getattr(d, k)]
+    if prep and stage == "qa":
+        raise ConfigError(f"{', '.join(prep)}: stage qa finds answers by their character offsets in the "
+                          "context, which changing the text would move; remove them")
+    if d.remove_stopwords and stage == "tagging":
+        raise ConfigError("remove_stopwords: stage tagging has a tag for every word, so no word can be dropped; "
+                          "remove it (lowercase, unify_punctuation and stem work word by word)")
+    if not d.augment:
+        return
+    unknown = [op for op in d.augment if op not in AUGMENT_OPS]
+    if unknown:
+        raise ConfigError(f"augment: {unknown[0]!r} is not an operation{did_you_mean(unknown[0], AUGMENT_OPS)}; "
+                          f"choose from {', '.join(AUGMENT_OPS)}")
+    if stage not in AUGMENTABLE_STAGES:
+        raise ConfigError(f"augment: stage {stage} has no input text to change apart from what it learns "
+                          f"(augmentation works for {', '.join(AUGMENTABLE_STAGES)}); remove augment")
+    if "synonym" in d.augment and not d.augment_synonyms:
+        raise ConfigError("augment: synonym needs augment_synonyms: a text file with one group of interchangeable "
+                          "words per line")
+    if d.augment_ratio <= 0:
+        raise ConfigError(f"augment_ratio={d.augment_ratio} must be above 0 (copies per training row)")
+    if not 0 < d.augment_strength <= 1:
+        raise ConfigError(f"augment_strength={d.augment_strength} must be in (0, 1] (the share of words changed)")
+    if d.streaming:
+        raise ConfigError("augment: a stream is read once, in order; turn streaming off to augment")
 
 
 @check

@@ -94,7 +94,24 @@ class DataConfig:
     normalize_whitespace: bool = _f(False, "Cleaning: collapse runs of spaces and blank lines.")
     min_response_chars: int = _f(0, "Cleaning: drop rows whose response is shorter than this.")
     dedup: bool = _f(False, "Cleaning: drop exact duplicate rows.")
+    lowercase: bool = _f(False, "Text preparation: lower-case the text (every split).")
+    unify_punctuation: bool = _f(False, "Text preparation: full-width to half-width, Chinese and curly quotes, "
+                                 "dashes and ellipses to ASCII (every split).")
+    remove_stopwords: bool = _f(False, "Text preparation: drop English and Chinese stop words (small built-in "
+                                "lists; Chinese split with jieba).")
+    stem: bool = _f(False, "Text preparation: English words to their stems (Snowball).")
+    augment: list[str] | None = _f(None, "Augmentation of training rows only: swap, delete, insert, synonym "
+                                   "(comma-separated), applied to a copy of a row's input text.")
+    augment_ratio: float = _f(1.0, "Augmented copies per training row (0.5: every other row gets one).")
+    augment_strength: float = _f(0.1, "Share of a text's words each augmentation operation changes (at least one).")
+    augment_synonyms: str | None = _f(None, "A text file of synonym groups, one group per line (for synonym, "
+                                      "and for insert).")
 
+
+# Augmentation (data keys augment ...): its operations, and the stages with input text to change
+# apart from what they learn (a classifier's text, a seq2seq source, user turns).
+AUGMENT_OPS = ("swap", "delete", "insert", "synonym")
+AUGMENTABLE_STAGES = ("sft", "rm", "dpo", "kto", "cls", "seq2seq")
 
 _LORA = ("lora", "adalora")  # AdaLoRA shares LoRA's target, alpha and dropout
 

@@ -281,6 +281,18 @@ def format_report(report: dict[str, Any], examples: Sequence[str], color: bool =
     if d is not None:
         dedup = f" ({d['dropped_by_dedup']} already dropped by dedup)" if d.get("dropped_by_dedup") else ""
         lines.append(f"Exact duplicates: {_n(d['rows'], 'row repeats', 'rows repeat')} an earlier row{dedup}")
+    prep = report.get("preparation")
+    if prep is not None:
+        lines.append(f"Text preparation ({', '.join(prep['keys'])}): {prep['rows_changed']} of {prep['rows']} rows "
+                     "changed" + (", e.g." if prep["examples"] else ""))
+        for ex in prep["examples"]:
+            lines += [f"  {ex['origin']}", f"    before: {ex['before']}", f"    after:  {ex['after']}"]
+    aug = report.get("augmentation")
+    if aug is not None:
+        lines.append(f"Augmentation ({', '.join(aug['ops'])}): {aug['copies']} copies of the {aug['rows']} rows "
+                     f"({aug['share']:.0%} of training rows before the split), e.g.")
+        for ex in aug["examples"]:
+            lines += [f"  {ex['origin']}", f"    row:    {ex['before']}", f"    copy:   {ex['after']}"]
     sp = report.get("splits")
     if sp is not None:
         fold = f" in each of {sp['folds']} folds (lathe cv)" if sp.get("folds") else ""

@@ -58,6 +58,7 @@ class DataStats:
     train_rows: int = 0
     eval_rows: int = 0
     test_rows: int = 0
+    augmented_rows: int = 0  # training rows that are augmented copies (augment)
     split: str = ""  # how the splits were made (random / stratified, fold k of n), for the summary
     train_tokens: int = 0
     trained_tokens: int = 0
@@ -115,7 +116,7 @@ def load_conversations(data: DataConfig, kind: str = "sft",
     """
     stats = DataStats()
     rows: list[dict] = []
-    cleaner = Cleaner(data, stats)
+    cleaner = Cleaner(data, stats, kind)
     for name in names if names is not None else (data.dataset or []):
         spec = get_spec(name, data.dataset_dir)
         kept = [r for r in (cleaner(r) for r in _converted(spec, data, kind, _limit(data, spec))) if r]
@@ -148,11 +149,14 @@ _TEXT_KEYS = ("contents", "system", "chosen", "rejected", "text")
 class Cleaner:
     """The cleaning keys, applied row by row; counts what each step changed or removed."""
 
-    def __init__(self, data: DataConfig, stats: DataStats) -> None:
-        self.data, self.stats = data, stats
+    def __init__(self, data: DataConfig, stats: DataStats, kind: str = "sft") -> None:
+        from lathe.data.textprep import TextPrep
+
+        self.data, self.stats, self.kind = data, stats, kind
         self.seen: set[str] = set()
+        self.prep = TextPrep(data.lowercase, data.unify_punctuation, data.remove_stopwords, data.stem)
         self.active = any((data.strip_html, data.strip_urls, data.normalize_whitespace,
-                           data.min_response_chars, data.dedup))
+                           data.min_response_chars, data.dedup, self.prep.active))
 
     def _count(self, key: str) -> None:
         self.stats.cleaning[key] = self.stats.cleaning.get(key, 0) + 1
@@ -174,6 +178,11 @@ class Cleaner:
         if not self.active:
             return row
         d = self.data
+        if self.prep.active:
+            from lathe.data.textprep import prepare_row
+
+            if prepare_row(row, self.kind, self.prep):
+                self._count("rows_prepared")  # lowercase / unify_punctuation / remove_stopwords / stem
         if d.strip_html or d.strip_urls or d.normalize_whitespace:
             before = json.dumps(row, sort_keys=True, ensure_ascii=False)
             for key in _TEXT_KEYS:
@@ -287,7 +296,8 @@ def load_tokenized(data: DataConfig, tokenizer: Any, template: Template, seed: i
             test_rows, _ = load_conversations(data, kind, names=data.test_dataset)
             test = _tokenize(Dataset.from_list(test_rows), preprocess, data, DataStats(), kind)
         if data.dataset:
-            parts = [Dataset.from_list(part) for part in _per_dataset(rows, stats.rows_read)]
+            parts = [Dataset.from_list(part) for part in _augmented(_per_dataset(rows, stats.rows_read), data,
+                                                                    kind, seed)]
             train = _tokenize(_mix(parts, data, seed), preprocess, data, stats, kind)
         else:  # evaluate / predict only (do_train: false, a config check): the eval rows stand in
             train = ev
@@ -299,20 +309,45 @@ def load_tokenized(data: DataConfig, tokenizer: Any, template: Template, seed: i
     return SplitData(train, ev, stats, test)
 
 
+_AUG_COLUMNS = ("_row", "_aug")  # augmented rows: the row they copy, and whether they are a copy
+
+
+def _augmented(parts: list[list[dict]], data: DataConfig, kind: str, seed: int) -> list[list[dict]]:
+    """Each dataset's rows and their augmented copies, marked (_row, _aug) so that the split
+    keeps a copy with its row and takes no copy into the validation or test rows."""
+    if not data.augment:
+        return parts
+    from lathe.data.textprep import Augmenter, read_synonyms
+
+    augmenter = Augmenter(tuple(data.augment), data.augment_ratio, data.augment_strength,
+                          read_synonyms(data.augment_synonyms), seed)
+    out, start = [], 0
+    for rows in parts:
+        marked = [{**row, "_row": start + i, "_aug": 0} for i, row in enumerate(rows)]
+        marked += [{**copy, "_row": start + i, "_aug": 1} for i, copy in augmenter.copies(rows, kind)]
+        out.append(marked)
+        start += len(rows)
+    return out
+
+
 def split(train: Any, ev: Any | None, test: Any | None, data: DataConfig, seed: int,
           stats: DataStats) -> tuple[Any, Any | None, Any | None]:
     """val_size / test_size / the fold, taken from the tokenized training rows (lathe.data.splits);
-    a registered eval_dataset / test_dataset stays as it is."""
+    a registered eval_dataset / test_dataset stays as it is. Augmented copies stay with their
+    row and only in the training rows."""
     from lathe.data.splits import plan
 
     test_size = data.test_size if test is None else 0.0
     val_size = data.val_size if ev is None else 0.0
+    augmented = "_aug" in train.column_names
     if not (test_size or val_size or data.folds):
-        return train, ev, test
+        return _count_augmented(train, stats), ev, test
     names = ", ".join(data.dataset or [])
     labels = _stratify_labels(train, data, names)
     groups = None
-    if "origin" in train.column_names:  # rows cut from one example (QA windows) stay together
+    if augmented:
+        groups = train["_row"]
+    elif "origin" in train.column_names:  # rows cut from one example (QA windows) stay together
         origins = train["origin"]
         groups = origins if len(set(origins)) < len(origins) else None
     p = plan(len(train), seed=seed, val_size=val_size, test_size=test_size, folds=data.folds, fold=data.fold,
@@ -322,10 +357,24 @@ def split(train: Any, ev: Any | None, test: Any | None, data: DataConfig, seed: 
     if data.folds:  # a fold run only trains and validates: the test set waits for the final run
         test = None
 
-    def pick(idx: list[int]) -> Any:
-        return train.select(idx, keep_in_memory=True)
+    flags = train["_aug"] if augmented else None
 
-    return pick(p.train), pick(p.val) if p.val else ev, pick(p.test) if p.test and not data.folds else test
+    def pick(idx: list[int], copies: bool = False) -> Any:
+        if flags is not None and not copies:
+            idx = [i for i in idx if not flags[i]]
+        part = train.select(idx, keep_in_memory=True)
+        return part.remove_columns(list(_AUG_COLUMNS)) if flags is not None and not copies else part
+
+    return (_count_augmented(pick(p.train, copies=True), stats), pick(p.val) if p.val else ev,
+            pick(p.test) if p.test and not data.folds else test)
+
+
+def _count_augmented(train: Any, stats: DataStats) -> Any:
+    """The training rows without the augmentation marks; how many of them are copies."""
+    if "_aug" not in train.column_names:
+        return train
+    stats.augmented_rows = sum(train["_aug"])
+    return train.remove_columns(list(_AUG_COLUMNS))
 
 
 def _stratify_labels(train: Any, data: DataConfig, names: str) -> list[Any] | None:
@@ -347,7 +396,8 @@ def _stratify_labels(train: Any, data: DataConfig, names: str) -> list[Any] | No
 
 def _tokenize(ds: Any, preprocess: Callable, data: DataConfig, stats: DataStats, kind: str) -> Any:
     ds = ds.map(preprocess, batched=True, batch_size=data.preprocessing_batch_size,
-                num_proc=data.preprocessing_num_workers, remove_columns=ds.column_names,
+                num_proc=data.preprocessing_num_workers,
+                remove_columns=[c for c in ds.column_names if c not in _AUG_COLUMNS],  # one row out per row in
                 load_from_cache_file=False, desc="Tokenizing")
     before = len(ds)
     with datasets_bars_off():
@@ -385,7 +435,7 @@ def _load_streaming(data: DataConfig, preprocess: Callable, kind: str, seed: int
     from datasets import IterableDataset
 
     stats = DataStats(cache="off")
-    cleaner = Cleaner(data, stats)
+    cleaner = Cleaner(data, stats, kind)
 
     def stream(names: list[str]) -> list[Any]:
         parts = []

@@ -443,6 +443,9 @@ def print_summary(cfg: LatheConfig, model: Any, model_path: str, data: Any, exam
         lines.insert(3, f"  quantized  base in {kind} (bitsandbytes), LoRA trained in {trained}")
     if st.cleaning:
         lines.append("  cleaning   " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in st.cleaning.items()))
+    if st.augmented_rows:
+        lines.append(f"  augmented  {st.augmented_rows} of the {st.train_rows} training rows are augmented copies "
+                     f"({st.augmented_rows / max(1, st.train_rows):.0%}; {', '.join(cfg.data.augment or [])})")
     lines += [f"  note       {n}" for n in [*cfg.notes, *notes]]
     lines += [f"  example    ({example_caption})", _indent(example, "    ")]
     print("\n".join(lines), flush=True)
