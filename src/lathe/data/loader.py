@@ -497,6 +497,8 @@ def cache_key(data: DataConfig, tokenizer: Any, template: Template, seed: int, k
             for f in data_files(spec.path, name):
                 st = f.stat()
                 h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    if data.augment_synonyms and Path(data.augment_synonyms).expanduser().is_file():  # its words shape the copies
+        h.update(Path(data.augment_synonyms).expanduser().read_bytes())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
     h.update(repr(sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())).encode())

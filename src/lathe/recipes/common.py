@@ -622,7 +622,8 @@ def finish_run(trainer: Any, cfg: LatheConfig, tokenizer: Any, train_metrics: di
     train/eval/test/all_results.json, trainer_state.json and the plots; the RunResult."""
     from lathe.model.methods import get_method
 
-    test_metrics = run_test(trainer, test, perplexity) if test is not None else {}
+    scored = test is not None and (cfg.train.do_train or cfg.train.do_eval)  # not again by lathe predict
+    test_metrics = run_test(trainer, test, perplexity) if scored else {}
     method = get_method(cfg.finetune.finetuning_type)
     if cfg.train.do_train and method.after_training is not None:
         said = method.after_training(trainer, cfg)  # e.g. PiSSA's conversion: after the test
