@@ -113,6 +113,21 @@ def run_cli(*argv: str, cwd: Path | None = None, launcher: list[str] | None = No
                           stdin=None if input is not None else subprocess.DEVNULL)
 
 
+def run_main(*argv: str) -> subprocess.CompletedProcess:
+    """The same command line through `lathe.cli.main` in this process: for the bad-input cases,
+    which stop before anything slow, so a fresh interpreter's imports (seconds each) are not paid
+    again and again. What it prints is captured as a process's would be."""
+    import contextlib
+    import io
+
+    from lathe.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return subprocess.CompletedProcess(["lathe", *argv], code, out.getvalue(), err.getvalue())
+
+
 def write_pref_pairs(folder: Path) -> Path:
     """A dataset_dir with `pairs`: 8 preference pairs whose chosen reply is always the same."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,7 +150,11 @@ def write_yaml(path: Path, args: dict) -> Path:
 # walk-through and the demo take minutes on 2 cores. xdist hands each worker two tests to
 # start with, so the long ones go to positions 0, 2, 4, ...
 LONGEST_FIRST = ("tests/e2e/test_readme.py::test_every_readme_command_runs",
-                 "tests/e2e/test_demo.py::test_demo_learns_its_identity")
+                 "tests/e2e/test_demo.py::test_demo_learns_its_identity",
+                 "tests/e2e/test_quantize_cli.py::test_a_fine_tuned_encoder_quantizes_to_a_quarter_with_its_accuracy",
+                 "tests/e2e/test_tune_cli.py::test_a_study_keeps_the_best_weights_and_its_winner_trains_as_a_plain_run",
+                 "tests/e2e/test_quantize_cli.py::test_a_chat_model_in_mixed_precision_chats_and_predicts",
+                 "tests/e2e/test_train_cli.py::test_existing_output_dir_is_refused_then_overwritten_or_resumed")
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, write_yaml
+from tests.conftest import run_cli, run_main, write_yaml
 
 
 def _fails(tmp_path: Path, args: dict, *extra: str) -> str:
-    proc = run_cli("train", str(write_yaml(tmp_path / "cfg.yaml", args)), *extra)
+    """`lathe train` through the CLI's main() in this process (the cases below that need a fresh
+    process, --debug and a missing config, run the real command)."""
+    proc = run_main("train", str(write_yaml(tmp_path / "cfg.yaml", args)), *extra)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     err = proc.stderr.strip()
     assert "Traceback" not in proc.stderr

@@ -7,7 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
-from tests.conftest import as_overrides, run_cli
+from tests.conftest import as_overrides, run_cli, run_main
 from tests.tiny_encoders import write_sentiment
 
 
@@ -86,24 +86,24 @@ def test_bad_splits_and_folds_are_one_line_before_anything_is_written(tiny_bert,
     out = tmp_path / "out"
     cls = {**_cls_args(tiny_bert, tmp_path), "output_dir": out}
     assert "val_size=0.5 + test_size=0.6 = 1.1 leaves nothing to train on" in _one_error(
-        run_cli("train", *as_overrides({**cls, "val_size": 0.5, "test_size": 0.6})))
-    assert "folds=1 must be at least 2" in _one_error(run_cli("cv", *as_overrides({**cls, "folds": 1})))
-    assert "lathe cv needs folds: set folds=5" in _one_error(run_cli("cv", *as_overrides(cls)))
+        run_main("train", *as_overrides({**cls, "val_size": 0.5, "test_size": 0.6})))
+    assert "folds=1 must be at least 2" in _one_error(run_main("cv", *as_overrides({**cls, "folds": 1})))
+    assert "lathe cv needs folds: set folds=5" in _one_error(run_main("cv", *as_overrides(cls)))
     assert "folds=80 is more than the 60 rows of sentiment left for cross-validation" in _one_error(
-        run_cli("cv", *as_overrides({**cls, "folds": 80})))
+        run_main("cv", *as_overrides({**cls, "folds": 80})))
     assert "stage sft has no class per row" in _one_error(
-        run_cli("train", *as_overrides({**base_args, "stratify": True, "output_dir": out})))
+        run_main("train", *as_overrides({**base_args, "stratify": True, "output_dir": out})))
     assert "either test_size (split off the training data) or test_dataset" in _one_error(
-        run_cli("train", *as_overrides({**cls, "test_size": 0.1, "test_dataset": "sentiment_test"})))
-    assert "fold=2 is for lathe train" in _one_error(run_cli("cv", *as_overrides({**cls, "folds": 3, "fold": 2})))
+        run_main("train", *as_overrides({**cls, "test_size": 0.1, "test_dataset": "sentiment_test"})))
+    assert "fold=2 is for lathe train" in _one_error(run_main("cv", *as_overrides({**cls, "folds": 3, "fold": 2})))
     assert "each run's held-out fold is its validation set; remove val_size" in _one_error(
-        run_cli("cv", *as_overrides({**cls, "folds": 3, "val_size": 0.1})))
+        run_main("cv", *as_overrides({**cls, "folds": 3, "val_size": 0.1})))
     assert not out.exists()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
     assert "already holds files that are not this cross-validation's (notes.txt)" in _one_error(
-        run_cli("cv", *as_overrides({**cls, "folds": 3, "output_dir": mine})))
+        run_main("cv", *as_overrides({**cls, "folds": 3, "output_dir": mine})))
     assert (mine / "notes.txt").read_text() == "keep"
 
 
@@ -128,11 +128,11 @@ def test_text_preparation_and_augmentation_reach_training_rows_only(tiny_bert, t
 def test_bad_text_options_are_one_line(tiny_bert, base_args, tmp_path):
     cls = {**_cls_args(tiny_bert, tmp_path), "output_dir": tmp_path / "out"}
     assert "augment: 'flip' is not an operation" in _one_error(
-        run_cli("train", *as_overrides({**cls, "augment": "flip"})))
+        run_main("train", *as_overrides({**cls, "augment": "flip"})))
     assert "synonym needs augment_synonyms" in _one_error(
-        run_cli("train", *as_overrides({**cls, "augment": "synonym"})))
+        run_main("train", *as_overrides({**cls, "augment": "synonym"})))
     assert "augment: stage pt has no input text" in _one_error(
-        run_cli("train", *as_overrides({**base_args, "stage": "pt", "augment": "swap"})))
+        run_main("train", *as_overrides({**base_args, "stage": "pt", "augment": "swap"})))
     assert "remove_stopwords: stage tagging has a tag for every word" in _one_error(
-        run_cli("train", *as_overrides({**cls, "stage": "tagging", "remove_stopwords": True})))
+        run_main("train", *as_overrides({**cls, "stage": "tagging", "remove_stopwords": True})))
     assert not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import as_overrides, run_cli
+from tests.conftest import as_overrides, run_cli, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def test_a_fine_tuned_encoder_quantizes_to_a_quarter_with_its_accuracy(tmp_path)
     static = tmp_path / "cls-static"
     r = run_cli("quantize", str(run), f"output_dir={static}", "quantization_scheme=int8_static",
                 "calibration_dataset=reviews", "calibration_samples=64", "eval_dataset=reviews_test",
-                "benchmark_repeats=2", f"quantize_compare={dynamic}")
+                "benchmark_repeats=0", f"quantize_compare={dynamic}")  # size and accuracy; the timing is above
     assert r.returncode == 0, r.stderr[-2000:]
     report = _report(static)
     assert [m["model"].split(" ")[0] for m in report["models"]] == ["float32", "int8_static", "int8_dynamic"]
@@ -109,7 +109,7 @@ def test_a_chat_model_in_mixed_precision_chats_and_predicts(base_args, tmp_path)
 
 def test_bad_input_is_one_line_before_anything_is_written(base_args, tmp_path):
     def refused(*argv: str) -> str:
-        r = run_cli("quantize", *argv)
+        r = run_main("quantize", *argv)
         assert r.returncode == 2, r.stderr[-2000:]
         lines = [line for line in r.stderr.splitlines() if "Error:" in line]
         assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]

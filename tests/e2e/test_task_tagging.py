@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import as_overrides, run_cli
+from tests.conftest import as_overrides, run_cli, run_main
 from tests.tiny_encoders import write_ner
 
 
@@ -62,7 +62,7 @@ def test_bad_tagging_rows_are_one_line(tiny_bert, tmp_path):
     (data / "dataset_info.json").write_text(json.dumps(info))
 
     def fails(*extra: str) -> str:
-        r = run_cli("train", *_args(tiny_bert, data, tmp_path / "run", max_steps=1), *extra)
+        r = run_main("train", *_args(tiny_bert, data, tmp_path / "run", max_steps=1), *extra)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         return r.stderr
