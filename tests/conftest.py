@@ -128,6 +128,14 @@ def run_main(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["lathe", *argv], code, out.getvalue(), err.getvalue())
 
 
+def one_error(r: subprocess.CompletedProcess) -> str:
+    """The one `...Error:` line a refused command printed (exit 2, no traceback)."""
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if "Error:" in line]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    return lines[0]
+
+
 def write_pref_pairs(folder: Path) -> Path:
     """A dataset_dir with `pairs`: 8 preference pairs whose chosen reply is always the same."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -22,86 +22,63 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", metavar="<command>")
 
-    t = sub.add_parser("train", help="train from a YAML/JSON config (key=value overrides win)")
-    t.add_argument("config", nargs="?", help="path to a YAML or JSON config (e.g. examples/sft_lora.yaml); "
-                   "optional when every key is given as key=value or --key value")
-    t.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config keys to override; --key value, --key=value and --flag work too")
-    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _config_verb(sub, "train", "train from a YAML/JSON config (key=value overrides win)",
+                 "path to a YAML or JSON config (e.g. examples/sft_lora.yaml); optional when every key is "
+                 "given as key=value or --key value",
+                 overrides_help="config keys to override; --key value, --key=value and --flag work too")
 
     p.set_defaults(data_parser=_data_parser(sub))
 
-    pl = sub.add_parser("pipeline", help="run stages in order (pt -> sft -> rm -> ppo ...), skipping finished ones",
-                        description="Run the stages a pipeline file lists, each reading the previous "
-                                    "one's output; stages whose output_dir holds a complete run are skipped.")
-    pl.add_argument("config", help="pipeline file with `stages:` (e.g. examples/pipeline/rlhf.yaml)")
-    pl.add_argument("overrides", nargs="*", metavar="key=value", help="keys to override in every stage")
+    pl = _config_verb(sub, "pipeline", "run stages in order (pt -> sft -> rm -> ppo ...), skipping finished ones",
+                      "pipeline file with `stages:` (e.g. examples/pipeline/rlhf.yaml)", optional=False,
+                      description="Run the stages a pipeline file lists, each reading the previous one's output; "
+                                  "stages whose output_dir holds a complete run are skipped.",
+                      overrides_help="keys to override in every stage")
     pl.add_argument("--dry-run", action="store_true", help="only say which stages would run")
-    pl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
-    cv = sub.add_parser("cv", help="k-fold cross-validation: one run per fold, each metric's mean and std",
-                        description="Deal the training rows into folds (folds=K; stratified for classifiers), "
-                                    "train once per fold holding it out for validation (output_dir/fold-k), "
-                                    "then report each metric per fold with its mean and standard deviation: "
-                                    "cv_results.json, a table and cv_results.png. Finished folds are kept "
-                                    "when it runs again.")
-    cv.add_argument("config", nargs="?", help="a training config (e.g. examples/cls_sentiment.yaml)")
-    cv.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override (folds=5 ...)")
-    cv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    tu = sub.add_parser("tune", help="hyperparameter search (Optuna): trials of the config over its search_space",
-                        description="Train one run per trial (output_dir/trials/trial-NNN) with values drawn from "
-                                    "search_space (TPE, random or grid), stop the bad ones early (median pruner), "
-                                    "and keep the study in output_dir/study.db (resume=true continues it). "
-                                    "Writes tune_results.json, a table, optimization_history.png, "
-                                    "param_importances.png and best/config.yaml (lathe train runs it).")
-    tu.add_argument("config", nargs="?", help="a training config with a search_space (e.g. examples/tune_lora.yaml)")
-    tu.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override (n_trials=8 ...)")
-    tu.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    pr = sub.add_parser("predict", help="predict with a trained run: its held-out rows, or eval_dataset=...",
-                        description="Load the model a run trained (a run directory, or the config that "
-                                    "wrote it) and predict every row of its eval set (or eval_dataset=NAME): "
-                                    "labels with probabilities for cls, generated replies scored with "
-                                    "BLEU/ROUGE for sft. Results go to <run>/predict (or output_dir=...).")
-    pr.add_argument("config", help="a training config (its output_dir is the run) or a run directory")
-    pr.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
-    pr.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    qz = sub.add_parser("quantize", help="quantize a trained model (int8 dynamic/static, weight-only, mixed) "
-                        "and report size, memory, latency and quality",
-                        description="Quantize the model of a run directory or an export into output_dir (a model "
-                                    "folder chat, eval and predict load), then measure the float and quantized "
-                                    "models side by side: quantize_report.json, a table and a chart.")
-    qz.add_argument("config", help="a YAML naming model_name_or_path (a run or export), quantization_scheme and "
-                    "output_dir; or the run directory itself")
-    qz.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
-    qz.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    e = sub.add_parser("eval", help="score a model on multiple-choice benchmarks (MMLU / C-Eval / CMMLU layout)",
-                       description="Answer every question of a benchmark by comparing the logits of the "
-                                   "choice letters; report accuracy per subject and category.")
-    e.add_argument("config", nargs="?",
-                   help="YAML with model_name_or_path (+ adapter_name_or_path), template, task, task_dir")
-    e.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
-    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    x = sub.add_parser("export", help="merge adapters into the base model, save shards, verify the result",
-                       description="Merge LoRA adapters into the base model and save it with its "
-                                   "tokenizer, chat template and stop tokens; then reload the export with "
-                                   "plain transformers and check its logits and chat template.")
-    x.add_argument("config", nargs="?", help="YAML with model_name_or_path, adapter_name_or_path, template, export_dir")
-    x.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
-    x.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    c = sub.add_parser("chat", help="chat in the terminal (or with messages piped in, one per line)",
-                       description="Multi-turn chat with streaming replies, using the training template. "
-                                   "Type /clear to forget the history, /exit to leave.")
-    c.add_argument("config", nargs="?", help="YAML with model_name_or_path (+ adapter_name_or_path) and "
-                   "template; or an export or run directory")
-    c.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
+    _config_verb(sub, "cv", "k-fold cross-validation: one run per fold, each metric's mean and std",
+                 "a training config (e.g. examples/cls_sentiment.yaml)",
+                 description="Deal the training rows into folds (folds=K; stratified for classifiers), train once "
+                             "per fold holding it out for validation (output_dir/fold-k), then report each metric "
+                             "per fold with its mean and standard deviation: cv_results.json, a table and "
+                             "cv_results.png. Finished folds are kept when it runs again.",
+                 overrides_help="config keys to override (folds=5 ...)")
+    _config_verb(sub, "tune", "hyperparameter search (Optuna): trials of the config over its search_space",
+                 "a training config with a search_space (e.g. examples/tune_lora.yaml)",
+                 description="Train one run per trial (output_dir/trials/trial-NNN) with values drawn from "
+                             "search_space (TPE, random or grid), stop the bad ones early (median pruner), and keep "
+                             "the study in output_dir/study.db (resume=true continues it). Writes tune_results.json, "
+                             "a table, optimization_history.png, param_importances.png and best/config.yaml "
+                             "(lathe train runs it).",
+                 overrides_help="config keys to override (n_trials=8 ...)")
+    _config_verb(sub, "predict", "predict with a trained run: its held-out rows, or eval_dataset=...",
+                 "a training config (its output_dir is the run) or a run directory", optional=False,
+                 description="Load the model a run trained (a run directory, or the config that wrote it) and "
+                             "predict every row of its eval set (or eval_dataset=NAME): labels with probabilities "
+                             "for cls, generated replies scored with BLEU/ROUGE for sft. Results go to "
+                             "<run>/predict (or output_dir=...).")
+    _config_verb(sub, "quantize", "quantize a trained model (int8 dynamic/static, weight-only, mixed) and report "
+                 "size, memory, latency and quality",
+                 "a YAML naming model_name_or_path (a run or export), quantization_scheme and output_dir; or the "
+                 "run directory itself", optional=False,
+                 description="Quantize the model of a run directory or an export into output_dir (a model folder "
+                             "chat, eval and predict load), then measure the float and quantized models side by "
+                             "side: quantize_report.json, a table and a chart.")
+    _config_verb(sub, "eval", "score a model on multiple-choice benchmarks (MMLU / C-Eval / CMMLU layout)",
+                 "YAML with model_name_or_path (+ adapter_name_or_path), template, task, task_dir",
+                 description="Answer every question of a benchmark by comparing the logits of the choice letters; "
+                             "report accuracy per subject and category.")
+    _config_verb(sub, "export", "merge adapters into the base model, save shards, verify the result",
+                 "YAML with model_name_or_path, adapter_name_or_path, template, export_dir",
+                 description="Merge LoRA adapters into the base model and save it with its tokenizer, chat template "
+                             "and stop tokens; then reload the export with plain transformers and check its logits "
+                             "and chat template.")
+    c = _config_verb(sub, "chat", "chat in the terminal (or with messages piped in, one per line)",
+                     "YAML with model_name_or_path (+ adapter_name_or_path) and template; or an export or run "
+                     "directory",
+                     description="Multi-turn chat with streaming replies, using the training template. Type /clear "
+                                 "to forget the history, /exit to leave.")
     c.add_argument("--system", default=None, help="system prompt (default: the template's)")
-    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     d = sub.add_parser("demo", help="build the tiny demo model and teach it who it is")
     d.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
@@ -116,6 +93,21 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--from-llamafactory", action="store_true",
                    help="instead: every LLaMA-Factory key and what Lathe does with it")
     return p
+
+
+def _config_verb(sub, name: str, help: str, config_help: str, *, optional: bool = True,
+                 description: str | None = None,
+                 overrides_help: str = "config keys to override") -> argparse.ArgumentParser:
+    """A verb that reads a config (or a folder) and key=value overrides, with --debug."""
+    verb = sub.add_parser(name, help=help, description=description)
+    verb.add_argument("config", nargs="?" if optional else None, help=config_help)
+    verb.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return verb
+
+
+# Verbs that are one function of lathe.api, called with the config and the overrides.
+API_VERBS = ("train", "cv", "tune", "predict", "quantize")
 
 
 def _data_parser(sub) -> argparse.ArgumentParser:
@@ -214,7 +206,7 @@ def _flags_to_overrides(argv: list[str], parser: argparse.ArgumentParser) -> lis
     return out
 
 
-_CONFIG_COMMANDS = ("train", "cv", "tune", "pipeline", "quantize", "eval", "export", "chat", "data")
+_CONFIG_COMMANDS = (*API_VERBS, "pipeline", "eval", "export", "chat", "data")
 
 
 def _subcommand_index(argv: list[str]) -> int:
@@ -258,26 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         quiet_warnings()
 
     try:
-        if args.command == "train":
-            from lathe.api import train
+        if args.command in API_VERBS:
+            import lathe.api
 
-            train(args.config, args.overrides)
-        elif args.command == "cv":
-            from lathe.api import cv
-
-            cv(args.config, args.overrides)
-        elif args.command == "tune":
-            from lathe.api import tune
-
-            tune(args.config, args.overrides)
-        elif args.command == "predict":
-            from lathe.api import predict
-
-            predict(args.config, args.overrides)
-        elif args.command == "quantize":
-            from lathe.api import quantize
-
-            quantize(args.config, args.overrides)
+            getattr(lathe.api, args.command)(args.config, args.overrides)
         elif args.command == "pipeline":
             from lathe.pipeline import run_pipeline
 

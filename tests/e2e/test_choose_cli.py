@@ -7,7 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
-from tests.conftest import as_overrides, run_cli, run_main
+from tests.conftest import as_overrides, one_error, run_cli, run_main
 from tests.tiny_encoders import write_sentiment
 
 
@@ -15,13 +15,6 @@ def _cls_args(tiny_bert: Path, tmp_path: Path) -> dict:
     return {"stage": "cls", "model_name_or_path": tiny_bert, "dataset": "sentiment",
             "dataset_dir": write_sentiment(tmp_path / "data", n_train=60), "finetuning_type": "full",
             "learning_rate": 1e-3, "max_steps": 6, "per_device_train_batch_size": 8, "cutoff_len": 32, "seed": 0}
-
-
-def _one_error(r) -> str:
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = [line for line in r.stderr.splitlines() if "Error:" in line]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    return lines[0]
 
 
 def test_a_test_split_is_evaluated_once_after_training(tiny_bert, tmp_path):
@@ -67,7 +60,7 @@ def test_cross_validation_reports_every_fold_and_continues_after_a_stop(tiny_ber
     assert (out / "fold-2" / "all_results.json").is_file()
     # the same folder with another config is refused before anything runs
     r = run_cli("cv", *as_overrides({**args, "learning_rate": 5e-4}))
-    assert "holds a finished fold of another config (learning_rate" in _one_error(r)
+    assert "holds a finished fold of another config (learning_rate" in one_error(r)
 
 
 def test_folds_run_in_parallel_processes(base_args, tmp_path):
@@ -85,24 +78,24 @@ def test_folds_run_in_parallel_processes(base_args, tmp_path):
 def test_bad_splits_and_folds_are_one_line_before_anything_is_written(tiny_bert, base_args, tmp_path):
     out = tmp_path / "out"
     cls = {**_cls_args(tiny_bert, tmp_path), "output_dir": out}
-    assert "val_size=0.5 + test_size=0.6 = 1.1 leaves nothing to train on" in _one_error(
+    assert "val_size=0.5 + test_size=0.6 = 1.1 leaves nothing to train on" in one_error(
         run_main("train", *as_overrides({**cls, "val_size": 0.5, "test_size": 0.6})))
-    assert "folds=1 must be at least 2" in _one_error(run_main("cv", *as_overrides({**cls, "folds": 1})))
-    assert "lathe cv needs folds: set folds=5" in _one_error(run_main("cv", *as_overrides(cls)))
-    assert "folds=80 is more than the 60 rows of sentiment left for cross-validation" in _one_error(
+    assert "folds=1 must be at least 2" in one_error(run_main("cv", *as_overrides({**cls, "folds": 1})))
+    assert "lathe cv needs folds: set folds=5" in one_error(run_main("cv", *as_overrides(cls)))
+    assert "folds=80 is more than the 60 rows of sentiment left for cross-validation" in one_error(
         run_main("cv", *as_overrides({**cls, "folds": 80})))
-    assert "stage sft has no class per row" in _one_error(
+    assert "stage sft has no class per row" in one_error(
         run_main("train", *as_overrides({**base_args, "stratify": True, "output_dir": out})))
-    assert "either test_size (split off the training data) or test_dataset" in _one_error(
+    assert "either test_size (split off the training data) or test_dataset" in one_error(
         run_main("train", *as_overrides({**cls, "test_size": 0.1, "test_dataset": "sentiment_test"})))
-    assert "fold=2 is for lathe train" in _one_error(run_main("cv", *as_overrides({**cls, "folds": 3, "fold": 2})))
-    assert "each run's held-out fold is its validation set; remove val_size" in _one_error(
+    assert "fold=2 is for lathe train" in one_error(run_main("cv", *as_overrides({**cls, "folds": 3, "fold": 2})))
+    assert "each run's held-out fold is its validation set; remove val_size" in one_error(
         run_main("cv", *as_overrides({**cls, "folds": 3, "val_size": 0.1})))
     assert not out.exists()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    assert "already holds files that are not this cross-validation's (notes.txt)" in _one_error(
+    assert "already holds files that are not this cross-validation's (notes.txt)" in one_error(
         run_main("cv", *as_overrides({**cls, "folds": 3, "output_dir": mine})))
     assert (mine / "notes.txt").read_text() == "keep"
 
@@ -127,12 +120,12 @@ def test_text_preparation_and_augmentation_reach_training_rows_only(tiny_bert, t
 
 def test_bad_text_options_are_one_line(tiny_bert, base_args, tmp_path):
     cls = {**_cls_args(tiny_bert, tmp_path), "output_dir": tmp_path / "out"}
-    assert "augment: 'flip' is not an operation" in _one_error(
+    assert "augment: 'flip' is not an operation" in one_error(
         run_main("train", *as_overrides({**cls, "augment": "flip"})))
-    assert "synonym needs augment_synonyms" in _one_error(
+    assert "synonym needs augment_synonyms" in one_error(
         run_main("train", *as_overrides({**cls, "augment": "synonym"})))
-    assert "augment: stage pt has no input text" in _one_error(
+    assert "augment: stage pt has no input text" in one_error(
         run_main("train", *as_overrides({**base_args, "stage": "pt", "augment": "swap"})))
-    assert "remove_stopwords: stage tagging has a tag for every word" in _one_error(
+    assert "remove_stopwords: stage tagging has a tag for every word" in one_error(
         run_main("train", *as_overrides({**cls, "stage": "tagging", "remove_stopwords": True})))
     assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli, write_yaml
+from tests.conftest import REPO, one_error, run_cli, run_main, write_yaml
 
 SPACE = {"learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
          "lora_rank": {"type": "categorical", "values": [4, 8]}}
@@ -23,13 +23,6 @@ def _config(base_args: dict, tmp_path: Path, **keys) -> Path:
     args = {**base_args, "val_size": 8, "max_steps": 4, "eval_strategy": "steps", "eval_steps": 2,
             "save_strategy": "no", "search_space": SPACE, "n_trials": 4, "output_dir": str(tmp_path / "tune"), **keys}
     return write_yaml(tmp_path / "tune.yaml", args)
-
-
-def _one_error(r) -> str:
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = [line for line in r.stderr.splitlines() if "Error:" in line]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    return lines[0]
 
 
 def test_a_study_keeps_the_best_weights_and_its_winner_trains_as_a_plain_run(base_args, tmp_path):
@@ -86,7 +79,7 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(base_args, tm
         proc.wait()
 
     r = run_cli("tune", str(cfg))  # the same folder without resume: refused, nothing touched
-    assert "already holds a study (study.db); resume=true continues it" in _one_error(r)
+    assert "already holds a study (study.db); resume=true continues it" in one_error(r)
     r = run_cli("tune", str(cfg), "resume=true")
     assert r.returncode == 0, r.stderr[-2000:]
     said = r.stdout + r.stderr
@@ -99,25 +92,18 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(base_args, tm
     # the study remembers its search space: another one is refused rather than mixed in
     r = run_cli("tune", str(cfg), "resume=true", "n_trials=5",
                 "search_space={lora_rank: {type: categorical, values: [4, 16]}}")
-    assert "holds a study with another search space (learning_rate:" in _one_error(r)
+    assert "holds a study with another search space (learning_rate:" in one_error(r)
 
 
-def test_bad_search_spaces_are_one_line_before_anything_is_written(base_args, tmp_path, capsys):
-    """The CLI's own main() in this process (each case a whole `lathe tune` invocation, imports
-    already warm); the first case as a real process."""
-    from lathe.cli import main
-
+def test_bad_search_spaces_are_one_line_before_anything_is_written(base_args, tmp_path):
+    """The first case as a real process, the others through the CLI's main() in this one."""
     cfg = _config(base_args, tmp_path)
     out = tmp_path / "tune"
 
     def refused(*argv: str) -> str:
-        code = main(["tune", str(cfg), *argv])
-        err = capsys.readouterr().err
-        lines = [line for line in err.splitlines() if "Error:" in line]
-        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
-        return lines[0]
+        return one_error(run_main("tune", str(cfg), *argv))
 
-    assert "search_space.learnin_rate: learnin_rate is not a config key (did you mean learning_rate" in _one_error(
+    assert "search_space.learnin_rate: learnin_rate is not a config key (did you mean learning_rate" in one_error(
         run_cli("tune", str(cfg), "search_space={learnin_rate: {type: uniform, low: 0.1, high: 0.2}}"))
     assert "search_space.learning_rate: low 0.01 is above high 0.001" in refused(
         "search_space={learning_rate: {type: loguniform, low: 0.01, high: 0.001}}")
