@@ -1,10 +1,11 @@
 """`lathe chat`: talk to a trained model in the terminal, with the template it was trained with.
 
 A `ChatSession` holds the model, the template and the history; `reply()` answers one
-message (streaming its text through a callback when given one) and `chat_loop()` reads
-messages from a terminal or a pipe. Prompts are built by the same template object that
-training used (`template.encode_prompt`), and a reply ends at the template's stop tokens,
-so the model is asked exactly the way it was taught.
+message through the inference engine (`lathe.infer.engine`), streaming its text through a
+callback when given one, and `chat_loop()` reads messages from a terminal or a pipe.
+Prompts are built by the same template object that training used
+(`template.encode_prompt`), and a reply ends at the template's stop tokens, so the model
+is asked exactly the way it was taught.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from lathe.config.schema import GenerateConfig, LatheConfig
-from lathe.data.templates import Template, get_template
-from lathe.errors import ConfigError
+from lathe.data.templates import Template
+from lathe.infer.load import (  # noqa: F401 - chat's names for them
+    Note,
+    _to_stderr,
+    chat_generation,
+    choose_template,
+    describe_generation,
+    load_generator,
+)
 
 CLEAR, EXIT = "/clear", "/exit"
-Note = Callable[[str], None]
-
-
-def _to_stderr(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -47,97 +50,13 @@ class ChatSession:
 
 # --- loading -----------------------------------------------------------------------------
 
-def choose_template(cfg: LatheConfig, tokenizer: Any, model_path: str, note: Note = _to_stderr) -> Template:
-    """`template` when the user set it; else the one the run was trained with (the config.yaml
-    of the last adapter, or of the model folder for a full fine-tuning run), as export does;
-    else the model's own chat_template (`auto`, e.g. an exported model); else the default."""
-    from lathe.export import trained_template
-
-    if cfg.is_set("template"):
-        return get_template(cfg.data.template)
-    run_dir, recorded = trained_template(cfg, model_path)
-    if recorded:
-        try:
-            template = get_template(recorded)
-        except ConfigError as e:
-            raise ConfigError(f"{run_dir}/config.yaml: {e.args[0]}; set template: in your config") from None
-        note(f"Template: {recorded} (from {run_dir}/config.yaml, the config it was trained with)")
-        return template
-    if getattr(tokenizer, "chat_template", None):
-        note("Template: auto (template is not set; using the model's own chat_template)")
-        return get_template("auto")
-    note(f"Template: {cfg.data.template} (the default: template is not set and the model has no "
-         "chat_template; set template to the one the model was trained with)")
-    return get_template(cfg.data.template)
-
-
 def load_session(cfg: LatheConfig, system: str | None = None, note: Note = _to_stderr) -> ChatSession:
     """Base model + adapters (or an exported model) with the training template."""
-    from lathe.model.load import load_for_inference
-    from lathe.runs import check_inputs
-
-    check_inputs(cfg)  # an adapter run that did not finish is refused before anything loads
-    if cfg.is_set("template"):
-        get_template(cfg.data.template)  # an unknown name fails before the model loads
-    model, tokenizer, path = load_for_inference(cfg)
-    template = choose_template(cfg, tokenizer, path, note)
-    stop_ids = template.stop_token_ids(tokenizer)  # also checks that template: auto can render
-    generate, source = chat_generation(cfg, model, path)
-    note(f"Generation: {describe_generation(generate)} ({source})")
-    return ChatSession(model=model, tokenizer=tokenizer, template=template, generate=generate,
+    g = load_generator(cfg, note)
+    return ChatSession(model=g.model, tokenizer=g.tokenizer, template=g.template, generate=g.generate,
                        cutoff_len=cfg.data.cutoff_len,
-                       system=system if system is not None else template.default_system or None,
-                       stop_ids=stop_ids, note=note)
-
-
-_SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "num_beams")
-
-
-def chat_generation(cfg: LatheConfig, model: Any, model_path: str) -> tuple[GenerateConfig, str]:
-    """The settings chat decodes with, and where they came from: the keys the user set win;
-    the rest come from the model's own generation_config.json when it ships one (a released
-    chat model's tuned sampling); otherwise greedy, which a freshly tuned small model answers
-    best with (sampling at temperature 1 corrupts its replies)."""
-    import dataclasses
-
-    gen_cfg = getattr(model, "generation_config", None)
-    shipped = gen_cfg is not None and _ships_generation_config(model_path)
-    values: dict[str, Any] = {"do_sample": False}  # transformers' default, and ours for chat
-    if shipped:
-        for key in _SAMPLING_KEYS:
-            value = getattr(gen_cfg, key, None)
-            if value is not None:
-                values[key] = value
-        source = "the model's generation_config.json"
-    else:
-        source = "greedy: the model ships no generation_config.json"
-    values = {k: v for k, v in values.items() if not cfg.is_set(k)}
-    chosen = dataclasses.replace(cfg.generate, **values)
-    if any(cfg.is_set(k) for k in (*_SAMPLING_KEYS, "max_new_tokens")):
-        source += "; your keys win"
-    return chosen, source
-
-
-def _ships_generation_config(model_path: str) -> bool:
-    """Whether the model folder (or the hub repo, as cached by the load) has generation_config.json."""
-    from pathlib import Path
-
-    if Path(model_path).is_dir():
-        return (Path(model_path) / "generation_config.json").is_file()
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(model_path, "generation_config.json"), str)
-
-
-def describe_generation(gen: GenerateConfig) -> str:
-    if gen.num_beams > 1:
-        how = f"beam search, {gen.num_beams} beams"
-    elif gen.do_sample:
-        how = f"sampling, temperature {gen.temperature}, top_p {gen.top_p}, top_k {gen.top_k or 'off'}"
-    else:
-        how = "greedy"
-    extra = f", repetition_penalty {gen.repetition_penalty}" if gen.repetition_penalty != 1.0 else ""
-    return f"{how}{extra}, max_new_tokens {gen.max_new_tokens}"
+                       system=system if system is not None else g.template.default_system or None,
+                       stop_ids=g.stop_ids, note=note)
 
 
 # --- one reply ---------------------------------------------------------------------------
@@ -163,62 +82,19 @@ def build_prompt(session: ChatSession, message: str) -> list[int]:
     return ids
 
 
-def _streamer(tokenizer: Any, stop_ids: list[int], write: Callable[[str], None]) -> Any:
-    """A TextStreamer that hands finished text to `write`, leaving out the prompt, special
-    tokens, stop tokens and the reply's leading blanks."""
-    import torch
-    from transformers import TextStreamer
-
-    class ReplyStreamer(TextStreamer):
-        def __init__(self) -> None:
-            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            self.stop = set(stop_ids)
-            self.started = False
-
-        def put(self, value: Any) -> None:
-            if not self.next_tokens_are_prompt:
-                kept = [t for t in value.reshape(-1).tolist() if t not in self.stop]
-                if not kept:
-                    return
-                value = torch.tensor(kept)
-            super().put(value)
-
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if not self.started:
-                text = text.lstrip()
-                self.started = bool(text)
-            if text:
-                write(text)
-
-    return ReplyStreamer()
-
-
 def reply(session: ChatSession, message: str, on_text: Callable[[str], None] | None = None) -> str:
-    """Answer `message` after the history and remember the exchange.
+    """Answer `message` after the history and remember the exchange (lathe.infer's engine).
 
     With `on_text`, the text is handed over piece by piece as it is generated (beam search
-    cannot stream: the whole reply comes at once). The returned text is the decoded reply,
-    identical whether streamed or not."""
-    import torch
-
-    from lathe.infer import cut_at_stop, generation_kwargs
+    cannot stream: the whole reply comes at once). The pieces joined are the returned text."""
+    from lathe.infer.engine import Sampling, Sequence, decode
 
     prompt = build_prompt(session, message)
-    tok = session.tokenizer
-    streamer = None
-    if on_text is not None and session.generate.num_beams == 1:
-        streamer = _streamer(tok, session.stop_ids, on_text)
-    input_ids = torch.tensor([prompt], device=session.model.device)
-    with torch.no_grad():
-        out = session.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-            **generation_kwargs(session.generate, session.stop_ids, tok.pad_token_id))
-    ids = cut_at_stop(out[0, len(prompt):].tolist(), session.stop_ids)
-    text = tok.decode(ids, skip_special_tokens=True).strip()
-    if on_text is not None and streamer is None and text:
-        on_text(text)
-    session.history.append((message, text))
-    return text
+    seq = Sequence(prompt, Sampling.from_generate(session.generate),
+                   on_text=(lambda text, _: on_text(text)) if on_text is not None else None)
+    decode(session.model, session.tokenizer, [seq], session.stop_ids)
+    session.history.append((message, seq.text))
+    return seq.text
 
 
 # --- the loop ------------------------------------------------------------------------------

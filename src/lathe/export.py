@@ -30,6 +30,7 @@ from lathe.errors import ConfigError, ModelError, OutputError
 from lathe.files import check_free_folder, publish_folder
 from lathe.infer import set_stop_tokens
 from lathe.recipes.common import log
+from lathe.runs import trained_template
 
 __all__ = ["run_export", "template_to_jinja", "save_weights", "verify_export", "logit_bound"]
 
@@ -145,22 +146,6 @@ def resolve_template(cfg: LatheConfig) -> str:
     log(f"Template: {cfg.data.template} (the default: template is not set and {run_dir} holds no "
         "config.yaml; set template to the one the model was trained with)")
     return cfg.data.template
-
-
-def trained_template(cfg: LatheConfig, model_path: str) -> tuple[str, str | None]:
-    """The run that trained the model (the last adapter's folder, or `model_path` for a full
-    fine-tuning run) and the template its config.yaml records (export and chat share this)."""
-    adapters = cfg.model.adapter_name_or_path or []
-    run_dir = adapters[-1] if adapters else model_path
-    return run_dir, run_template(Path(run_dir).expanduser())
-
-
-def run_template(folder: Path) -> str | None:
-    """The `template` of a Lathe run's resolved config.yaml, if the folder holds one."""
-    from lathe.runs import read_run_config
-
-    value = read_run_config(folder).get("template")
-    return value if isinstance(value, str) and value else None
 
 
 def export_dtype(cfg: LatheConfig, base_path: str) -> str:

@@ -175,3 +175,17 @@ def _model_keys(folder: str) -> dict[str, object]:
         return {"model_name_or_path": str(folder)}
     raise ConfigError(f"{folder} is a folder but neither a model (config.json) nor a LoRA run "
                       "(adapter_config.json); pass a config file, an export or a run directory")
+
+
+def trained_template(cfg: LatheConfig, model_path: str) -> tuple[str, str | None]:
+    """The run that trained the model (the last adapter's folder, or `model_path` for a full
+    fine-tuning run) and the template its config.yaml records (export and chat share this)."""
+    adapters = cfg.model.adapter_name_or_path or []
+    run_dir = adapters[-1] if adapters else model_path
+    return run_dir, run_template(Path(run_dir).expanduser())
+
+
+def run_template(folder: Path) -> str | None:
+    """The `template` of a Lathe run's resolved config.yaml, if the folder holds one."""
+    value = read_run_config(folder).get("template")
+    return value if isinstance(value, str) and value else None

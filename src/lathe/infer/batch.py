@@ -1,4 +1,5 @@
-"""Generation with a chat template: the same template object that training used."""
+"""Whole batches of replies (predict), one greedy answer (the demo), and the small helpers
+the engine, rollouts and scoring share (left padding, stop tokens)."""
 
 from __future__ import annotations
 
@@ -12,43 +13,28 @@ def answer(model: Any, tokenizer: Any, template: Template, query: str,
            history: list[tuple[str, str]] | None = None, system: str | None = None,
            max_new_tokens: int = 64) -> str:
     """Greedy reply to `query`, stopping at the template's stop tokens."""
+    from lathe.infer.engine import Sampling, Sequence, decode
+
     ids = template.encode_prompt(history or [], query, tokenizer, system=system)
-    gen = GenerateConfig(max_new_tokens=max_new_tokens, do_sample=False)
-    [reply] = generate_replies(model, tokenizer, [ids], gen, template.stop_token_ids(tokenizer),
-                               batch_size=1, progress=False)
-    return tokenizer.decode(reply, skip_special_tokens=True).strip()
+    seq = Sequence(ids, Sampling(max_tokens=max_new_tokens))
+    decode(model, tokenizer, [seq], template.stop_token_ids(tokenizer))
+    return seq.text
 
 
 def generate_replies(model: Any, tokenizer: Any, prompts: list[list[int]], gen: GenerateConfig,
                      stop_ids: list[int], batch_size: int, progress: bool = True) -> list[list[int]]:
-    """The reply ids to each prompt, cut before the first stop token, in the prompts' order.
+    """The reply ids to each prompt, cut before the first stop token, in the prompts' order
+    (predict_with_generate). The engine's batches: rows of similar length, padded on the
+    LEFT, so every row ends where its reply starts and `generate` derives each row's
+    positions from the attention mask; a padded row gets the same tokens as the row
+    generated alone. Sampling draws each row's seed from torch's generator, so
+    `torch.manual_seed` makes the replies repeat."""
+    from lathe.infer.engine import Sampling, Sequence, generate
 
-    Prompts are sorted by length so a batch holds similar lengths (little padding), and
-    padded on the LEFT: every row then ends where its reply starts, and `generate`
-    derives each row's positions from the attention mask, so a padded row gets the same
-    tokens as the row generated alone. One `generate` call per batch.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    if batch_size > 1 and generation_one_at_a_time(model):
-        batch_size = 1
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)  # OOM early
-    batches = [order[i:i + batch_size] for i in range(0, len(order), max(1, batch_size))]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
-    kwargs = generation_kwargs(gen, stop_ids, pad_id)
-    replies: list[list[int]] = [[] for _ in prompts]
-    bar = tqdm(total=len(prompts), desc="generate", unit="row", disable=not progress,
-               dynamic_ncols=True)
-    with torch.no_grad():
-        for batch in batches:
-            input_ids, mask = left_pad([prompts[i] for i in batch], pad_id, model.device)
-            out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-            for row, i in enumerate(batch):
-                replies[i] = cut_at_stop(out[row, input_ids.shape[1]:].tolist(), stop_ids)
-            bar.update(len(batch))
-    bar.close()
-    return replies
+    sampling = Sampling.from_generate(gen, strip=False)
+    seqs = [Sequence(list(p), sampling) for p in prompts]
+    generate(model, tokenizer, seqs, stop_ids, batch_size, progress=progress)
+    return [s.tokens for s in seqs]
 
 
 def generation_one_at_a_time(model: Any) -> str | None:
