@@ -80,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
                                  "to forget the history, /exit to leave.")
     c.add_argument("--system", default=None, help="system prompt (default: the template's)")
 
+    _config_verb(sub, "api", "serve a trained model over the OpenAI API (chat, completions, streaming, tools)",
+                 "YAML with model_name_or_path (+ adapter_name_or_path) and the serve keys (e.g. examples/api.yaml); "
+                 "or a run directory, an export or a quantized model", optional=False,
+                 description="An OpenAI-compatible server: GET /v1/models, POST /v1/chat/completions (stream, n, "
+                             "stop, logprobs, tools, json_object), POST /v1/completions, GET /health. Requests that "
+                             "arrive together are decoded in one batch. Listens on 127.0.0.1:8000 unless host= / "
+                             "port= say otherwise; api_key=KEY makes clients send it.")
     d = sub.add_parser("demo", help="build the tiny demo model and teach it who it is")
     d.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -158,7 +165,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _model_folder(args: argparse.Namespace) -> dict | None:
-    """`lathe chat|eval|export <folder>`: an export or a run directory stands for its model
+    """`lathe chat|eval|export|api <folder>`: an export or a run directory stands for its model
     keys (the overrides still win); None when `config` is a file (or absent)."""
     if args.config is None or not os.path.isdir(args.config):
         return None
@@ -206,7 +213,7 @@ def _flags_to_overrides(argv: list[str], parser: argparse.ArgumentParser) -> lis
     return out
 
 
-_CONFIG_COMMANDS = (*API_VERBS, "pipeline", "eval", "export", "chat", "data")
+_CONFIG_COMMANDS = (*API_VERBS, "pipeline", "eval", "export", "chat", "api", "data")
 
 
 def _subcommand_index(argv: list[str]) -> int:
@@ -258,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             from lathe.pipeline import run_pipeline
 
             run_pipeline(args.config, args.overrides, dry_run=args.dry_run)
-        elif args.command in ("eval", "export", "chat"):
+        elif args.command in ("eval", "export", "chat", "api"):
             from lathe.config.load import load_config, parse_overrides
 
             folder = _model_folder(args)
@@ -272,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                 from lathe.export import run_export
 
                 run_export(cfg)
+            elif args.command == "api":
+                from lathe.serve import run_api
+
+                run_api(cfg)
             else:
                 from lathe.chat import run_chat
 

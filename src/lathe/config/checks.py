@@ -553,6 +553,21 @@ def benchmark_is_given(cfg: LatheConfig) -> None:
         raise ConfigError(f"n_shot={b.n_shot} must be 0 or more")
 
 
+@check(commands=("api",))
+def serve_keys_fit(cfg: LatheConfig) -> None:
+    s = cfg.serve
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"port={s.port} must be between 1 and 65535")
+    for key in ("max_batch_size", "max_queue", "max_request_bytes", "max_tokens_limit", "max_n"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"{key}={getattr(s, key)} must be at least 1")
+    if s.batch_wait_ms < 0 or s.request_timeout <= 0:
+        key = "batch_wait_ms" if s.batch_wait_ms < 0 else "request_timeout"
+        raise ConfigError(f"{key}={getattr(s, key)} must be {'0 or more' if key == 'batch_wait_ms' else 'positive'}")
+    if s.api_key is not None and not s.api_key.strip():
+        raise ConfigError("api_key is empty; give a key clients must send, or remove api_key")
+
+
 # report_to names transformers knows, and the package each needs.
 _REPORTERS = {
     "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),

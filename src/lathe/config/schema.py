@@ -446,6 +446,29 @@ class SelectionConfig:
                       "finished trials.")
 
 
+@dataclass(frozen=True)
+class ServeConfig:
+    """`lathe api`: an OpenAI-compatible server for a run directory, an export or a quantized model."""
+
+    host: str = _f("127.0.0.1", "Address the server listens on (0.0.0.0: every network interface).")
+    port: int = _f(8000, "Port the server listens on.")
+    api_key: str | None = _f(None, "Key clients must send (Authorization: Bearer KEY) on every route but "
+                             "/health; unset: no key is asked for.")
+    served_model_name: str = _f("lathe", "The model name clients ask for (GET /v1/models lists it).")
+    infer_backend: Literal["huggingface", "vllm"] = _f(
+        "huggingface", "huggingface: Lathe's engine on transformers (CPU or GPU); vllm: vLLM's engine (a GPU "
+        "machine with vllm installed).")
+    max_batch_size: int = _f(32, "Dynamic batching: replies decoded together in one generate (1: one at a time).")
+    batch_wait_ms: float = _f(10.0, "How long the first request of a batch waits for others to join it.")
+    max_queue: int = _f(256, "Replies waiting or being generated before new requests get 429 (Retry-After).")
+    request_timeout: float = _f(600.0, "Seconds a request may take, waiting included, before it ends with 504.")
+    max_request_bytes: int = _f(2_000_000, "Largest request body; bigger ones get 413.")
+    max_tokens_limit: int = _f(4096, "Most tokens one reply may ask for (max_tokens); above it: 400.")
+    max_n: int = _f(8, "Most choices one request may ask for (n).")
+    cors_origins: list[str] | None = _f(None, "Web origins allowed to call the API from a browser (CORS); unset: "
+                                        "none (CORS off).")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -458,10 +481,11 @@ SECTIONS: dict[str, type] = {
     "bench": BenchConfig,
     "quantize": QuantizeConfig,
     "selection": SelectionConfig,
+    "serve": ServeConfig,
 }
 
 # What a config is loaded for: `lathe <command> cfg.yaml`; checks declare which they serve.
-COMMANDS: tuple[str, ...] = ("train", "export", "chat", "eval", "quantize")
+COMMANDS: tuple[str, ...] = ("train", "export", "chat", "eval", "quantize", "api")
 
 
 @dataclass(frozen=True)
@@ -479,6 +503,7 @@ class LatheConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     command: str = "train"  # what it was loaded for (decides which checks apply)
     explicit: frozenset[str] = frozenset()  # keys the user set (file or command line)
     source: str | None = None  # the file it came from, if any
