@@ -97,17 +97,33 @@ def test_the_readme_shows_commands_and_skips_few():
 def test_every_readme_command_runs(sandbox):
     work, env = sandbox
     outputs: dict[str, str] = {}
-    for kind, command in commands():
-        if skip_reason(command):
-            continue
-        if kind == "bash" and command.startswith("source .venv/") and not (work / ".venv").exists():
-            continue  # no virtualenv here (the suite runs outside `make`); the shim is on PATH
-        argv = ["bash", "-c", command] if kind == "bash" else [sys.executable, "-c", command]
-        proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=900,
-                              stdin=subprocess.DEVNULL)
-        assert proc.returncode == 0, f"README command failed: {command}\n{proc.stderr[-3000:]}"
-        assert "Traceback" not in proc.stderr, f"{command}\n{proc.stderr[-3000:]}"
-        outputs[command] = proc.stdout + proc.stderr
+    servers: list[tuple[str, subprocess.Popen]] = []  # `... &` lines: servers the next lines talk to
+    try:
+        for kind, command in commands():
+            if skip_reason(command):
+                continue
+            if kind == "bash" and command.startswith("source .venv/") and not (work / ".venv").exists():
+                continue  # no virtualenv here (the suite runs outside `make`); the shim is on PATH
+            if kind == "bash" and command.split("#")[0].rstrip().endswith("&"):
+                log = open(work / f"background-{len(servers)}.log", "w")
+                servers.append((command, subprocess.Popen(["bash", "-c", "exec " + command.split("#")[0].rstrip()[:-1]],
+                                                          cwd=work, env=env, stdout=log, stderr=log,
+                                                          stdin=subprocess.DEVNULL, start_new_session=True)))
+                continue
+            argv = ["bash", "-c", command] if kind == "bash" else [sys.executable, "-c", command]
+            proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=900,
+                                  stdin=subprocess.DEVNULL)
+            assert proc.returncode == 0, f"README command failed: {command}\n{proc.stderr[-3000:]}"
+            assert "Traceback" not in proc.stderr, f"{command}\n{proc.stderr[-3000:]}"
+            outputs[command] = proc.stdout + proc.stderr
+    finally:
+        for command, server in servers:
+            alive = server.poll() is None
+            server.terminate()
+            server.wait(30)
+            assert alive, f"README server exited early: {command}"
+    for k in range(len(servers)):
+        assert "Traceback" not in (work / f"background-{k}.log").read_text()
 
     # what the commands promise, checked where it matters
     assert (work / "runs" / "sft_lora" / "adapter_model.safetensors").is_file()
@@ -131,6 +147,8 @@ def test_every_readme_command_runs(sandbox):
     assert len(cv["metrics"]["loss"]["per_fold"]) == 3
     tuned = json.loads((work / "runs" / "tune-lora" / "tune_results.json").read_text())
     assert len(tuned["trials"]) == 8 and (work / "runs" / "tune-lora" / "best" / "run" / "eval_results.json").is_file()
+    served = [v for k, v in outputs.items() if "examples/api_client.py" in k]
+    assert len(served) == 2 and all("chat: I am Lathe" in v and "stream: I am Lathe" in v for v in served)
     chat = next(v for k, v in outputs.items() if "lathe chat examples/chat.yaml" in k)
     assert "Assistant:" in chat and "Generation: greedy" in chat
     lf = next(v for k, v in outputs.items() if "--from-llamafactory" in k)

@@ -19,7 +19,8 @@ BENCHMARKS = [p for p in ALL if "task" in (yaml.safe_load(p.read_text()) or {})]
 EXPORTS = [p for p in ALL if "export_dir" in (yaml.safe_load(p.read_text()) or {})]  # `lathe export`
 CHATS = [p for p in ALL if p.name.startswith("chat")]  # `lathe chat`
 QUANTIZE = [p for p in ALL if p.name.startswith("quantize")]  # `lathe quantize`
-EXAMPLES = [p for p in ALL if p not in PIPELINES + BENCHMARKS + EXPORTS + CHATS + QUANTIZE]
+SERVE = [p for p in ALL if p.name.startswith("api")]  # `lathe api`
+EXAMPLES = [p for p in ALL if p not in PIPELINES + BENCHMARKS + EXPORTS + CHATS + QUANTIZE + SERVE]
 
 
 def test_there_are_examples():
@@ -36,10 +37,10 @@ def test_example_loads_and_its_data_resolves(path, monkeypatch):
     assert rows and sum(stats.rows_read.values()) == len(rows)
 
 
-@pytest.mark.parametrize("path", EXPORTS + CHATS, ids=[p.name for p in EXPORTS + CHATS])
-def test_export_and_chat_examples_load(path, monkeypatch):
+@pytest.mark.parametrize("path", EXPORTS + CHATS + SERVE, ids=[p.name for p in EXPORTS + CHATS + SERVE])
+def test_export_chat_and_api_examples_load(path, monkeypatch):
     monkeypatch.chdir(REPO)
-    command = "export" if path in EXPORTS else "chat"
+    command = "export" if path in EXPORTS else "api" if path in SERVE else "chat"
     cfg = load_config(path, command=command)
     assert cfg.model.model_name_or_path and cfg.model.adapter_name_or_path == ["runs/sft_lora"]
 

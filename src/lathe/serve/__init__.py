@@ -61,7 +61,7 @@ def run_api(cfg: LatheConfig) -> None:
     gen = load_generator(cfg, note)
     scheduler = Scheduler(gen, s.max_batch_size, s.batch_wait_ms, s.max_queue,
                           fault=os.environ.get("LATHE_API_FAULT"))
-    app = create_app(gen, s, scheduler)
+    app = create_app(gen, cfg, scheduler)
     logging.getLogger("lathe.serve").addHandler(logging.StreamHandler(sys.stderr))
     shown = f"[{s.host}]" if ":" in s.host else s.host
     batching = f"dynamic batching up to {s.max_batch_size} replies" if s.max_batch_size > 1 else "no batching"

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lathe.config.schema import ServeConfig
+from lathe.config.schema import LatheConfig, ServeConfig
 from lathe.infer.engine import Sampling, Sequence, TokenLogprob
 from lathe.infer.load import Generator
 from lathe.infer.messages import (
@@ -88,6 +88,22 @@ class CompletionRequest(_Request):
     echo: bool = False
 
 
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: str = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[str]
+
+
 @dataclass
 class Choice:
     seq: Sequence
@@ -97,7 +113,9 @@ class Choice:
 
 # --- the app ----------------------------------------------------------------------------------
 
-def create_app(gen: Generator, cfg: ServeConfig, scheduler: Scheduler) -> Any:
+def create_app(gen: Generator, full: LatheConfig, scheduler: Scheduler) -> Any:
+    cfg = full.serve
+    tasks = TaskRoutes(gen, full)
     app = FastAPI(title="Lathe API", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.started = int(time.time())
     if cfg.cors_origins:
@@ -193,6 +211,18 @@ def create_app(gen: Generator, cfg: ServeConfig, scheduler: Scheduler) -> Any:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         choices = await _run(plan.choices, scheduler, request)
         return _completion_response(body, plan, choices, gen)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
+        authorize(request)
+        check_model(body.model)
+        return await tasks.embed(body)
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest, request: Request) -> Any:
+        authorize(request)
+        check_model(body.model)
+        return await tasks.classify(body)
 
     return app
 
@@ -597,3 +627,102 @@ async def _completion_stream(body: CompletionRequest, plan: Plan, gen: Generator
         yield _sse({**base, "choices": [], "usage": _usage(plan, plan.choices)})
     yield _sse("[DONE]")
 
+
+# --- task models: embeddings and classes -----------------------------------------------------
+
+class TaskRoutes:
+    """/v1/embeddings for embedding models (stage embed) and /v1/classify for classifiers
+    (stage cls), one forward pass per request, run off the event loop one at a time."""
+
+    def __init__(self, gen: Generator, cfg: LatheConfig) -> None:
+        import threading
+
+        self.gen, self.cfg = gen, cfg
+        self.lock = threading.Lock()
+
+    def _texts(self, value: Any, max_items: int = 256) -> list[list[int]]:
+        items = [value] if isinstance(value, str) or value and isinstance(value[0], int) else list(value)
+        if not items or len(items) > max_items:
+            raise ApiError(400, f"input must hold 1 to {max_items} texts", param="input")
+        tok, cutoff = self.gen.tokenizer, self.cfg.data.cutoff_len
+        out = []
+        for k, item in enumerate(items):
+            if isinstance(item, str):
+                if not item.strip():
+                    raise ApiError(400, f"input[{k}] is empty", param="input")
+                out.append(tok(item, truncation=True, max_length=cutoff)["input_ids"])
+            else:
+                if not item or any(not 0 <= t < len(tok) for t in item):
+                    raise ApiError(400, f"input[{k}] holds a token id outside the vocabulary", param="input")
+                out.append(list(item)[:cutoff])
+        return out
+
+    def _forward(self, ids: list[list[int]], fn: Any) -> Any:
+        import torch
+
+        pad = self.gen.tokenizer.pad_token_id or 0
+        width = max(len(r) for r in ids)
+        side = getattr(self.gen.tokenizer, "padding_side", "right")
+        rows = [r + [pad] * (width - len(r)) if side == "right" else [pad] * (width - len(r)) + r for r in ids]
+        mask = [[1] * len(r) + [0] * (width - len(r)) if side == "right" else [0] * (width - len(r)) + [1] * len(r)
+                for r in ids]
+        device = self.gen.model.device
+        with self.lock, torch.no_grad():
+            return fn(torch.tensor(rows, device=device), torch.tensor(mask, device=device))
+
+    async def embed(self, body: EmbeddingRequest) -> dict[str, Any]:
+        if self.gen.task != "embed":
+            raise ApiError(400, f"this model is a {self.gen.task} model; /v1/embeddings serves embedding models "
+                           "(stage embed)", code="unsupported_model")
+        if body.encoding_format not in ("float", "base64"):
+            raise ApiError(400, "encoding_format must be float or base64", param="encoding_format")
+        ids = self._texts(body.input)
+
+        def run(input_ids: Any, mask: Any) -> Any:
+            import torch
+
+            from lathe.recipes.embed import pool
+
+            hidden = self.gen.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            vectors = pool(hidden, mask, self.cfg.task.pooling if self.cfg.task.pooling != "auto" else "mean")
+            if body.dimensions:
+                vectors = vectors[:, :body.dimensions]
+            return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu()
+
+        vectors = await asyncio.to_thread(self._forward, ids, run)
+        data = []
+        for i, v in enumerate(vectors):
+            if body.encoding_format == "base64":
+                import base64
+
+                import numpy as np
+
+                value: Any = base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
+            else:
+                value = [float(x) for x in v]
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        n = sum(len(r) for r in ids)
+        return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    async def classify(self, body: ClassifyRequest) -> dict[str, Any]:
+        if self.gen.task != "seq_cls":
+            raise ApiError(400, f"this model is a {self.gen.task} model; /v1/classify serves classifiers (stage cls)",
+                           code="unsupported_model")
+        from lathe.data.tasks import LabelSet
+        from lathe.recipes.cls import _decide, _prediction
+
+        config = self.gen.model.config
+        names = tuple(self.cfg.task.label_names or [config.id2label[k] for k in sorted(config.id2label)])
+        problem = self.cfg.task.problem_type if self.cfg.task.problem_type != "auto" else \
+            (config.problem_type or "single_label_classification")
+        labels = LabelSet(problem, names)
+        ids = self._texts(body.input)
+        logits = await asyncio.to_thread(
+            self._forward, ids, lambda i, m: self.gen.model(input_ids=i, attention_mask=m).logits.float().cpu().numpy())
+        decided = _decide(logits, labels)
+        data = []
+        for k in range(len(ids)):
+            found = _prediction(logits[k], decided[k], labels)
+            data.append({"index": k, "label": found.pop("predict"), **found})
+        n = sum(len(r) for r in ids)
+        return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
