@@ -94,3 +94,43 @@ def test_classify_with_a_classifier_run(tiny_bert, tmp_path):
         assert "seq_cls" in wrong.json()["error"]["message"]
     finally:
         stop(proc)
+
+
+def test_score_with_a_reward_model(tiny_model, tmp_path):
+    """An rm LoRA run (scored at each conversation's last token): the served scores are the ones
+    `lathe.model.reward` computes in process, and the preferred reply scores higher."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lathe.data.templates import get_template
+    from lathe.infer.messages import scored_conversation
+    from lathe.model.reward import load_reward_model, reward_scores
+    from tests.conftest import write_pref_pairs
+
+    data = write_pref_pairs(tmp_path / "data")
+    run = tmp_path / "rm"
+    r = run_cli("train", *as_overrides({"stage": "rm", "model_name_or_path": tiny_model, "dataset": "pairs",
+                                        "dataset_dir": data, "template": "chatml", "cutoff_len": 64,
+                                        "per_device_train_batch_size": 8, "max_steps": 10, "learning_rate": 1e-2,
+                                        "output_dir": run, "seed": 0, "save_steps": 1000}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ask = {"role": "user", "content": "Say something nice about tea."}
+    convs = [[ask, {"role": "assistant", "content": "It is lovely."}], [ask, {"role": "assistant", "content": "No."}]]
+    proc, url = start(str(run), tmp_path / "server.log")
+    try:
+        got = httpx.post(url + "/v1/score", json={"model": "lathe", "conversations": convs}, timeout=60)
+        assert got.status_code == 200, got.text
+        served = [row["score"] for row in got.json()["data"]]
+        bad = httpx.post(url + "/v1/score", json={"model": "lathe", "messages": [ask]}, timeout=60)
+        assert bad.status_code == 400 and "assistant's reply" in bad.json()["error"]["message"]
+    finally:
+        stop(proc)
+    tok = AutoTokenizer.from_pretrained(run)
+    model = load_reward_model(str(run), torch.float32, tok)
+    template = get_template("chatml")
+    for conv, value in zip(convs, served):
+        ids = [t for p, rep in template.encode_turns(scored_conversation(conv), tok) for t in p + rep]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            assert reward_scores(model, x, torch.ones_like(x)).item() == pytest.approx(value, abs=1e-4)
+    assert served[0] > served[1]

@@ -53,8 +53,13 @@ def load_generator(cfg: LatheConfig, note: Note = _to_stderr) -> Generator:
     check_inputs(cfg)
     if cfg.is_set("template"):
         get_template(cfg.data.template)  # an unknown name fails before the model loads
-    model, tokenizer, path = load_for_inference(cfg)
-    task = stage_task(cfg.finetune.stage)
+    reward = reward_run(cfg)
+    if reward is not None:
+        model, tokenizer, path = _load_reward(cfg, reward)
+        task = "reward"
+    else:
+        model, tokenizer, path = load_for_inference(cfg)
+        task = stage_task(cfg.finetune.stage)
     template = choose_template(cfg, tokenizer, path, note)
     stop_ids = template.stop_token_ids(tokenizer)  # also checks that template: auto can render
     generate, source = chat_generation(cfg, model, path)
@@ -135,3 +140,25 @@ def describe_generation(gen: GenerateConfig) -> str:
         how = "greedy"
     extra = f", repetition_penalty {gen.repetition_penalty}" if gen.repetition_penalty != 1.0 else ""
     return f"{how}{extra}, max_new_tokens {gen.max_new_tokens}"
+
+
+def reward_run(cfg: LatheConfig) -> str | None:
+    """The rm run directory the config points at (the last adapter, or the model folder), if
+    it is one (its reward_model.json says so)."""
+    from pathlib import Path
+
+    from lathe.model.reward import MARKER
+
+    adapters = cfg.model.adapter_name_or_path or []
+    folder = Path(adapters[-1] if adapters else cfg.model.model_name_or_path).expanduser()
+    return str(folder) if (folder / MARKER).is_file() else None
+
+
+def _load_reward(cfg: LatheConfig, folder: str) -> tuple[Any, Any, str]:
+    """A reward model (lathe.model.reward), as ppo loads it, with its run's tokenizer."""
+    from lathe.model.load import fix_pad_token, load_tokenizer, pick_dtype
+    from lathe.model.reward import load_reward_model
+
+    tokenizer = load_tokenizer(cfg.model, folder)
+    fix_pad_token(tokenizer)
+    return load_reward_model(folder, pick_dtype(cfg), tokenizer, cfg.model.trust_remote_code), tokenizer, folder

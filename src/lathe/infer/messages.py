@@ -112,6 +112,18 @@ def to_conversation(messages: list[dict], tools: list[dict] | None = None) -> Co
                         system="\n\n".join(system) if system else None, tools=schemas)
 
 
+def scored_conversation(messages: list[dict]) -> Conversation:
+    """A conversation that ends with the assistant's reply (what a reward model scores)."""
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+        raise MessageError("the last message must be the assistant's reply to score", "messages")
+    conv = to_conversation(messages[:-1])
+    last = messages[-1]
+    reply = (Message("function", _call_json(last["tool_calls"], f"messages[{len(messages) - 1}]"))
+             if last.get("tool_calls") else Message("assistant", _text(last.get("content"),
+                                                                        f"messages[{len(messages) - 1}]")))
+    return Conversation(conv.messages[:-1] + (reply,), system=conv.system, tools=conv.tools)
+
+
 def _join_results(first: str, second: str) -> str:
     try:
         earlier = json.loads(first)

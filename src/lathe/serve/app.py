@@ -35,6 +35,7 @@ from lathe.infer.messages import (
     may_be_tool_call,
     parse_tool_calls,
     prompt_ids,
+    scored_conversation,
     to_conversation,
 )
 from lathe.serve.scheduler import QueueFull, Scheduler
@@ -95,6 +96,14 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: str = "float"
     dimensions: int | None = Field(None, ge=1)
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[dict[str, Any]] | None = None
+    conversations: list[list[dict[str, Any]]] | None = None
 
 
 class ClassifyRequest(BaseModel):
@@ -223,6 +232,12 @@ def create_app(gen: Generator, full: LatheConfig, scheduler: Scheduler) -> Any:
         authorize(request)
         check_model(body.model)
         return await tasks.classify(body)
+
+    @app.post("/v1/score")
+    async def score(body: ScoreRequest, request: Request) -> Any:
+        authorize(request)
+        check_model(body.model)
+        return await tasks.score(body)
 
     return app
 
@@ -726,3 +741,46 @@ class TaskRoutes:
             data.append({"index": k, "label": found.pop("predict"), **found})
         n = sum(len(r) for r in ids)
         return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    async def score(self, body: ScoreRequest) -> dict[str, Any]:
+        if self.gen.task != "reward":
+            raise ApiError(400, f"this model is a {self.gen.task} model; /v1/score serves reward models (stage rm)",
+                           code="unsupported_model")
+        if (body.messages is None) == (body.conversations is None):
+            raise ApiError(400, "give messages (one conversation) or conversations (a list of them)",
+                           param="messages")
+        convs = [body.messages] if body.messages is not None else body.conversations
+        if not convs or len(convs) > 256:
+            raise ApiError(400, "conversations must hold 1 to 256 conversations", param="conversations")
+        ids = []
+        for k, messages in enumerate(convs):
+            try:
+                conv = scored_conversation(messages)
+            except MessageError as e:
+                where = "messages" if body.messages is not None else f"conversations[{k}]"
+                raise ApiError(400, f"{where}: {e}", param=where) from None
+            turns = self.gen.template.encode_turns(conv, self.gen.tokenizer)
+            row = [t for prompt, reply in turns for t in prompt + reply]
+            ids.append(row[-self.cfg.data.cutoff_len:])
+
+        def run(input_ids: Any, mask: Any) -> Any:
+            from lathe.model.reward import reward_scores
+
+            return reward_scores(self.gen.model, input_ids, mask).cpu().tolist()
+
+        scores = await asyncio.to_thread(self._forward_right, ids, run)
+        n = sum(len(r) for r in ids)
+        return {"object": "list", "data": [{"index": k, "score": v} for k, v in enumerate(scores)],
+                "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    def _forward_right(self, ids: list[list[int]], fn: Any) -> Any:
+        """Right-padded (a reward is read at each row's last real token)."""
+        import torch
+
+        pad = self.gen.tokenizer.pad_token_id or 0
+        width = max(len(r) for r in ids)
+        rows = [r + [pad] * (width - len(r)) for r in ids]
+        mask = [[1] * len(r) + [0] * (width - len(r)) for r in ids]
+        device = self.gen.model.device
+        with self.lock, torch.no_grad():
+            return fn(torch.tensor(rows, device=device), torch.tensor(mask, device=device))
