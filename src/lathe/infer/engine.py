@@ -109,9 +109,9 @@ class Sequence:
         safe = len(text)
         if text.endswith("\ufffd"):  # an unfinished multi-byte character
             safe = len(text.rstrip("\ufffd"))
-        if self.sampling.strip:
-            safe = len(text[:safe].rstrip())
         safe -= _partial_stop(text[:safe], self.sampling.stop)
+        if self.sampling.strip:  # blanks at the end may turn out to be the end of the reply
+            safe = len(text[:safe].rstrip())
         self.text = text
         if safe > self._emitted:
             self._send(text[self._emitted:safe])

@@ -128,7 +128,7 @@ class JsonConstraint:
         self.banned = banned  # special tokens: never inside the object
         self.closers = closers  # short structural tokens, tried when the budget runs out
         self.state: State | None = START
-        self.budget_left = 1 << 30
+        self.last_blank = False
 
     @staticmethod
     def for_tokenizer(tokenizer: Any, stop_ids: list[int]) -> JsonConstraint:
@@ -151,7 +151,10 @@ class JsonConstraint:
     def allowed(self, token: int) -> State | None:
         if token in self.banned or token >= len(self.texts) or not self.texts[token]:
             return None
-        return feed(self.state, self.texts[token])
+        text = self.texts[token]
+        if not text.strip() and self.state is not None and (self.state[1] == "top" or self.last_blank):
+            return None  # blanks: never before the object, never twice in a row (a model may loop on them)
+        return feed(self.state, text)
 
     def mask(self, logits: Any, tokens: list[int], max_tokens: int) -> None:
         """Leave finite only the logits of tokens that keep the reply a valid JSON prefix."""
@@ -180,4 +183,6 @@ class JsonConstraint:
         logits[keep] = kept
 
     def advance(self, token: int) -> None:
-        self.state = feed(self.state, self.texts[token]) if token < len(self.texts) else None
+        text = self.texts[token] if token < len(self.texts) else None
+        self.state = feed(self.state, text) if text is not None else None
+        self.last_blank = text is not None and not text.strip() and self.state is not None and self.state[1] != "str"
