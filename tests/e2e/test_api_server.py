@@ -305,6 +305,22 @@ def test_a_decoding_failure_is_a_500_without_a_stack_trace(run_dir, tmp_path):
     assert "decoding failed" in (tmp_path / "server.log").read_text()  # the details stay in the server's log
 
 
+def test_a_request_over_request_timeout_ends_with_504(run_dir, tmp_path):
+    proc, url = start(run_dir, tmp_path / "server.log", "request_timeout=0.001")
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as e:
+            c.chat.completions.create(model="lathe", messages=WHO)
+        assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
+                          json={"model": "lathe", "messages": WHO, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert json.loads(lines[-1][6:])["error"]["code"] == "timeout"  # the stream says why it ended
+        assert health(url)["finished"]["timeout"] == 2
+    finally:
+        stop(proc)
+
+
 def test_startup_problems_are_one_line(run_dir, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

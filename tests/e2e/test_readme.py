@@ -69,7 +69,8 @@ def skip_reason(command: str) -> str | None:
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory) -> tuple[Path, dict]:
     """A fresh working folder like a clone (examples, data, evaluation, src, benchmarks as
-    links) with a `lathe` command on PATH that runs this interpreter's lathe."""
+    links) with `lathe` and `python` commands on PATH that run this interpreter (as after
+    `source .venv/bin/activate`)."""
     work = tmp_path_factory.mktemp("readme")
     for name in ("examples", "data", "evaluation", "src", "benchmarks"):
         (work / name).symlink_to(REPO / name)
@@ -79,6 +80,9 @@ def sandbox(tmp_path_factory) -> tuple[Path, dict]:
     shim = bin_dir / "lathe"
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m lathe "$@"\n')
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+    python = bin_dir / "python"  # the README's `python` is the one Lathe is installed in (.venv's)
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
     env = dict(os.environ)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(REPO / "src")

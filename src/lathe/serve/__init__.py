@@ -65,7 +65,9 @@ def run_api(cfg: LatheConfig) -> None:
     logging.getLogger("lathe.serve").addHandler(logging.StreamHandler(sys.stderr))
     shown = f"[{s.host}]" if ":" in s.host else s.host
     batching = f"dynamic batching up to {s.max_batch_size} replies" if s.max_batch_size > 1 else "no batching"
-    note(f"Lathe API: http://{shown}:{s.port}/v1, model {s.served_model_name!r} ({gen.path}, {gen.task}); "
+    adapters = "".join(f" + {a}" for a in cfg.model.adapter_name_or_path or [] if a != gen.path)
+    note(f"Lathe API: http://{shown}:{s.port}/v1, model {s.served_model_name!r} "
+         f"({cfg.model.model_name_or_path}{adapters}, {gen.task}); "
          f"{batching}; {'API key required' if s.api_key else 'no API key (set api_key to require one)'}. "
          "Ctrl-C stops it.")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3))
