@@ -152,7 +152,9 @@ def main() -> None:
     out = output_path(args, "api")
     rows = []
     for batching in (True, False):
-        proc, url = start_server(32 if batching else 1, out.with_suffix(f".{'on' if batching else 'off'}.log"))
+        logs = Path(__file__).resolve().parent / "results" / "local"
+        logs.mkdir(parents=True, exist_ok=True)
+        proc, url = start_server(32 if batching else 1, logs / f"api-server-{'on' if batching else 'off'}.log")
         try:
             idle = rss_mb(proc.pid)
             load(url, proc.pid, 1, 2, args.max_tokens)  # warm-up
