@@ -30,12 +30,18 @@ def _train(base: dict, out, **keys) -> str:
     return lathe.train({**base, "output_dir": str(out), **keys}).output_dir
 
 
+@pytest.fixture(scope="module")
+def lora_run(base, tmp_path_factory) -> str:
+    return _train(base, tmp_path_factory.mktemp("lora") / "run")
+
+
 KINDS = {
-    "lora": lambda base, tmp: (_train(base, tmp / "lora"), []),
-    "prefix": lambda base, tmp: (_train(base, tmp / "prefix", finetuning_type="prefix", num_virtual_tokens=4), []),
-    "qlora": lambda base, tmp: (_train(base, tmp / "qlora", quantization_bit=4), ["quantization_bit=4"]),
-    "export": lambda base, tmp: (_export(_train(base, tmp / "lora"), tmp / "export"), []),
-    "int8": lambda base, tmp: (_quantize(_train(base, tmp / "lora"), tmp / "int8"), []),
+    "lora": lambda base, lora, tmp: (lora, []),
+    "prefix": lambda base, lora, tmp: (_train(base, tmp / "prefix", finetuning_type="prefix",
+                                              num_virtual_tokens=4), []),
+    "qlora": lambda base, lora, tmp: (_train(base, tmp / "qlora", quantization_bit=4), ["quantization_bit=4"]),
+    "export": lambda base, lora, tmp: (_export(lora, tmp / "export"), []),
+    "int8": lambda base, lora, tmp: (_quantize(lora, tmp / "int8"), []),
 }
 
 
@@ -52,12 +58,12 @@ def _quantize(run: str, out) -> str:
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_api_answers_as_chat_does(kind, base, tmp_path):
+def test_api_answers_as_chat_does(kind, base, lora_run, tmp_path):
     from lathe.chat import chat_once
     from lathe.config.load import load_config
     from lathe.runs import model_keys
 
-    folder, keys = KINDS[kind](base, tmp_path)
+    folder, keys = KINDS[kind](base, lora_run, tmp_path)
     proc, url = start(folder, tmp_path / "server.log", "max_new_tokens=12", *keys)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)

@@ -90,7 +90,7 @@ def stop(proc: subprocess.Popen) -> None:
 def server(run_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("api-log") / "server.log"
     proc, url = start(run_dir, log, f"api_key={KEY}", "max_n=8", "max_queue=6", "max_tokens_limit=100",
-                      "max_request_bytes=20000")
+                      "max_request_bytes=20000", "cors_origins=http://app.example")
     yield url, log
     stop(proc)
     assert "Traceback" not in log.read_text()
@@ -116,6 +116,12 @@ def test_models_health_and_the_api_key(server, client):
     r = httpx.post(url + "/v1/chat/completions", json={"model": "lathe", "messages": WHO})  # no header at all
     assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error"
     assert "API key required" in log.read_text()
+    # CORS: the configured origin may call from a browser; another may not
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    ok = httpx.options(url + "/v1/chat/completions", headers={"Origin": "http://app.example", **preflight})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://app.example"
+    other = httpx.options(url + "/v1/chat/completions", headers={"Origin": "http://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
 
 
 def test_chat_answers_what_it_learned_and_the_stream_joins_to_the_same_text(server, client):
@@ -284,6 +290,9 @@ def test_the_server_answers_50_concurrent_streams_with_no_errors(run_dir, tmp_pa
         for t in threads:
             t.join(300)
         assert errors == [] and results == [expected] * 50
+        plain = httpx.options(url + "/v1/models", headers={"Origin": "http://app.example",
+                                                           "Access-Control-Request-Method": "GET"})
+        assert "access-control-allow-origin" not in plain.headers  # CORS is off unless configured
         h = health(url)
         assert h["in_flight"] == 0 and h["batches"] < 50
     finally:
