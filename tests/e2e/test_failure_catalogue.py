@@ -109,7 +109,7 @@ CONFIG_CASES = [
     (["quantization_bit=3"], "quantization_bit: 3 is not a width"),
     (["quantization_bit=4", "finetuning_type=full"], "needs finetuning_type: lora"),
     (["use_galore=true"], "not supported in Lathe"),
-    (["infer_backend=vllm"], "infer_backend: vllm"),
+    (["infer_backend=sglang"], "infer_backend='sglang'"),
     (["dpo_label_smoothing=0.1", "pref_label_smoothing=0.1"], "both set"),
     (["learning_rate=fast"], "learning_rate='fast'"),
     (["per_device_train_batch_size=0"], "per_device_train_batch_size=0"),

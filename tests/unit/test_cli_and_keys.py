@@ -82,13 +82,12 @@ def test_translate():
            "use_unsloth": False, "pissa_init": "false", "infer_backend": "huggingface", "seed": 1}
     out, notes = translate(raw, set(_FIELDS))
     assert out == {"train_on_last_turn_only": True, "gradient_checkpointing": False, "seed": 1,
-                   "pissa_init": "false"}
+                   "pissa_init": "false", "infer_backend": "huggingface"}
     assert len(notes) == 1 and "tokenized_path" in notes[0]
     with pytest.raises(ConfigError, match=r"export_quantization_bit .*lathe quantize"):
         translate({"export_quantization_bit": 4}, set(_FIELDS))
     assert translate({"pissa_init": "true"}, set(_FIELDS))[0] == {"pissa_init": "true"}  # landed: same
-    with pytest.raises(ConfigError, match="infer_backend: vllm"):
-        translate({"infer_backend": "vllm"}, set(_FIELDS))
+    assert translate({"infer_backend": "vllm"}, set(_FIELDS))[0] == {"infer_backend": "vllm"}  # lathe api's key
 
 
 def test_a_llamafactory_style_config_loads(tmp_path):

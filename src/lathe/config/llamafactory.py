@@ -57,7 +57,7 @@ def _pure_bf16(value: Any) -> str:
 
 
 _VISION = "text models only: Lathe trains language models, with no image, video or audio inputs"
-_SERVE = "Lathe serves with transformers (lathe chat; the OpenAI-compatible lathe api of issue 16)"
+_SERVE = "Lathe serves with its own engine on transformers (lathe chat, lathe api); vLLM is not built in yet"
 _OPTIM = ("Lathe trains with LoRA, freeze or full tuning and any transformers optimizer "
           "(optim: adamw_torch, adafactor, galore_adamw with optim_target_modules, ...)")
 
@@ -111,8 +111,7 @@ KEYS: dict[str, Key] = {
     "train_from_scratch": Key("model", "no", "train randomly initialised weights", "save a "
                               "model initialised from its config with save_pretrained and train it "
                               "with stage: pt", False),
-    "infer_backend": Key("model", "accepted", "the inference engine (vllm, sglang ...)",
-                         note=_SERVE, values=("huggingface", "hf")),
+    **_same("serve", "infer_backend"),  # lathe api: huggingface (Lathe's engine); vllm is refused there
     "offload_folder": Key("model", "accepted", note="Lathe does not offload weights to disk"),
     "use_kv_cache": Key("model", "accepted", note="generation always uses the KV cache", values=(True,)),
     "use_v1_kernels": Key("model", "no", "LLaMA-Factory's own fused kernels",
