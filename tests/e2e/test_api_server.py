@@ -115,6 +115,8 @@ def test_models_health_and_the_api_key(server, client):
         assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
     r = httpx.post(url + "/v1/chat/completions", json={"model": "lathe", "messages": WHO})  # no header at all
     assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(url + "/v1/chat/completions", content=b"{not json")  # the key is checked before the body
+    assert r.status_code == 401
     assert "API key required" in log.read_text()
     # CORS: the configured origin may call from a browser; another may not
     preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -190,15 +190,15 @@ def create_app(gen: Generator, full: LatheConfig, scheduler: Scheduler) -> Any:
         return {"status": "ok", "model": cfg.served_model_name, "in_flight": scheduler.in_flight,
                 "batches": scheduler.batches, "rows": scheduler.rows, "finished": dict(scheduler.finished)}
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
+    key = [Depends(authorize)]  # before the body is read: a caller without the key learns nothing
+
+    @app.get("/v1/models", dependencies=key)
+    async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": cfg.served_model_name, "object": "model",
                                             "created": app.state.started, "owned_by": "lathe"}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=key)
     async def chat(body: ChatRequest, request: Request) -> Any:
-        authorize(request)
         check_model(body.model)
         check_generative()
         plan = _chat_plan(body, gen, cfg)
@@ -208,9 +208,8 @@ def create_app(gen: Generator, full: LatheConfig, scheduler: Scheduler) -> Any:
         choices = await _run(plan.choices, scheduler, request)
         return _chat_response(body, plan, choices, gen)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=key)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        authorize(request)
         check_model(body.model)
         check_generative()
         plan = _completion_plan(body, gen, cfg)
@@ -221,21 +220,18 @@ def create_app(gen: Generator, full: LatheConfig, scheduler: Scheduler) -> Any:
         choices = await _run(plan.choices, scheduler, request)
         return _completion_response(body, plan, choices, gen)
 
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
-        authorize(request)
+    @app.post("/v1/embeddings", dependencies=key)
+    async def embeddings(body: EmbeddingRequest) -> Any:
         check_model(body.model)
         return await tasks.embed(body)
 
-    @app.post("/v1/classify")
-    async def classify(body: ClassifyRequest, request: Request) -> Any:
-        authorize(request)
+    @app.post("/v1/classify", dependencies=key)
+    async def classify(body: ClassifyRequest) -> Any:
         check_model(body.model)
         return await tasks.classify(body)
 
-    @app.post("/v1/score")
-    async def score(body: ScoreRequest, request: Request) -> Any:
-        authorize(request)
+    @app.post("/v1/score", dependencies=key)
+    async def score(body: ScoreRequest) -> Any:
         check_model(body.model)
         return await tasks.score(body)
 
