@@ -189,3 +189,37 @@ def test_tool_calls_are_parsed_back_and_schemas_checked():
                 {"type": "retrieval"}):
         with pytest.raises(MessageError):
             check_tools([bad])
+
+
+def test_rows_that_join_a_running_batch_get_the_replies_they_get_alone(loaded):
+    """Continuous batching: rows join after 0, 3 and 5 steps and leave when done; every reply
+    (greedy, sampled with a seed, penalised, stopped by a string) is token for token the one
+    `decode` gives the row alone."""
+    from lathe.infer.continuous import RunningBatch, continuous_blocker
+
+    model, tok = loaded
+    assert continuous_blocker(model, tok) is None
+    settings = [Sampling(max_tokens=10), Sampling(max_tokens=6, temperature=0.9, seed=3),
+                Sampling(max_tokens=8, temperature=1.3, top_p=0.8, top_k=20, seed=5),
+                Sampling(max_tokens=12, presence_penalty=1.5, frequency_penalty=0.5, logprobs=2)]
+    alone = []
+    for q, s in zip(QUESTIONS, settings):
+        seq = Sequence(prompt(tok, q), s)
+        decode(model, tok, [seq], [tok.eos_token_id])
+        alone.append(seq)
+    rows = [Sequence(prompt(tok, q), s) for q, s in zip(QUESTIONS, settings)]
+    batch = RunningBatch(model, tok, [tok.eos_token_id])
+    arrivals = {0: rows[:2], 3: rows[2:3], 5: rows[3:]}
+    finished, step, sizes = [], 0, []
+    while step == 0 or len(batch):
+        if step in arrivals:
+            batch.add(arrivals[step])
+        sizes.append(len(batch))
+        batch.step()
+        finished += batch.prune()
+        step += 1
+    assert sorted(map(id, finished)) == sorted(map(id, rows))
+    assert [r.tokens for r in rows] == [a.tokens for a in alone]
+    assert [r.text for r in rows] == [a.text for a in alone]
+    assert [t.logprob for t in rows[3].logprobs] == pytest.approx([t.logprob for t in alone[3].logprobs], abs=1e-4)
+    assert max(sizes) >= 3 and sizes[-1] < max(sizes)  # they overlapped, and left one by one

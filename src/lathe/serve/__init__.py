@@ -64,7 +64,12 @@ def run_api(cfg: LatheConfig) -> None:
     app = create_app(gen, cfg, scheduler)
     logging.getLogger("lathe.serve").addHandler(logging.StreamHandler(sys.stderr))
     shown = f"[{s.host}]" if ":" in s.host else s.host
-    batching = f"dynamic batching up to {s.max_batch_size} replies" if s.max_batch_size > 1 else "no batching"
+    if s.max_batch_size == 1:
+        batching = "no batching"
+    elif scheduler.mode == "continuous":
+        batching = f"continuous batching up to {s.max_batch_size} replies"
+    else:
+        batching = f"batches of up to {s.max_batch_size} replies in waves ({scheduler.blocker})"
     adapters = "".join(f" + {a}" for a in cfg.model.adapter_name_or_path or [] if a != gen.path)
     note(f"Lathe API: http://{shown}:{s.port}/v1, model {s.served_model_name!r} "
          f"({cfg.model.model_name_or_path}{adapters}, {gen.task}); "

@@ -188,7 +188,8 @@ def create_app(gen: Generator, full: LatheConfig, scheduler: Scheduler) -> Any:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": cfg.served_model_name, "in_flight": scheduler.in_flight,
-                "batches": scheduler.batches, "rows": scheduler.rows, "finished": dict(scheduler.finished)}
+                "batching": scheduler.mode, "batches": scheduler.batches, "steps": scheduler.steps,
+                "step_rows": scheduler.step_rows, "rows": scheduler.rows, "finished": dict(scheduler.finished)}
 
     key = [Depends(authorize)]  # before the body is read: a caller without the key learns nothing
 
