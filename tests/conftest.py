@@ -100,6 +100,18 @@ def base_args(tiny_model, data_dir, tmp_path) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Two OpenMP threads on a busy shared CPU spin-wait on each other (~100x slower tiny-model
+    generation); what the generation tests compare does not depend on threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def as_overrides(args: dict) -> list[str]:
     return [f"{k}={v}" for k, v in args.items()]
 

@@ -13,16 +13,7 @@ from lathe.infer import answer, cut_at_stop, generate_replies, generation_kwargs
 GREEDY = GenerateConfig(max_new_tokens=12, do_sample=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two OpenMP threads on a busy shared CPU spin-wait on each other (~100x slower
-    tiny-model generation); the equality checked here does not depend on threads."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

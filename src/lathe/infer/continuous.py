@@ -23,7 +23,7 @@ import functools
 import inspect
 from typing import Any
 
-from lathe.infer.engine import Sequence, _RowSampler, _RowStopper
+from lathe.infer.engine import Sequence, _RowSampler, _RowStopper, start
 
 
 def continuous_blocker(model: Any, tokenizer: Any) -> str | None:
@@ -79,16 +79,7 @@ class RunningBatch:
 
         from lathe.infer.batch import left_pad
 
-        for s in seqs:
-            if s.cancelled.is_set():
-                s._finish("cancelled")
-            elif s.sampling.max_tokens <= 0:
-                s._finish("length")
-            elif s.sampling.json_object and s._json is None:
-                from lathe.infer.jsonmode import JsonConstraint
-
-                s._json = JsonConstraint.for_tokenizer(self.tokenizer, self.stop_ids)
-        seqs = [s for s in seqs if not s.done]
+        seqs = start(seqs, self.tokenizer, self.stop_ids)
         if not seqs:
             return
         ids, mask = left_pad([s.prompt for s in seqs], self.pad_id, self.model.device)

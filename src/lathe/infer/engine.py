@@ -269,6 +269,23 @@ class _RowStopper:
         return torch.tensor([s.done for s in self.seqs], dtype=torch.bool, device=input_ids.device)
 
 
+def start(seqs: list[Sequence], tokenizer: Any, stop_ids: list[int]) -> list[Sequence]:
+    """The rows that still need decoding: cancelled ones and max_tokens 0 end here; a
+    json_object row gets its constraint."""
+    for s in seqs:
+        if s.done:
+            continue
+        if s.cancelled.is_set():
+            s._finish("cancelled")
+        elif s.sampling.max_tokens <= 0:
+            s._finish("length")
+        elif s.sampling.json_object and s._json is None:
+            from lathe.infer.jsonmode import JsonConstraint
+
+            s._json = JsonConstraint.for_tokenizer(tokenizer, stop_ids)
+    return [s for s in seqs if not s.done]
+
+
 def decode(model: Any, tokenizer: Any, seqs: list[Sequence], stop_ids: list[int]) -> None:
     """Generate every sequence's reply in one `generate` call (beam-search rows one at a time)."""
     import torch
@@ -279,17 +296,7 @@ def decode(model: Any, tokenizer: Any, seqs: list[Sequence], stop_ids: list[int]
     beams = [s for s in seqs if s.sampling.num_beams > 1]
     for s in beams:
         _beam_search(model, tokenizer, s, stop_ids)
-    seqs = [s for s in seqs if s.sampling.num_beams <= 1 and not s.done]
-    for s in seqs:
-        if s.cancelled.is_set():
-            s._finish("cancelled")
-        elif s.sampling.max_tokens <= 0:
-            s._finish("length")
-        elif s.sampling.json_object and s._json is None:
-            from lathe.infer.jsonmode import JsonConstraint
-
-            s._json = JsonConstraint.for_tokenizer(tokenizer, stop_ids)
-    seqs = [s for s in seqs if not s.done]
+    seqs = start([s for s in seqs if s.sampling.num_beams <= 1], tokenizer, stop_ids)
     if not seqs:
         return
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]

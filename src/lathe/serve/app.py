@@ -204,10 +204,10 @@ def create_app(gen: Generator, full: LatheConfig, scheduler: Scheduler) -> Any:
         check_generative()
         plan = _chat_plan(body, gen, cfg)
         if body.stream:
-            return StreamingResponse(_chat_stream(body, plan, gen, scheduler, cfg), media_type="text/event-stream",
+            return StreamingResponse(_chat_stream(body, plan, scheduler), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         choices = await _run(plan.choices, scheduler, request)
-        return _chat_response(body, plan, choices, gen)
+        return _chat_response(body, plan, choices)
 
     @app.post("/v1/completions", dependencies=key)
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -215,7 +215,7 @@ def create_app(gen: Generator, full: LatheConfig, scheduler: Scheduler) -> Any:
         check_generative()
         plan = _completion_plan(body, gen, cfg)
         if body.stream:
-            return StreamingResponse(_completion_stream(body, plan, gen, scheduler, cfg),
+            return StreamingResponse(_completion_stream(body, plan, gen, scheduler),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         choices = await _run(plan.choices, scheduler, request)
@@ -487,7 +487,7 @@ def _usage(plan: Plan, choices: list[Choice]) -> dict[str, int]:
     return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": done, "total_tokens": plan.prompt_tokens + done}
 
 
-def _chat_response(body: ChatRequest, plan: Plan, choices: list[Choice], gen: Generator) -> dict[str, Any]:  # noqa: ARG001
+def _chat_response(body: ChatRequest, plan: Plan, choices: list[Choice]) -> dict[str, Any]:
     out = []
     for c in choices:
         reason, calls = _finish_reason(c, plan.tool_names)
@@ -565,8 +565,7 @@ def _stream_error(error: BaseException | None, choices: list[Choice]) -> dict | 
     return None
 
 
-async def _chat_stream(body: ChatRequest, plan: Plan, gen: Generator, scheduler: Scheduler,  # noqa: ARG001
-                       cfg: ServeConfig) -> AsyncIterator[str]:  # noqa: ARG001
+async def _chat_stream(body: ChatRequest, plan: Plan, scheduler: Scheduler) -> AsyncIterator[str]:
     usage = bool((body.stream_options or {}).get("include_usage"))
     base = {"id": plan.id, "object": "chat.completion.chunk", "created": plan.created, "model": body.model,
             "system_fingerprint": None}
@@ -610,8 +609,8 @@ async def _chat_stream(body: ChatRequest, plan: Plan, gen: Generator, scheduler:
     yield _sse("[DONE]")
 
 
-async def _completion_stream(body: CompletionRequest, plan: Plan, gen: Generator, scheduler: Scheduler,
-                             cfg: ServeConfig) -> AsyncIterator[str]:  # noqa: ARG001
+async def _completion_stream(body: CompletionRequest, plan: Plan, gen: Generator,
+                             scheduler: Scheduler) -> AsyncIterator[str]:
     usage = bool((body.stream_options or {}).get("include_usage"))
     base = {"id": plan.id, "object": "text_completion", "created": plan.created, "model": body.model}
 
@@ -670,17 +669,22 @@ class TaskRoutes:
         return out
 
     def _forward(self, ids: list[list[int]], fn: Any) -> Any:
+        """`fn(input_ids, attention_mask)` over the rows padded on the RIGHT (mean and last-token
+        pooling and the reward read each row's real tokens by the mask), one call at a time."""
         import torch
 
         pad = self.gen.tokenizer.pad_token_id or 0
         width = max(len(r) for r in ids)
-        side = getattr(self.gen.tokenizer, "padding_side", "right")
-        rows = [r + [pad] * (width - len(r)) if side == "right" else [pad] * (width - len(r)) + r for r in ids]
-        mask = [[1] * len(r) + [0] * (width - len(r)) if side == "right" else [0] * (width - len(r)) + [1] * len(r)
-                for r in ids]
+        rows = [r + [pad] * (width - len(r)) for r in ids]
+        mask = [[1] * len(r) + [0] * (width - len(r)) for r in ids]
         device = self.gen.model.device
         with self.lock, torch.no_grad():
             return fn(torch.tensor(rows, device=device), torch.tensor(mask, device=device))
+
+    @staticmethod
+    def _listed(data: list[dict], model: str, ids: list[list[int]]) -> dict[str, Any]:
+        n = sum(len(r) for r in ids)
+        return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
     async def embed(self, body: EmbeddingRequest) -> dict[str, Any]:
         if self.gen.task != "embed":
@@ -713,8 +717,7 @@ class TaskRoutes:
             else:
                 value = [float(x) for x in v]
             data.append({"object": "embedding", "index": i, "embedding": value})
-        n = sum(len(r) for r in ids)
-        return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
+        return self._listed(data, body.model, ids)
 
     async def classify(self, body: ClassifyRequest) -> dict[str, Any]:
         if self.gen.task != "seq_cls":
@@ -736,8 +739,7 @@ class TaskRoutes:
         for k in range(len(ids)):
             found = _prediction(logits[k], decided[k], labels)
             data.append({"index": k, "label": found.pop("predict"), **found})
-        n = sum(len(r) for r in ids)
-        return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
+        return self._listed(data, body.model, ids)
 
     async def score(self, body: ScoreRequest) -> dict[str, Any]:
         if self.gen.task != "reward":
@@ -765,19 +767,5 @@ class TaskRoutes:
 
             return reward_scores(self.gen.model, input_ids, mask).cpu().tolist()
 
-        scores = await asyncio.to_thread(self._forward_right, ids, run)
-        n = sum(len(r) for r in ids)
-        return {"object": "list", "data": [{"index": k, "score": v} for k, v in enumerate(scores)],
-                "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
-
-    def _forward_right(self, ids: list[list[int]], fn: Any) -> Any:
-        """Right-padded (a reward is read at each row's last real token)."""
-        import torch
-
-        pad = self.gen.tokenizer.pad_token_id or 0
-        width = max(len(r) for r in ids)
-        rows = [r + [pad] * (width - len(r)) for r in ids]
-        mask = [[1] * len(r) + [0] * (width - len(r)) for r in ids]
-        device = self.gen.model.device
-        with self.lock, torch.no_grad():
-            return fn(torch.tensor(rows, device=device), torch.tensor(mask, device=device))
+        scores = await asyncio.to_thread(self._forward, ids, run)
+        return self._listed([{"index": k, "score": v} for k, v in enumerate(scores)], body.model, ids)
