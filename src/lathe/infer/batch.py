@@ -31,7 +31,7 @@ def generate_replies(model: Any, tokenizer: Any, prompts: list[list[int]], gen: 
     `torch.manual_seed` makes the replies repeat."""
     from lathe.infer.engine import Sampling, Sequence, generate
 
-    sampling = Sampling.from_generate(gen, strip=False)
+    sampling = Sampling.from_generate(gen, strip=False, text=False)
     seqs = [Sequence(list(p), sampling) for p in prompts]
     generate(model, tokenizer, seqs, stop_ids, batch_size, progress=progress)
     return [s.tokens for s in seqs]

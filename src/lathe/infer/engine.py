@@ -47,6 +47,7 @@ class Sampling:
     num_beams: int = 1  # beam search (chat and predict only; no streaming, no per-row settings)
     json_object: bool = False  # the reply is forced to be one JSON object (lathe.infer.jsonmode)
     strip: bool = True  # drop blanks at the start and end of the reply (chat and the API do)
+    text: bool = True  # decode the reply as it grows (False: token ids only; predict decodes them itself)
 
     @property
     def greedy(self) -> bool:
@@ -100,6 +101,8 @@ class Sequence:
 
     def _advance(self, tokenizer: Any) -> None:
         """Decode after a new token: end at a stop string, hand over what can no longer change."""
+        if not self.sampling.text:
+            return
         text = self._visible(tokenizer)
         cut = _first_stop(text, self.sampling.stop)
         if cut is not None:
@@ -120,7 +123,7 @@ class Sequence:
     def _finish(self, reason: str, tokenizer: Any = None) -> None:
         if self.done:
             return
-        if tokenizer is not None:
+        if tokenizer is not None and self.sampling.text:
             self.text = self._visible(tokenizer)
             cut = _first_stop(self.text, self.sampling.stop)
             self.text = self.text[:cut] if cut is not None else self.text
