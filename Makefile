@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lathe-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean browser
 
 install: $(STAMP)
 
@@ -23,9 +23,18 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/lathe demo
 
-test: install
+test: install browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q -n auto --maxschedchunk 1 --durations=25
+
+# The web UI's tests drive a real browser: Debian's Chromium and a font with Chinese glyphs, installed
+# here when missing and apt can run (as root); elsewhere those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 && fc-list :lang=zh 2>/dev/null | grep -q . || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { apt-get install -y -q chromium fonts-wqy-microhei >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium fonts-wqy-microhei >/dev/null 2>&1; }; } || \
+	  echo "No Chromium here (apt-get install chromium): the web UI's browser tests will skip."; }
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -97,15 +97,21 @@ def predict(source: str | os.PathLike, overrides: list[str] | Mapping[str, Any] 
     val_size split) or `eval_dataset=...`; the results go to a fresh folder in the run
     directory (predict, predict-2, ...), or, given a run directory, to output_dir=... if set
     (given a config, output_dir names the run). Returns a RunResult."""
+    from lathe.quiet import quiet_warnings
+    from lathe.recipes import run
+
+    quiet_warnings()
+    return run(predict_config(source, overrides))
+
+
+def predict_config(source: str | os.PathLike, overrides: list[str] | Mapping[str, Any] | None = None) -> Any:
+    """The config `lathe predict SOURCE overrides` runs (checked; nothing is loaded or written)."""
     from pathlib import Path
 
     from lathe.config.load import read_config_file
     from lathe.errors import ConfigError
-    from lathe.quiet import quiet_warnings
-    from lathe.recipes import run
     from lathe.runs import is_lathe_run, model_keys, read_run_config, run_state
 
-    quiet_warnings()
     extra = parse_overrides(overrides)
     if Path(source).is_dir():
         run_dir = str(source)
@@ -137,7 +143,7 @@ def predict(source: str | os.PathLike, overrides: list[str] | Mapping[str, Any] 
     if "eval_dataset" in extra:  # other rows than the run's held-out ones: no training rows needed
         keys.update(dataset=None, val_size=0)
     keys.update(extra)
-    return run(load_config(keys))
+    return load_config(keys)
 
 
 def _free_folder(path) -> str:

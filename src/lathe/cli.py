@@ -87,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
                              "stop, logprobs, tools, json_object), POST /v1/completions, GET /health. Requests that "
                              "arrive together are decoded in one batch. Listens on 127.0.0.1:8000 unless host= / "
                              "port= say otherwise; api_key=KEY makes clients send it.")
+    w = sub.add_parser("webui", help="a web page to train, watch, evaluate, chat and export (English and Chinese)",
+                       description="Serve the web UI (http://127.0.0.1:7860). Forms are generated from the config "
+                                   "schema; what they start is a lathe process of its own, so closing the page or "
+                                   "this server loses no run.")
+    w.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="host=127.0.0.1 port=7860 lang=en|zh workdir=webui (jobs and saved configs)")
+    w.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     d = sub.add_parser("demo", help="build the tiny demo model and teach it who it is")
     d.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -213,7 +220,7 @@ def _flags_to_overrides(argv: list[str], parser: argparse.ArgumentParser) -> lis
     return out
 
 
-_CONFIG_COMMANDS = (*API_VERBS, "pipeline", "eval", "export", "chat", "api", "data")
+_CONFIG_COMMANDS = (*API_VERBS, "pipeline", "eval", "export", "chat", "api", "data", "webui")
 
 
 def _subcommand_index(argv: list[str]) -> int:
@@ -287,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                 from lathe.chat import run_chat
 
                 run_chat(cfg, system=args.system)
+        elif args.command == "webui":
+            from lathe.webui import run_webui
+
+            run_webui(args.overrides)
         elif args.command == "demo":
             from lathe.demo.run import run_demo
 

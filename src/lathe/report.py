@@ -106,10 +106,12 @@ def build(cfg: LatheConfig, n: int, color: bool
         lengths.append(di.row_lengths(full, kept))
         if len(shown) < n and not lengths[-1].dropped:
             ids, labels = kept["input_ids"], kept["labels"]
-            plain = di.mark_trained(ids, labels, tokenizer, color=False)
+            segments = di.trained_segments(ids, labels, tokenizer)
+            plain = "".join(f"[[{text}]]" if trained else text for text, trained in segments)
             examples.append(di.mark_trained(ids, labels, tokenizer, color=True) if color else plain)
             shown.append({"origin": row.get("origin", ""), "tokens": len(ids),
-                          "trained": lengths[-1].kept_trained, "text": plain})
+                          "trained": lengths[-1].kept_trained, "text": plain,
+                          "segments": [[text, trained] for text, trained in segments]})
 
     report: dict[str, Any] = {"config": _config_summary(cfg, model_path)}
     report.update(di.build_report(lengths, data.cutoff_len, cfg.train.per_device_train_batch_size))

@@ -520,7 +520,7 @@ RANKS = {
     "infer": 4, "eval": 4,  # the inference engine and the metrics, shared by recipes and verbs
     "recipes": 5,
     # verbs on runs and exports
-    "export": 6, "chat": 6, "report": 6, "pipeline": 6, "api": 6, "quant": 6, "choose": 6, "serve": 6,
+    "export": 6, "chat": 6, "report": 6, "pipeline": 6, "api": 6, "quant": 6, "choose": 6, "serve": 6, "webui": 7,
     "demo": 7,
     "cli": 8, "__main__": 8, "__init__": 8,
 }

@@ -458,11 +458,16 @@ _ALIGN_STAGES = {
 }
 
 
+def align_stages(key: str) -> tuple[str, ...]:
+    """The stages that read alignment key `key`."""
+    return ("ppo",) if key.startswith("ppo_") else _ALIGN_STAGES[key]
+
+
 @check
 def align_keys_fit_the_stage(cfg: LatheConfig) -> None:
     stage = cfg.finetune.stage
     for key in _changed(cfg.align, ""):
-        stages = ("ppo",) if key.startswith("ppo_") else _ALIGN_STAGES[key]
+        stages = align_stages(key)
         if stage not in stages:
             raise ConfigError(
                 f"{key} applies only to stage {' or '.join(stages)}, but stage is {stage}; "

@@ -24,20 +24,25 @@ from lathe.data.processors import IGNORE_INDEX
 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
 
-def mark_trained(input_ids: list[int], labels: list[int], tokenizer: Any, color: bool) -> str:
-    """Decode an example; trained spans are green (colour) or wrapped in [[ ]] (plain)."""
-    parts: list[str] = []
+def trained_segments(input_ids: list[int], labels: list[int], tokenizer: Any) -> list[tuple[str, bool]]:
+    """An example decoded in runs of tokens: (text, whether those tokens are trained)."""
+    parts: list[tuple[str, bool]] = []
     start = 0
     for i in range(1, len(input_ids) + 1):
         if i == len(input_ids) or (labels[i] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX):
-            text = tokenizer.decode(input_ids[start:i], skip_special_tokens=False)
-            trained = labels[start] != IGNORE_INDEX
-            if color:
-                parts.append(f"{GREEN if trained else DIM}{text}{RESET}")
-            else:
-                parts.append(f"[[{text}]]" if trained else text)
+            parts.append((tokenizer.decode(input_ids[start:i], skip_special_tokens=False),
+                          labels[start] != IGNORE_INDEX))
             start = i
-    return "".join(parts)
+    return parts
+
+
+def mark_trained(input_ids: list[int], labels: list[int], tokenizer: Any, color: bool) -> str:
+    """Decode an example; trained spans are green (colour) or wrapped in [[ ]] (plain)."""
+    if color:
+        return "".join(f"{GREEN if trained else DIM}{text}{RESET}"
+                       for text, trained in trained_segments(input_ids, labels, tokenizer))
+    return "".join(f"[[{text}]]" if trained else text
+                   for text, trained in trained_segments(input_ids, labels, tokenizer))
 
 
 # --- per-row lengths -------------------------------------------------------------------
