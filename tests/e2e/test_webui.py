@@ -263,9 +263,11 @@ def test_bad_input_gets_its_line_next_to_the_field_and_starts_nothing(ui, worksp
         assert says in r["errors"][key] and "\n" not in r["errors"][key]
         r = _post(ui, "/api/jobs", {"form": "train", "values": {**demo, key: value}})
         assert r["ok"] is False and key in r["errors"]
-    r = _post(ui, "/api/jobs", {"form": "train", "values": {**demo, "model_name_or_path": "models/absent"}})
-    assert r["errors"] == {"model_name_or_path": "ModelError: model_name_or_path models/absent does not exist; "
+    r = _post(ui, "/api/jobs", {"form": "train", "values": {**demo, "model_name_or_path": "./models/absent"}})
+    assert r["errors"] == {"model_name_or_path": "ModelError: model_name_or_path ./models/absent does not exist; "
                                                  "check the path"}
+    r = _post(ui, "/api/jobs", {"form": "train", "values": {**demo, "model_name_or_path": "org/absent"}})
+    assert list(r["errors"]) == ["model_name_or_path"] and "HF_HUB_OFFLINE" in r["errors"]["model_name_or_path"]
     r = _post(ui, "/api/check", {"form": "train", "values": demo, "extra": "warmup_stepz: 3"})
     assert "_extra" in r["errors"] and "warmup_steps" in r["errors"]["_extra"]  # did you mean
 
