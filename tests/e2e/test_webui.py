@@ -160,7 +160,14 @@ def test_train_watch_chat_export_in_a_real_browser(browser, ui, workspace):
     page.click("#suggest-template")  # the demo tokenizer ships a ChatML chat template
     page.wait_for_function("document.querySelector('#train-template').value !== ''")
     assert page.locator("#train-template").input_value() == "chatml"
+    # the dataset picker lists dataset_info.json's names; a click adds one
+    page.fill("#train-dataset", "")
+    page.click("#train-dataset-chips .chip[data-name='identity']")
+    assert page.locator("#train-dataset").input_value() == "identity"
+    assert page.locator("#train-dataset-chips .chip").count() == len(json.loads((REPO / "data/dataset_info.json").read_text()))
     page.fill("#train-max_steps", "60")
+    page.fill("#train-val_size", "0.1")
+    page.fill("#train-eval_steps", "20")
     page.fill("#train-output_dir", "runs/ui")
     page.wait_for_function("document.querySelector('#train-yaml').textContent.includes('max_steps: 60')")
     yaml_text = page.locator("#train-yaml").inner_text()
@@ -194,6 +201,8 @@ def test_train_watch_chat_export_in_a_real_browser(browser, ui, workspace):
     points = page.locator("#loss-chart svg polyline.curve-loss").get_attribute("points").split()
     logged = [json.loads(line) for line in (workspace / "runs/ui/trainer_log.jsonl").read_text().splitlines()]
     assert len(points) == sum(1 for h in logged if "loss" in h) >= 5
+    evals = page.locator("#loss-chart svg polyline.curve-eval_loss").get_attribute("points").split()
+    assert len(evals) == sum(1 for h in logged if "eval_loss" in h) == 3  # steps 20, 40, 60
     assert "Saved lora weights" in page.locator("#job-log").inner_text()
     assert "all_results.json" in page.locator("#job-results").inner_text()
     shot(page, "runs")
@@ -323,9 +332,10 @@ def test_a_port_in_use_and_a_wrong_option_get_one_line(workspace):
     assert proc.returncode == 2 and "did you mean lang" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
-def test_runs_survive_a_restart_of_the_ui(workspace, tmp_path):
-    """Jobs are files and processes, not server state: a new UI process lists a finished run
-    with its curve, and a run started before the restart is still running (and finishes)."""
+def test_runs_survive_a_restart_of_the_ui_then_evaluate_predict_and_quantize(workspace, tmp_path):
+    """Jobs are files and processes, not server state: a run started before the UI restarts is
+    still running in the new UI (and finishes, with its curve). Then the Evaluate, Predict and
+    Quantize tabs' jobs run on it and their results come back."""
     log = tmp_path / "ui.log"
     proc, url = start_ui(workspace, log, "workdir=ui-restart")
     demo = {"model_name_or_path": "lathe:demo", "dataset": "identity", "template": "chatml",
@@ -344,5 +354,34 @@ def test_runs_survive_a_restart_of_the_ui(workspace, tmp_path):
             job = httpx.get(url + f"/api/jobs/{started['job']['id']}").json()
         assert job["status"] == "done", job["log"]
         assert [p[0] for p in job["curves"]["loss"]] == [5, 10, 15, 20, 25, 30, 35, 40]
+        assert "runs/restart" in httpx.get(url + "/api/models").json()["models"]  # offered to the other tabs
+
+        # the other tabs' jobs on the finished run: a benchmark, predictions with scores, int8
+        starts = {
+            "eval": {"form": "eval", "source": "runs/restart",
+                     "values": {"task": "lathe_bench_test", "task_dir": "evaluation", "n_shot": "0",
+                                "save_dir": "runs/restart-eval"}},
+            "predict": {"form": "predict", "source": "runs/restart",
+                        "values": {"eval_dataset": "identity_test", "max_samples": "4", "max_new_tokens": "8",
+                                   "do_sample": False, "output_dir": "runs/restart-predict"}},
+            "quantize": {"form": "quantize", "source": "runs/restart",
+                         "values": {"quantization_scheme": "int8_dynamic", "benchmark_repeats": "0",
+                                    "output_dir": "runs/restart-int8"}},
+        }
+        started = {name: _post(url, "/api/jobs", body) for name, body in starts.items()}
+        assert all(r["ok"] for r in started.values()), started
+        assert started["predict"]["job"]["command"].startswith("lathe predict runs/restart ")
+        results = {}
+        for name, r in started.items():
+            deadline = time.time() + 600
+            while (job := httpx.get(url + f"/api/jobs/{r['job']['id']}").json())["status"] == "running":
+                assert time.time() < deadline
+                time.sleep(1)
+            assert job["status"] == "done", job["log"]
+            results[name] = job["results"]
+        assert 0 <= results["eval"]["results.json"]["average"]["accuracy"] <= 1
+        assert any("bleu" in k for k in results["predict"]["predict_results.json"]), results["predict"]
+        report = results["quantize"]["quantize_report.json"]
+        assert [m["model"].split(" ")[0] for m in report["models"]] == ["float32", "int8_dynamic"]
     finally:
         stop_ui(proc)
