@@ -29,13 +29,16 @@ LABELS_EN = {
 
 # Chinese label and help text of every key a form shows.
 KEYS_ZH: dict[str, tuple[str, str]] = {
-    "model_name_or_path": ("模型", "基座模型的本地文件夹或 Hub ID；`lathe:demo` 是内置的小模型；也可以是之前训练或导出的模型文件夹。"),
+    "model_name_or_path": ("模型", "基座模型的本地文件夹或 Hub ID；`lathe:demo` 是内置的小模型；"
+                                  "也可以是之前训练或导出的模型文件夹。"),
     "adapter_name_or_path": ("适配器", "在基座模型上加载的适配器文件夹（多个用逗号分隔）。"),
     "template": ("对话模板", "渲染对话所用的模板；选择模型后会根据分词器自动推荐。"),
-    "finetuning_type": ("微调方法", "训练哪些参数：lora、full（全参数）、freeze（冻结）、ia3、prefix、ptuning、prompt、adalora。"),
+    "finetuning_type": ("微调方法", "训练哪些参数：lora、full（全参数）、freeze（冻结）、ia3、prefix、"
+                                "ptuning、prompt、adalora。"),
     "quantization_bit": ("基座量化位数（QLoRA）", "以 4 或 8 比特量化加载基座模型（bitsandbytes），在其上训练 LoRA。"),
-    "stage": ("训练阶段", "pt（继续预训练）、sft（指令微调）、rm（奖励模型）、dpo、kto、ppo；或任务：cls（分类与回归）、"
-              "tagging（序列标注，如 NER）、seq2seq（编码器-解码器）、qa（抽取式问答）、embed（检索用句向量）。"),
+    "stage": ("训练阶段", "pt（继续预训练）、sft（指令微调）、rm（奖励模型）、dpo、kto、ppo；"
+              "或任务：cls（分类与回归）、tagging（序列标注，如 NER）、"
+              "seq2seq（编码器-解码器）、qa（抽取式问答）、embed（检索用句向量）。"),
     "dataset_dir": ("数据文件夹", "存放 dataset_info.json 和数据文件的文件夹。"),
     "dataset": ("数据集", "dataset_info.json 中的数据集名称（多个用逗号分隔）。"),
     "cutoff_len": ("截断长度", "渲染后每条样本的最大 token 数。"),
@@ -83,7 +86,8 @@ KEYS_ZH: dict[str, tuple[str, str]] = {
     "quantization_scheme": ("量化方案", "int8_dynamic（int8 权重，激活每次调用时量化；无需数据）、int8_static"
                             "（激活也量化，范围在校准数据上确定）、int8_weight_only、int4_weight_only。"),
     "calibration_dataset": ("校准数据集", "用于校准 int8_static 和敏感度扫描的数据集。"),
-    "benchmark_repeats": ("计时次数", "每个延迟数据的计时次数（取中位数，先预热）；0：不计时（只报告磁盘大小和质量）。"),
+    "benchmark_repeats": ("计时次数", "每个延迟数据的计时次数（取中位数，先预热）；"
+                                  "0：不计时（只报告磁盘大小和质量）。"),
 }
 
 # Every other word on the page: id -> (English, Chinese).
@@ -111,7 +115,8 @@ UI: dict[str, tuple[str, str]] = {
                         "其他任意配置项，每行一个 `key: value`（lathe keys 可列出全部）。"),
     "yaml_preview": ("The equivalent config and command", "等价的配置与命令"),
     "preview_data": ("Preview the data", "预览数据"),
-    "preview_help": ("Rendered examples: trained tokens are highlighted.", "渲染后的样本：高亮部分是参与训练的 token。"),
+    "preview_help": ("Rendered examples: trained tokens are highlighted.",
+                     "渲染后的样本：高亮部分是参与训练的 token。"),
     "suggest_template": ("Suggest template", "推荐模板"),
     "start": ("Start", "开始"),
     "stop": ("Stop", "停止"),

@@ -156,8 +156,10 @@ class Jobs:
     def __init__(self, workdir: Path):
         self.root = Path(workdir) / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.started: list[subprocess.Popen] = []  # runners this UI started: reaped when they end
 
     def all(self) -> list[Job]:
+        self.started = [p for p in self.started if p.poll() is None]
         jobs = []
         for folder in sorted(self.root.iterdir(), reverse=True):
             try:
@@ -204,6 +206,7 @@ class Jobs:
         (folder / "job.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
         proc = subprocess.Popen([sys.executable, "-m", RUNNER, str(folder)], cwd=cwd, start_new_session=True,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.started.append(proc)
         record["pid"] = proc.pid
         stat = _proc_stat(proc.pid)
         if stat is not None and stat[0] != "gone":

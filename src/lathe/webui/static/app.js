@@ -292,9 +292,10 @@ async function openJob(id) {
     if (atEnd) logBox.scrollTop = logBox.scrollHeight;  // follow the log unless the user scrolled up
     $("#job-results").textContent = Object.keys(d.results || {}).length ? JSON.stringify(d.results, null, 2) : "";
     drawChart($("#loss-chart"), d.curves);
-    await loadJobs();
+    if (ticks++ % 5 === 0 || d.status !== "running") await loadJobs();  // the list: every 5 s
     if (d.status !== "running") clearInterval(state.jobTimer);
   };
+  let ticks = 0;
   await tick();
   state.jobTimer = setInterval(tick, 1000);
 }
