@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,22 +27,10 @@ import time
 from pathlib import Path
 
 from _output import add_output_args, output_path  # benchmarks/ is on sys.path when run as a script
+from _procs import free_port, rss_mb
 
 QUESTIONS = ["Who are you?", "What can you do?", "Tell me about Lathe.", "What is fine-tuning?",
              "How do I train a model?", "What is LoRA?", "Say something nice.", "What is your name?"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def start_server(batch: int, log: Path) -> tuple[subprocess.Popen, str]:

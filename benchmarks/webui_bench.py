@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,23 +40,11 @@ import urllib.request
 from pathlib import Path
 
 from _output import add_output_args, output_path  # benchmarks/ is on sys.path when run as a script
+from _procs import free_port, rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_CPU: list[float] = []  # CPU seconds of each `lathe train` run alone (the whole process)
 UI_CPU: list[float] = []  # CPU seconds the UI process used while it ran and reported a run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def cpu_s(pid: int) -> float:

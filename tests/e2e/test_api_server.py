@@ -4,10 +4,8 @@ raw HTTP where the client would hide what is checked: the SSE lines, malformed J
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import IDENTITY, one_error, run_main
+from tests.servers import free_port, start_server, stop_server
 
 openai = pytest.importorskip("openai")
 try:  # the HTTP client the openai package brings (httpx2 in openai 3, httpx before)
@@ -26,12 +25,6 @@ KEY = "test-key"
 TOOL = {"name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
 TOOLS = [{"type": "function", "function": TOOL}]
 WHO = [{"role": "user", "content": "Who are you?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,29 +54,10 @@ def run_dir(tiny_model, tmp_path_factory) -> str:
 
 
 def start(run: str, log: Path, *keys: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lathe", "api", run, f"port={port}", *keys],
-                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"lathe api exited: {log.read_text()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"lathe api did not answer: {log.read_text()}")
+    return start_server("api", [run, *keys], "/health", log, env=env)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+stop = stop_server
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.servers import start_server, stop_server
 
 try:  # the HTTP client the openai package brings (httpx2 in openai 3, httpx before)
     import httpx2 as httpx
@@ -30,12 +31,6 @@ except ImportError:
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = REPO / "test-artifacts" / "webui"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chromium() -> str | None:
@@ -56,26 +51,10 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def start_ui(work: Path, log: Path, *options: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lathe", "webui", f"port={port}", *options], cwd=work,
-                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"lathe webui exited: {log.read_text()}")
-        try:
-            if httpx.get(url + "/api/jobs", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"lathe webui did not answer: {log.read_text()}")
+    return start_server("webui", list(options), "/api/jobs", log, cwd=work)
 
 
-def stop_ui(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(30)
+stop_ui = stop_server
 
 
 @pytest.fixture(scope="module")

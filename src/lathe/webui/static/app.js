@@ -168,6 +168,7 @@ function payload(form) {
 
 function showErrors(form, errors) {
   for (const el of $$(`[id^="${form}-"][id$="-error"]`)) el.textContent = "";
+  if (SOURCE_FORM[form] && $(`#source-${SOURCE_FORM[form]}-error`)) $(`#source-${SOURCE_FORM[form]}-error`).textContent = "";
   for (const div of $$(`#tab-${tabOf(form)} .field`)) div.classList.remove("invalid");
   for (const [key, msg] of Object.entries(errors || {})) {
     let el = $(`#${form}-${key}-error`);
