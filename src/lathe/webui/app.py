@@ -43,7 +43,6 @@ class ChatModel:
         self.lock = threading.Lock()
         self.key: str | None = None
         self.generator: Any = None
-        self.cfg: Any = None
         self.notes: list[str] = []
 
     def load(self, source: str, keys: dict[str, Any]) -> Any:
@@ -52,11 +51,10 @@ class ChatModel:
         key = json.dumps([source, keys], sort_keys=True, default=str)
         with self.lock:
             if key != self.key:
-                self.generator = self.cfg = self.key = None
-                cfg = build_config(keys, command="chat")
+                self.generator = self.key = None
                 notes: list[str] = []
-                self.generator = load_generator(cfg, notes.append)
-                self.cfg, self.key, self.notes = cfg, key, notes
+                self.generator = load_generator(build_config(keys, command="chat"), notes.append)
+                self.key, self.notes = key, notes
             return self.generator
 
 
@@ -172,8 +170,7 @@ def create_app(workdir: Path, lang: str = "en") -> Any:
         if lang not in i18n.LANGS:
             return fail({"_form": f"lang {lang} is not one of {', '.join(i18n.LANGS)}"})
         return {"lang": lang, "words": i18n.words(lang),
-                "forms": {name: forms.form_spec(name, lang) for name in forms.FORMS},
-                "cwd": cwd, "workdir": str(workdir)}
+                "forms": {name: forms.form_spec(name, lang) for name in forms.FORMS}}
 
     @app.post("/api/check")
     async def check(request: Request) -> Any:
