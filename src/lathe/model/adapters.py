@@ -18,7 +18,8 @@ def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total), counting each tensor once."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel() * (2 if type(param).__name__ == "Params4bit" else 1)  # two 4-bit weights a byte
+        n = getattr(param, "ds_numel", param.numel())  # DeepSpeed ZeRO-3: this rank holds a shard
+        n *= (2 if type(param).__name__ == "Params4bit" else 1)  # two 4-bit weights a byte
         total += n
         if param.requires_grad:
             trainable += n

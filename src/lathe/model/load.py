@@ -274,11 +274,17 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any, task: str = "causal_
         if Path(path).is_dir():
             raise ModelError(f"{path}: the model could not be loaded ({str(e).splitlines()[0][:200]})") from None
         raise _hub_error(path, e) from None
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    rows = model.get_input_embeddings().weight
+    if len(tokenizer) > getattr(rows, "ds_shape", rows.shape)[0]:  # ZeRO-3: the full shape, not the shard's
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    from transformers import set_seed
+
+    # what is made next (adapters) starts from the same random state however the weights were
+    # loaded: DeepSpeed ZeRO-3 creates them sharded, drawing random numbers of its own
+    set_seed(cfg.train.seed)
     return model
 
 

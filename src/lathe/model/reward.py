@@ -7,7 +7,7 @@ SEQ_CLS LoRA adapter whose `score` head is saved with it (loads with plain peft)
 rebuild it (the base model and any adapters merged into it before training).
 
 The score of a sequence is the head's value at its last real token (by attention
-mask), computed from the backbone's final hidden state. Transformers' own pooling
+mask), read from the head as the model's own forward computes it. Transformers' own pooling
 looks for the last token that is not `pad_token_id`, which is wrong when pad == eos
 and replies end with eos (the common case); this never depends on the pad id.
 """
@@ -35,7 +35,8 @@ def load_reward_backbone(path: str, dtype: Any, trust_remote_code: bool, tokeniz
     auto, extra = auto_class("reward")
     with new_head_report_hidden():
         model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **load_kwargs)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    rows = model.get_input_embeddings().weight
+    if len(tokenizer) > getattr(rows, "ds_shape", rows.shape)[0]:  # ZeRO-3: the full shape, not the shard's
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -77,13 +78,23 @@ def score_head(model: Any) -> Any:
 
 
 def reward_scores(model: Any, input_ids: Any, attention_mask: Any) -> Any:
-    """One scalar per sequence: the head's value at the last token with attention_mask 1."""
+    """One scalar per sequence: the head's value at the last token with attention_mask 1.
+
+    The model runs its own forward (through whatever wraps it: DDP, a DeepSpeed engine), and
+    the head's value at every position is read by a hook as it is computed; the model's own
+    pooling (by pad id) is not used."""
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    values = score_head(model)(hidden).squeeze(-1).float()  # (batch, seq)
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP, DeepSpeed
+        inner = inner.module
+    seen: list[Any] = []
+    hook = score_head(inner).register_forward_hook(lambda _m, _args, out: seen.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        hook.remove()
+    values = seen[-1].squeeze(-1).float()  # (batch, seq)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     last = (positions * attention_mask.to(positions.dtype)).argmax(-1)
     return values[torch.arange(input_ids.shape[0], device=input_ids.device), last]

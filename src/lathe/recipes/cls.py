@@ -32,6 +32,7 @@ from lathe.recipes.common import (
     RunResult,
     is_main_process,
     log,
+    mean_loss_trainer,
     open_stage,
     print_summary,
     start_run,
@@ -106,11 +107,9 @@ def build_model(cfg: LatheConfig, model_path: str, tokenizer: Any, labels: Label
 
 
 def build_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any, labels: LabelSet) -> Any:
-    from transformers import Trainer
-
-    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
-                   processing_class=tokenizer, data_collator=ClassifierCollator(tokenizer.pad_token_id),
-                   compute_metrics=partial(scores, labels))
+    return mean_loss_trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
+                             processing_class=tokenizer, data_collator=ClassifierCollator(tokenizer.pad_token_id),
+                             compute_metrics=partial(scores, labels))
 
 
 def _decide(logits: Any, labels: LabelSet) -> Any:

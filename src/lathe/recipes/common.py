@@ -207,7 +207,11 @@ def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not _has_cuda():
         kwargs.update(cpu_precision(t.bf16, t.fp16, cpu_half_support()))
-        if several:
+        if several and t.extra.get("deepspeed"):
+            from lathe.distributed import deepspeed_on_cpu
+
+            kwargs.update(deepspeed_on_cpu(int(t.extra.get("ddp_timeout", 1800))))
+        elif several:
             # Several CPU processes: only use_cpu makes accelerate wrap the model in DDP (gloo);
             # without it each rank silently trains its own copy.
             kwargs["use_cpu"] = True
@@ -573,6 +577,19 @@ def lm_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any
 
     return Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
                    processing_class=tokenizer, data_collator=collator or LMCollator(tokenizer.pad_token_id))
+
+
+def mean_loss_trainer(**kwargs: Any) -> Any:
+    """The stock Trainer for a model whose own loss is a mean over its micro-batch (a classifier,
+    a tagger, span QA). Transformers takes any model whose forward has **kwargs for one that
+    normalises by the whole accumulated batch, and then neither divides its loss by
+    gradient_accumulation_steps nor leaves it unscaled across processes: the logged loss and
+    the gradients came out gradient_accumulation_steps x processes too large. Said otherwise here."""
+    from transformers import Trainer
+
+    trainer = Trainer(**kwargs)
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 def final_eval(trainer: Any) -> dict[str, float] | None:

@@ -12,7 +12,6 @@ pairs of the whole accumulated batch. The run directory holds the weights and
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +44,6 @@ TRAIN_METRIC_PAIRS = 1024  # training pairs re-scored at the end for train_pair_
 
 
 def run(cfg: LatheConfig) -> RunResult:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("stage rm runs in a single process for now (the reward is read inside "
-                          "the model, past DDP's wrapper); start it without torchrun/accelerate")
     if cfg.data.packing:
         raise ConfigError("packing applies to stage sft; stage rm scores whole chosen/rejected "
                           "sequences, so remove packing")

@@ -31,6 +31,7 @@ from lathe.recipes.common import (
     RunResult,
     is_main_process,
     log,
+    mean_loss_trainer,
     open_stage,
     print_summary,
     start_run,
@@ -85,12 +86,10 @@ def show_row(row: dict[str, Any], tags: LabelSet) -> str:
 # --- the trainer and its scores ------------------------------------------------------------------
 
 def build_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any, tags: LabelSet) -> Any:
-    from transformers import Trainer
-
     starts = [first_pieces(w) for w in eval_data["word_ids"]] if eval_data is not None else []
-    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
-                   processing_class=tokenizer, data_collator=TaggerCollator(tokenizer.pad_token_id),
-                   compute_metrics=partial(scores, tags, starts))
+    return mean_loss_trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
+                             processing_class=tokenizer, data_collator=TaggerCollator(tokenizer.pad_token_id),
+                             compute_metrics=partial(scores, tags, starts))
 
 
 def word_tags(logits: Any, label_ids: Any, starts: list[list[int]], tags: LabelSet) -> tuple[list, list]:

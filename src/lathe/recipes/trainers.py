@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from lathe.distributed import prepare_frozen
 from lathe.model.reference import REF_ADAPTER, as_reference
 from lathe.recipes.embed import contrastive_loss, cosine_loss, pool
 from lathe.recipes.losses import average_logps, kto_loss, preference_loss, sequence_logps
@@ -40,7 +41,7 @@ class PolicyReferenceTrainer(Trainer):
     def __init__(self, *args: Any, ref_model: Any = None, use_reference: bool = True,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.ref_model = ref_model.to(self.args.device) if ref_model is not None else None
+        self.ref_model = prepare_frozen(self, ref_model) if ref_model is not None else None
         self.use_reference = use_reference
         self._stats: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(lambda: [0.0, 0.0]), "eval": defaultdict(lambda: [0.0, 0.0])}
@@ -253,7 +254,10 @@ class KTOTrainer(PolicyReferenceTrainer):
         ref_all, _ = self.reference_logps(model, both)  # one pass: rows and KL rows share a width
         ref_logps, ref_kl_logps = ref_all[:n], ref_all[n:]
         tags = inputs["kto_tag"].bool()
-        out = kto_loss(logps, ref_logps, tags, kl_logps, ref_kl_logps, beta=a.pref_beta,
+        # the reference point z0 is the KL estimate of the whole batch, over every process
+        # (one process with the same global batch gets the same z0)
+        gather = self.accelerator.gather
+        out = kto_loss(logps, ref_logps, tags, gather(kl_logps), gather(ref_kl_logps), beta=a.pref_beta,
                        chosen_weight=a.kto_chosen_weight, rejected_weight=a.kto_rejected_weight)
         self.record(model, "rewards/chosen", out.rewards[tags].sum().item(), tags.sum().item())
         self.record(model, "rewards/rejected", out.rewards[~tags].sum().item(), (~tags).sum().item())
