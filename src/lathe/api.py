@@ -26,6 +26,11 @@ def train(config: str | os.PathLike | Mapping[str, Any] | None = None,
     extra.update(keys)
     cfg = load_config(config, extra)
     cfg = repeat_target(cfg, set(extra))
+    from lathe.distributed import several_machines, wanted_processes
+
+    n = wanted_processes(cfg)
+    if n > 1 or several_machines():  # nproc_per_node: this process starts torchrun, which runs it n times
+        return _launch(cfg, n)
     result = run(cfg)
     if cfg.finetune.quantization_aware_training and cfg.train.do_train and _is_main_process():
         result.metrics["quantized"] = convert_qat_run(cfg, result.output_dir)
@@ -52,6 +57,35 @@ def tune(config: str | os.PathLike | Mapping[str, Any] | None = None,
 
     quiet_warnings()
     return run_tune(config, {**parse_overrides(overrides), **keys})
+
+
+def _launch(cfg: Any, n: int) -> Any:
+    """The run in n processes of this machine (torchrun): the cheap checks here first, so a
+    mistake is one line before any process starts; the RunResult read from the run directory."""
+    import contextlib
+    import io
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from lathe.config.load import save_config
+    from lathe.distributed import check_devices, launch
+    from lathe.model.load import resolve_model_path
+    from lathe.recipes.common import RunResult, check_output_dir, read_rows
+
+    check_devices(n)
+    with contextlib.redirect_stdout(io.StringIO()):  # what they say, the processes say again
+        check_output_dir(cfg)
+        resolve_model_path(cfg.model.model_name_or_path)
+        read_rows(cfg)
+    with tempfile.TemporaryDirectory(prefix="lathe-launch-") as tmp:
+        path = Path(tmp) / "config.yaml"
+        save_config(cfg, path)  # nproc_per_node kept: the run's config.yaml repeats it the same way
+        launch(n, str(path))
+    out = Path(cfg.train.output_dir)
+    results = out / "all_results.json"
+    metrics = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
+    return RunResult(str(out), metrics)
 
 
 def _is_main_process() -> bool:

@@ -318,11 +318,21 @@ def main(argv: list[str] | None = None) -> int:
     except LatheError as e:
         if debug:
             raise
-        print(str(e), file=sys.stderr)
-        return EXIT_USER_ERROR
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one process of a launched run: once per machine
+            print(str(e), file=sys.stderr)
+        return getattr(e, "code", EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+    except Exception as e:  # one process of several: a peer that died or hung is not this process's bug
+        from lathe.distributed import peer_failure
+
+        said = None if debug else peer_failure(e)
+        if said is None:
+            raise
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(said, file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `lathe keys | head -1`: the reader has gone, which is fine
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -41,6 +41,11 @@ def quiet_warnings() -> None:
 
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # bitsandbytes, at import on a CPU with AVX512-BF16: an optional faster 4-bit kernel package is
+    # missing (the built-in kernel is used); DeepSpeed, at its first use without a GPU: "Setting
+    # accelerator to CPU", which the run summary says already
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").addFilter(_NotWorthSaying(("Setting accelerator to CPU",)))
     # P-tuning / prompt tuning: said on every forward; Lathe refuses packing (which needs them)
     warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient",
                             category=UserWarning)
@@ -73,3 +78,13 @@ def datasets_bars_off() -> Iterator[None]:
     finally:
         if was_on:
             ds_logging.enable_progress_bar()
+
+
+class _NotWorthSaying:
+    """A logging filter dropping the records that start with one of `starts`."""
+
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        self.starts = starts
+
+    def filter(self, record: Any) -> bool:
+        return not record.getMessage().startswith(self.starts)

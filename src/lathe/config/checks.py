@@ -695,3 +695,11 @@ def quantization_aware_training_fits(cfg: LatheConfig) -> None:
     if q.quantization_keep_float > 0:
         raise ConfigError("quantization_keep_float (the sensitivity scan) runs in lathe quantize; with "
                           "quantization_aware_training name the layers to keep float in quantization_skip_modules")
+
+
+@check
+def engine_fits(cfg: LatheConfig) -> None:
+    """deepspeed / fsdp / nproc_per_node: the file, the package, and what the run can do under them."""
+    from lathe.distributed import check_engine
+
+    check_engine(cfg)

@@ -340,6 +340,8 @@ class TrainConfig:
     early_stopping_steps: int | None = _f(
         None, "Stop when metric_for_best_model has not improved for this many evaluations."
     )
+    nproc_per_node: int = _f(1, "Processes to start on this machine (one per GPU; CPU processes without one): "
+                             "Lathe starts torchrun itself. 1: this process alone, or as a launcher started it.")
     report_to: list[str] = _f(["none"], "none, tensorboard, wandb, mlflow, ... (comma-separated; "
                               "each needs its package installed).")
     extra: dict[str, Any] = _f({}, "Other transformers.TrainingArguments fields, passed through.")

@@ -16,6 +16,7 @@ from typing import Any
 
 from lathe.config.load import save_config
 from lathe.config.schema import LatheConfig
+from lathe.distributed import cpu_process_group, deepspeed_path, engine_name, world_size
 from lathe.errors import ConfigError, OutputError
 from lathe.files import respect_umask
 from lathe.integrity import checkpoint_problem
@@ -204,23 +205,22 @@ def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
     )
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    several = world_size() > 1
+    deepspeed = t.extra.get("deepspeed")
+    if deepspeed:
+        kwargs["deepspeed"] = deepspeed_path(deepspeed)  # a preset name -> the shipped file
     if not _has_cuda():
-        kwargs.update(cpu_precision(t.bf16, t.fp16, cpu_half_support()))
-        if several and t.extra.get("deepspeed"):
-            from lathe.distributed import deepspeed_on_cpu
-
-            kwargs.update(deepspeed_on_cpu(int(t.extra.get("ddp_timeout", 1800))))
-        elif several:
-            # Several CPU processes: only use_cpu makes accelerate wrap the model in DDP (gloo);
-            # without it each rank silently trains its own copy.
-            kwargs["use_cpu"] = True
+        precision = cpu_precision(t.bf16, t.fp16, cpu_half_support())
+        if deepspeed:
+            precision.pop("use_cpu", None)  # DeepSpeed casts itself (its bf16/fp16 follow these keys)
+        kwargs.update(precision)
+        kwargs.update(cpu_process_group(bool(deepspeed), int(t.extra.get("ddp_timeout", 1800))))
     if several:
         # every trainable parameter (adapter, unfrozen block) gets a gradient each step; DDP's
         # search for unused ones only costs time and prints a long warning
         kwargs["ddp_find_unused_parameters"] = False
     kwargs.update(stage_overrides)
-    kwargs.update(t.extra)
+    kwargs.update({k: v for k, v in t.extra.items() if k != "deepspeed"})
     if t.early_stopping_steps and not kwargs.get("metric_for_best_model"):
         kwargs["metric_for_best_model"] = "eval_loss"  # what early stopping watches by default
     best = str(kwargs.get("metric_for_best_model") or "")
@@ -426,6 +426,7 @@ def print_summary(cfg: LatheConfig, model: Any, model_path: str, data: Any, exam
         f"Lathe | stage {cfg.finetune.stage} | {cfg.finetune.finetuning_type}",
         f"  model      {model_path} ({_model_kind(model)})",
         f"  weights    {param.dtype} on {param.device}, {world} process(es)"
+        + (f" ({engine})" if (engine := engine_name(cfg)) else "")
         + (f", {'bf16' if cfg.train.bf16 else 'fp16'} mixed precision (autocast)"
            if cfg.train.bf16 or cfg.train.fp16 else ""),
         f"  params     {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.4f}%)",
