@@ -1,4 +1,4 @@
-"""`lathe <command>`: train, pipeline, data inspect, eval, export, chat, demo, keys.
+"""`lathe <command>`: train, pipeline, data inspect, eval, export, chat, demo, doctor, keys.
 
 A user's mistake (a `LatheError`) prints one line and exits with code 2; `--debug`
 or LATHE_DEBUG=1 shows the full traceback instead.
@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    doc = sub.add_parser("doctor", help="versions, devices, dtypes, attention kernels, disk and network; known "
+                         "problems with what to do",
+                         description="Report what this machine has for Lathe and the version combinations known to "
+                                     "fail. Exit code 1 when it finds a problem.")
+    doc.add_argument("--json", action="store_true", help="the report as JSON (for a bug report)")
+    doc.add_argument("--output-dir", default=".", help="where runs will be written (its free space is checked)")
     sub.add_parser("methods", help="each fine-tuning method: its keys, and what it can and cannot do",
                    description="The finetuning_type values, from the method registry.")
 
@@ -307,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
 
             inspect_data(args.config, args.overrides, n=args.n, output=args.output,
                          plot=args.plot or DEFAULT_PLOT, color=args.color)
+        elif args.command == "doctor":
+            from lathe.doctor import run_doctor
+
+            return run_doctor(as_json=args.json, output_dir=args.output_dir)
         elif args.command == "methods":
             print_methods()
         elif args.command == "keys":

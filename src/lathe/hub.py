@@ -30,7 +30,13 @@ def offline_by_choice() -> bool:
 def reachable(timeout: float = PROBE_SECONDS) -> bool:
     """A TCP connection to the hub endpoint within `timeout` seconds (name lookup included)."""
     url = urlparse(endpoint())
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    return host_reachable(url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443),
+                          timeout)
+
+
+@functools.cache
+def host_reachable(host: str, port: int, timeout: float = PROBE_SECONDS) -> bool:
+    """A TCP connection to host:port within `timeout` seconds (name lookup included)."""
     result: list[bool] = []
 
     def probe() -> None:
