@@ -1,4 +1,4 @@
-"""`lathe <command>`: train, pipeline, data inspect, eval, export, chat, demo, doctor, keys.
+"""`lathe <command>`: train, pipeline, data inspect, eval, export, chat, demo, download, doctor, keys.
 
 A user's mistake (a `LatheError`) prints one line and exits with code 2; `--debug`
 or LATHE_DEBUG=1 shows the full traceback instead.
@@ -98,6 +98,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    dl = sub.add_parser("download", help="fetch a model (Hugging Face id or modelscope:org/name) into a folder, "
+                        "for later offline use; an interrupted download resumes",
+                        description="Download every file of a model into --to DIR (resuming what an earlier, "
+                                    "interrupted run left there), then check its weights. DIR is then a "
+                                    "model_name_or_path that needs no network.")
+    dl.add_argument("model", help="a Hugging Face id (Qwen/Qwen2.5-0.5B-Instruct) or modelscope:org/name")
+    dl.add_argument("--to", required=True, help="the folder to download into (new, empty, or an earlier "
+                    "download of the same model)")
+    dl.add_argument("--revision", default=None, help="branch, tag or commit (default: the hub's default)")
+    dl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     doc = sub.add_parser("doctor", help="versions, devices, dtypes, attention kernels, disk and network; known "
                          "problems with what to do",
                          description="Report what this machine has for Lathe and the version combinations known to "
@@ -313,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
 
             inspect_data(args.config, args.overrides, n=args.n, output=args.output,
                          plot=args.plot or DEFAULT_PLOT, color=args.color)
+        elif args.command == "download":
+            from lathe.model.fetch import download
+
+            out = download(args.model, args.to, args.revision)
+            print(f"Downloaded {args.model} into {out}; set model_name_or_path: {out}")
         elif args.command == "doctor":
             from lathe.doctor import run_doctor
 

@@ -143,11 +143,23 @@ def build_config(raw: Mapping[str, Any], source: str | None = None, command: str
     if passthrough:
         extra = _check_passthrough(passthrough)
     sections["train"]["extra"] = extra
+    _modelscope_ids(sections["model"])
     built = {name: cls(**sections[name]) for name, cls in SECTIONS.items()}
     cfg = LatheConfig(**built, command=command, explicit=frozenset(raw), source=source,
                       notes=tuple(notes))
     run_checks(cfg)
     return cfg
+
+
+def _modelscope_ids(model: dict[str, Any]) -> None:
+    """use_modelscope_hub (or USE_MODELSCOPE_HUB=1, LLaMA-Factory's switch): a model id that is not a
+    local folder is read from ModelScope, written as modelscope:org/name from here on."""
+    on = model.get("use_modelscope_hub") or os.environ.get("USE_MODELSCOPE_HUB", "0").lower() in ("1", "true")
+    name = model.get("model_name_or_path")
+    if not on or not isinstance(name, str) or ":" in name or Path(name).expanduser().exists():
+        return
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        model["model_name_or_path"] = "modelscope:" + name
 
 
 def _check_passthrough(values: dict[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,8 @@ class ModelConfig:
                                    "about 0.4 bits per weight).")
     cache_dir: str | None = _f(None, "Where hub downloads are cached.")
     model_revision: str = _f("main", "Hub revision (branch, tag or commit) of the model.")
+    use_modelscope_hub: bool = _f(False, "Read model ids from ModelScope (as modelscope:org/name does; also "
+                                  "USE_MODELSCOPE_HUB=1); needs pip install 'lathe[modelscope]'.")
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,14 @@ from lathe.quiet import quiet_weight_loading
 DEMO_MODEL = "lathe:demo"
 
 
-def resolve_model_path(name: str) -> str:
-    """A local folder (checked), the demo model (built once), or a hub id (left as is)."""
+def resolve_model_path(name: str, revision: str | None = None, cache_dir: str | None = None) -> str:
+    """A local folder (checked), the demo model (built once), a ModelScope id (`modelscope:org/name`:
+    downloaded into its cache, or found there offline), or a hub id (left as is)."""
     quiet_weight_loading()  # every model load passes here first
+    from lathe.model.fetch import is_modelscope, modelscope_model
+
+    if is_modelscope(name):
+        return modelscope_model(name, revision if revision not in (None, "main") else None, cache_dir)
     if name == DEMO_MODEL:
         from lathe.demo.build import ensure_demo_model
 
@@ -332,7 +337,7 @@ def load_for_inference(cfg: LatheConfig, merge: bool = True, merge_last: bool = 
 
     An adapter that does not fit the base model is a ModelError naming the first
     tensor whose shape differs."""
-    path = resolve_model_path(cfg.model.model_name_or_path)
+    path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.model_revision, cfg.model.cache_dir)
     tokenizer = load_tokenizer(cfg.model, path)
     fix_pad_token(tokenizer)
     task = stage_task(cfg.finetune.stage)

@@ -543,7 +543,7 @@ def open_stage(cfg: LatheConfig, *, check_template: bool = True, training_args: 
 
     template = get_template(cfg.data.template)
     resume_from = check_output_dir(cfg)
-    model_path = resolve_model_path(cfg.model.model_name_or_path)
+    model_path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.model_revision, cfg.model.cache_dir)
     conversations = read_rows(cfg)  # bad rows are reported before the slow imports
     check_task_head(model_path, stage_task(cfg.finetune.stage), cfg.finetune.stage, cfg.model.trust_remote_code)
 
