@@ -9,7 +9,11 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lathe-installed
 
-.PHONY: install demo test clean browser
+WHEELHOUSE ?= dist/wheelhouse
+EXTRAS     ?= deepspeed,qlora,modelscope,tensorboard
+PIP_EXTRA  ?=
+
+.PHONY: install install-runtime wheelhouse install-offline demo test clean browser
 
 install: $(STAMP)
 
@@ -20,11 +24,28 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,deepspeed]"
 	touch $(STAMP)
 
+# Lathe and its extras without the test tools (the Docker images run this).
+install-runtime:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(PIP_EXTRA) "$(TORCH)"
+	$(BIN)/python -m pip install -q -c constraints.txt ".[$(EXTRAS)]"
+
+# On a machine that can reach PyPI: every wheel Lathe and EXTRAS need, torch's build named, into
+# WHEELHOUSE (same OS, CPU and Python as the closed machine; tools/offline.py --platform for another).
+wheelhouse: install
+	$(BIN)/python tools/offline.py wheelhouse --to $(WHEELHOUSE) --torch "$(TORCH)" --extras "$(EXTRAS)"
+
+# On the closed machine: the venv from WHEELHOUSE alone (pip --no-index); a missing wheel is named.
+install-offline:
+	$(PYTHON) tools/offline.py install --from $(WHEELHOUSE) --venv $(VENV)
+	touch $(STAMP)
+
 demo: install
 	$(BIN)/lathe demo
 
 test: install browser
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/python -m pytest -q -n auto --maxschedchunk 1 --durations=25
 
 # The web UI's tests drive a real browser: Debian's Chromium and a font with Chinese glyphs, installed

@@ -123,10 +123,12 @@ def install(source: Path, venv_dir: Path, extras: list[str] | None) -> Path:
     if not python.is_file():
         venv.EnvBuilder(with_pip=True).create(venv_dir)
     offline = ["--no-index", "--find-links", str(source)]
-    try:
+    spec = f"lathe[{','.join(extras)}]" if extras else "lathe"
+    try:  # resolved first, installing nothing: a missing wheel is named before minutes of installing
+        pip(python, "install", "-q", "--dry-run", *offline, "--no-build-isolation", f"{spec}=={manifest['lathe']}",
+            manifest["torch"])
         pip(python, "install", "-q", *offline, "--upgrade", "pip", "setuptools", "wheel")
         pip(python, "install", "-q", *offline, manifest["torch"])
-        spec = f"lathe[{','.join(extras)}]" if extras else "lathe"
         pip(python, "install", "-q", *offline, "--no-build-isolation", f"{spec}=={manifest['lathe']}",
             manifest["torch"])
     except MissingWheel as e:

@@ -33,7 +33,13 @@ SKIP = {
     "make test": "the test suite itself",
     "examples/qwen2.5_lora_sft.yaml": "downloads Qwen2.5-0.5B from the hub (online machines)",
     "torchrun --nproc_per_node 8": "eight processes; tests/e2e/test_distributed.py runs two",
-    "accelerate launch --multi_gpu --num_processes 8": "eight GPUs",
+    "accelerate launch --config_file": "tests/e2e/test_distributed.py launches accelerate with ddp.yaml",
+    "NNODES=2": "two machines; tests/e2e/test_distributed.py joins two launches on this one",
+    "make wheelhouse": "downloads every wheel; tests/e2e/test_offline.py builds and installs a wheelhouse",
+    "make install-offline": "tests/e2e/test_offline.py installs from a wheelhouse with no network",
+    "docker build": "needs a Docker daemon; tests/e2e/test_offline.py lints the Dockerfiles and their steps",
+    "lathe download": "needs the hub; tests/e2e/test_download.py downloads from a hub on localhost",
+    "lathe doctor": "exits with 1 where the machine has a problem; tests/e2e/test_doctor.py runs it",
 }
 _TASKS = "the task examples name hub models; tests/e2e/test_task_examples.py runs each with a local copy"
 SKIP.update({f"examples/{name}.yaml": _TASKS for name in
