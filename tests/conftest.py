@@ -41,6 +41,18 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_64(tmp_path_factory) -> Path:
+    """The tiny Llama at width 64, for 4-bit (QLoRA) tests: on CPUs with AVX512-BF16,
+    bitsandbytes packs 4-bit weights for inference in blocks of 64 input features, and its eval
+    path fails on narrower layers (which no real model has)."""
+    from lathe.demo.build import TinySpec, build_tiny_model
+
+    spec = TinySpec(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-64", spec)
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer BERT (hidden 32) with a WordPiece tokenizer (tests/tiny_encoders.py)."""
     from tests.tiny_encoders import build_tiny_bert

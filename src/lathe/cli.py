@@ -349,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lathe keys | head -1`: the reader has gone, which is fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except Exception as e:  # one process of several: a peer that died or hung is not this process's bug
         from lathe.distributed import peer_failure
 
@@ -358,10 +362,6 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(said, file=sys.stderr)
         return 1
-    except BrokenPipeError:  # `lathe keys | head -1`: the reader has gone, which is fine
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
 
 
 def print_keys() -> None:

@@ -297,6 +297,7 @@ def launch(n: int, config_path: str, command: str = "train") -> None:
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser, run
 
     env = os.environ
@@ -317,6 +318,11 @@ def launch(n: int, config_path: str, command: str = "train") -> None:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as e:
         raise _failure_line(e) from None
+    except RendezvousError as e:
+        where = f"{env.get('MASTER_ADDR', '127.0.0.1')}:{env.get('MASTER_PORT', '29500')}"
+        raise LauncherError(f"the {nnodes} machines did not meet at {where} ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:120]}); start the same command on every machine "
+                            "with the same NNODES, MASTER_ADDR and MASTER_PORT, and a NODE_RANK of its own") from None
 
 
 class LauncherError(LatheError):

@@ -7,6 +7,8 @@ whole batch (torch's dynamic quantization), so a row's rounding depends on its n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import run_cli
@@ -14,6 +16,12 @@ from tests.e2e.test_api_server import start, stop
 
 openai = pytest.importorskip("openai")
 QUESTIONS = ["Who are you?", "What can you do?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_64) -> Path:
+    """One of the kinds is a 4-bit base: the width-64 tiny model (see conftest.tiny_model_64)."""
+    return tiny_model_64
 
 
 @pytest.fixture(scope="module")

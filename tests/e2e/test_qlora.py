@@ -22,6 +22,12 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("bitsandbytes")
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_64) -> Path:
+    """4-bit bases here: the width-64 tiny model (see conftest.tiny_model_64)."""
+    return tiny_model_64
+
+
 @pytest.fixture()
 def args(tiny_model, data_dir, tmp_path) -> dict:
     return {"model_name_or_path": str(tiny_model), "dataset": "identity", "dataset_dir": str(data_dir),
