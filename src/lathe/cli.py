@@ -111,8 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="versions, devices, dtypes, attention kernels, disk and network; known "
                          "problems with what to do",
                          description="Report what this machine has for Lathe and the version combinations known to "
-                                     "fail. Exit code 1 when it finds a problem.")
+                                     "fail. With --strict, exit code 1 when it finds a problem.")
     doc.add_argument("--json", action="store_true", help="the report as JSON (for a bug report)")
+    doc.add_argument("--strict", action="store_true", help="exit with 1 when a problem is found (setup scripts)")
     doc.add_argument("--output-dir", default=".", help="where runs will be written (its free space is checked)")
     sub.add_parser("methods", help="each fine-tuning method: its keys, and what it can and cannot do",
                    description="The finetuning_type values, from the method registry.")
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "doctor":
             from lathe.doctor import run_doctor
 
-            return run_doctor(as_json=args.json, output_dir=args.output_dir)
+            return run_doctor(as_json=args.json, output_dir=args.output_dir, strict=args.strict)
         elif args.command == "methods":
             print_methods()
         elif args.command == "keys":

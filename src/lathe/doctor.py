@@ -5,8 +5,8 @@ with their memory and the half-precision types they compute natively; which atte
 transformers can load here (tried on a one-layer model, not guessed from package names); the
 free space where models, caches and runs are written; whether the model hubs can be reached.
 Then the problems: each installed package against the versions Lathe asks for, and the
-combinations known to fail, each with what to do. Exit code 1 when there is a problem, so a
-setup script can stop on it.
+combinations known to fail, each with what to do. With --strict, exit code 1 when there is a
+problem, so a setup script can stop on it.
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ def render(r: Report) -> str:
     return "\n".join(lines)
 
 
-def run_doctor(as_json: bool = False, output_dir: str = ".") -> int:
+def run_doctor(as_json: bool = False, output_dir: str = ".", strict: bool = False) -> int:
     report = examine(output_dir)
     print(json.dumps(report.__dict__, indent=2) if as_json else render(report), flush=True)
-    return 1 if report.problems else 0
+    return 1 if strict and report.problems else 0
