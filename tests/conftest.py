@@ -181,12 +181,20 @@ def write_yaml(path: Path, args: dict) -> Path:
 # --maxschedchunk 1` (make test) they run beside the rest instead of after it: the README
 # walk-through and the demo take minutes on 2 cores. xdist hands each worker two tests to
 # start with, so the long ones go to positions 0, 2, 4, ...
-LONGEST_FIRST = ("tests/e2e/test_readme.py::test_every_readme_command_runs",
-                 "tests/e2e/test_demo.py::test_demo_learns_its_identity",
+LONGEST_FIRST = ("tests/e2e/test_readme.py::test_every_readme_command_runs[Quantize: `lathe quantize`]",
+                 "tests/e2e/test_offline.py::test_the_wheelhouse_installs_with_no_network_and_runs_the_demo",
+                 "tests/e2e/test_readme.py::test_every_readme_command_runs[Methods]",
+                 "tests/e2e/test_readme.py::test_every_readme_command_runs[Predict and score generations "
+                 "(`do_predict`)]",
+                 "tests/e2e/test_readme.py::test_every_readme_command_runs[Train]",
                  "tests/e2e/test_quantize_cli.py::test_a_fine_tuned_encoder_quantizes_to_a_quarter_with_its_accuracy",
-                 "tests/e2e/test_tune_cli.py::test_a_study_keeps_the_best_weights_and_its_winner_trains_as_a_plain_run",
+                 "tests/e2e/test_readme.py::test_every_readme_command_runs[Task types: classification, tagging, "
+                 "seq2seq, QA, embeddings]",
+                 "tests/e2e/test_readme.py::test_every_readme_command_runs[Hyperparameter search: `lathe tune`]",
+                 "tests/e2e/test_quantize_cli.py::test_quantization_aware_training_beats_rounding_afterwards",
+                 "tests/e2e/test_demo.py::test_demo_learns_its_identity",
                  "tests/e2e/test_quantize_cli.py::test_a_chat_model_in_mixed_precision_chats_and_predicts",
-                 "tests/e2e/test_train_cli.py::test_existing_output_dir_is_refused_then_overwritten_or_resumed")
+                 "tests/e2e/test_distributed.py::test_nproc_per_node_starts_the_processes_and_a_zero3_checkpoint_resumes")
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature
