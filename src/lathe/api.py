@@ -76,7 +76,7 @@ def _launch(cfg: Any, n: int) -> Any:
     check_devices(n)
     with contextlib.redirect_stdout(io.StringIO()):  # what they say, the processes say again
         check_output_dir(cfg)
-        resolve_model_path(cfg.model.model_name_or_path)
+        resolve_model_path(cfg.model.model_name_or_path, cfg.model.model_revision, cfg.model.cache_dir)
         read_rows(cfg)
     with tempfile.TemporaryDirectory(prefix="lathe-launch-") as tmp:
         path = Path(tmp) / "config.yaml"

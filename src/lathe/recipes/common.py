@@ -16,7 +16,7 @@ from typing import Any
 
 from lathe.config.load import save_config
 from lathe.config.schema import LatheConfig
-from lathe.distributed import cpu_process_group, deepspeed_path, engine_name, world_size
+from lathe.distributed import cpu_process_group, deepspeed_path, engine_name, rank, world_size
 from lathe.errors import ConfigError, OutputError
 from lathe.files import respect_umask
 from lathe.integrity import checkpoint_problem
@@ -24,7 +24,7 @@ from lathe.integrity import checkpoint_problem
 
 def is_main_process() -> bool:
     """True on global rank 0 (works before and after the process group exists)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank() == 0
 
 
 def log(msg: str) -> None:
@@ -420,7 +420,7 @@ def print_summary(cfg: LatheConfig, model: Any, model_path: str, data: Any, exam
     trainable, total = count_parameters(model)
     param = next(model.parameters())
     st = data.stats
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     rows = ", ".join(f"{k}: {v}" for k, v in st.rows_read.items())
     lines = [
         f"Lathe | stage {cfg.finetune.stage} | {cfg.finetune.finetuning_type}",

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 from lathe.config.schema import LatheConfig
 from lathe.data.inspect import mark_trained
 from lathe.data.processors import IGNORE_INDEX
+from lathe.distributed import world_size
 from lathe.errors import ConfigError
 from lathe.files import respect_umask
 from lathe.infer import left_pad, set_stop_tokens
@@ -105,7 +105,7 @@ def run(cfg: LatheConfig) -> RunResult:
 # --- checks and setup ------------------------------------------------------------------------
 
 def _check_supported(cfg: LatheConfig) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world > 1:
         raise ConfigError(f"ppo runs on one process for now (WORLD_SIZE={world}); "
                           "start it without torchrun / accelerate launch")
