@@ -95,9 +95,14 @@ def engine_name(cfg: Any) -> str:
         offload = [k.removeprefix("offload_") for k in ("offload_optimizer", "offload_param")
                    if (zero.get(k) or {}).get("device", "none") != "none"]
         return f"DeepSpeed ZeRO-{zero_stage(ds)}" + (f" ({' + '.join(offload)} offloaded)" if offload else "")
-    if extra.get("fsdp") or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+    if _fsdp(extra):
         return "FSDP"
     return "DDP" if world_size() > 1 else ""
+
+
+def _fsdp(extra: dict[str, Any]) -> bool:
+    """FSDP asked for: the fsdp key, or an accelerate launch with an FSDP config."""
+    return bool(extra.get("fsdp")) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 
 def check_engine(cfg: Any) -> None:
@@ -105,7 +110,7 @@ def check_engine(cfg: Any) -> None:
     import importlib.util
 
     extra, ft = cfg.train.extra, cfg.finetune
-    fsdp = extra.get("fsdp") or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    fsdp = _fsdp(extra)
     if cfg.train.nproc_per_node < 1:
         raise ConfigError(f"nproc_per_node must be at least 1 (got {cfg.train.nproc_per_node})")
     if fsdp and not extra.get("deepspeed"):
@@ -317,7 +322,7 @@ def launch(n: int, config_path: str, command: str = "train") -> None:
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as e:
-        raise _failure_line(e) from None
+        raise _failure(e) from None
     except RendezvousError as e:
         where = f"{env.get('MASTER_ADDR', '127.0.0.1')}:{env.get('MASTER_PORT', '29500')}"
         raise LauncherError(f"the {nnodes} machines did not meet at {where} ({type(e).__name__}: "
@@ -336,7 +341,7 @@ class LauncherError(LatheError):
         self.code = code
 
 
-def _failure_line(e: Any) -> LauncherError:
+def _failure(e: Any) -> LauncherError:
     """The process that failed first (the others were stopped because of it), in one line."""
     import signal
 

@@ -22,8 +22,13 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def flag_set(var: str) -> bool:
+    """An environment switch such as HF_HUB_OFFLINE=1 is on (0, false, no or unset: off)."""
+    return os.environ.get(var, "0").strip().lower() not in ("0", "", "false", "no")
+
+
 def offline_by_choice() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no")
+    return flag_set("HF_HUB_OFFLINE")
 
 
 @functools.cache

@@ -37,7 +37,7 @@ def modelscope_offline() -> str | None:
     from lathe import hub
 
     for var in ("MODELSCOPE_OFFLINE", "HF_HUB_OFFLINE"):
-        if os.environ.get(var, "0").strip().lower() not in ("0", "", "false", "no"):
+        if hub.flag_set(var):
             return f"{var} is set"
     if not hub.host_reachable(modelscope_domain(), 443):
         return f"no network: {modelscope_domain()} cannot be reached (checked in {hub.PROBE_SECONDS:.0f} s)"

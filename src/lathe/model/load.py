@@ -279,10 +279,7 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any, task: str = "causal_
         if Path(path).is_dir():
             raise ModelError(f"{path}: the model could not be loaded ({str(e).splitlines()[0][:200]})") from None
         raise _hub_error(path, e) from None
-    rows = model.get_input_embeddings().weight
-    if len(tokenizer) > getattr(rows, "ds_shape", rows.shape)[0]:  # ZeRO-3: the full shape, not the shard's
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
+    fit_embeddings(model, tokenizer)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     from transformers import set_seed
@@ -291,6 +288,15 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any, task: str = "causal_
     # loaded: DeepSpeed ZeRO-3 creates them sharded, drawing random numbers of its own
     set_seed(cfg.train.seed)
     return model
+
+
+def fit_embeddings(model: Any, tokenizer: Any) -> None:
+    """Embedding rows grown to the tokenizer (pad or added tokens) and its pad id in the config.
+    Under DeepSpeed ZeRO-3 the weight is this rank's shard: its full shape is ds_shape."""
+    rows = model.get_input_embeddings().weight
+    if len(tokenizer) > getattr(rows, "ds_shape", rows.shape)[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def _load_quantized(cfg: LatheConfig, path: str, tokenizer: Any, task: str) -> Any:

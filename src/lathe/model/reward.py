@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lathe.errors import ModelError
-from lathe.model.load import new_head_report_hidden
+from lathe.model.load import fit_embeddings, new_head_report_hidden
 
 MARKER = "reward_model.json"
 FORMAT_VERSION = 1
@@ -35,10 +35,7 @@ def load_reward_backbone(path: str, dtype: Any, trust_remote_code: bool, tokeniz
     auto, extra = auto_class("reward")
     with new_head_report_hidden():
         model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **load_kwargs)
-    rows = model.get_input_embeddings().weight
-    if len(tokenizer) > getattr(rows, "ds_shape", rows.shape)[0]:  # ZeRO-3: the full shape, not the shard's
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
+    fit_embeddings(model, tokenizer)
     return model
 
 
