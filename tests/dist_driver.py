@@ -9,6 +9,9 @@ from __future__ import annotations
 import sys
 
 from lathe.cli import main
+from lathe.distributed import leave_process_group
 
 if __name__ == "__main__":
-    sys.exit(max(main(["train", path]) for path in sys.argv[1:]))
+    code = max(main(["train", path]) for path in sys.argv[1:])
+    leave_process_group()
+    sys.exit(code)

@@ -1,5 +1,8 @@
 import sys
 
 from lathe.cli import main
+from lathe.distributed import leave_process_group
 
-sys.exit(main())
+code = main()
+leave_process_group()
+sys.exit(code)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -357,3 +358,15 @@ def _failure(e: Any) -> LauncherError:
             "its own error, if it printed one, is above (a run with checkpoints continues with "
             "resume_from_checkpoint=true)")
     return LauncherError(line, code=2 if first.exitcode == 2 else 1)
+
+
+def leave_process_group() -> None:
+    """At the end of a launched process: the process group closed before the interpreter exits
+    (left to exit, gloo's threads can abort the process: "terminate called without an active
+    exception", seen once in CI); nothing when no group was made."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
