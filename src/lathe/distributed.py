@@ -117,7 +117,7 @@ def check_engine(cfg: Any) -> None:
     if fsdp and not extra.get("deepspeed"):
         if ft.stage == "ppo":
             raise ConfigError("stage ppo does not run under FSDP (its rollouts and four models are Lathe's own "
-                              "loop); remove fsdp")
+                              "loop); remove fsdp: several processes then train it with DDP")
         import torch
 
         if not torch.cuda.is_available():
@@ -135,7 +135,7 @@ def check_engine(cfg: Any) -> None:
     stage = zero_stage(ds)
     if ft.stage == "ppo":
         raise ConfigError("stage ppo does not run under DeepSpeed (its rollouts and four models are Lathe's own "
-                          "loop); remove deepspeed")
+                          "loop); remove deepspeed: several processes then train it with DDP")
     if stage == 3 and cfg.model.quantization_bit:
         raise ConfigError(f"quantization_bit {cfg.model.quantization_bit} (QLoRA) cannot run under DeepSpeed "
                           "ZeRO-3 here; use a ZeRO-2 config (ds_z2) or DDP")
@@ -238,6 +238,89 @@ def prepare_frozen(trainer: Any, model: Any) -> Any:
         engine, *_ = deepspeed.initialize(model=model, config=ds)
     engine.eval()
     return engine
+
+
+# --- a loop of Lathe's own over several processes (ppo) ----------------------------------------
+
+class Peers:
+    """The processes of a run whose training loop is Lathe's own (ppo), not the Trainer's: this
+    process's device, its process group (gloo on CPU, NCCL on GPU, with `ddp_timeout`), the
+    model wrapped in torch DDP, and the few collectives the loop needs. With one process every
+    method is the identity, so the loop reads the same either way."""
+
+    def __init__(self, timeout_s: int) -> None:
+        from datetime import timedelta
+
+        import torch
+        import torch.distributed as dist
+
+        self.world, self.rank = world_size(), rank()
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: list[Any]) -> list[Any]:
+        """This process's contiguous share of `items` (rank order = `items` order). A list that
+        does not divide evenly is first topped up by repeating its own items from the start
+        (as torch's DistributedSampler does), so every process gets as many."""
+        if self.world == 1:
+            return list(items)
+        items, given = list(items), list(items)
+        while len(items) % self.world:
+            items.append(given[(len(items) - len(given)) % len(given)])
+        k = len(items) // self.world
+        return items[self.rank * k:(self.rank + 1) * k]
+
+    def sum(self, tensor: Any) -> Any:
+        """The element-wise sum of `tensor` over the processes (a new tensor)."""
+        if self.world == 1:
+            return tensor
+        import torch.distributed as dist
+
+        tensor = tensor.detach().clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    def gather(self, tensor: Any) -> Any:
+        """Every process's `tensor` (same shape on each), concatenated along dim 0 in rank order."""
+        if self.world == 1:
+            return tensor
+        import torch
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def wrap(self, model: Any) -> Any:
+        """The model as the loop trains it: torch DDP (gradients averaged over the processes in
+        backward), or the model itself in one process."""
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def no_sync(self, wrapped: Any, accumulating: bool) -> Any:
+        """DDP's no_sync for an accumulation micro-step (the gradients are averaged once, at the
+        micro-step before the optimizer step)."""
+        if self.world == 1 or not accumulating:
+            return contextlib.nullcontext()
+        return wrapped.no_sync()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
 
 # --- starting the processes: nproc_per_node ---------------------------------------------------

@@ -155,3 +155,64 @@ def test_running_moments_match_the_whole_stream():
     assert std == pytest.approx(math.sqrt(2.5))  # unbiased std of 1..5
     out = rm.normalise(t([3.0]))  # now 1..5 and 3: mean 3
     assert out.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _two_processes(work):
+    """Run work(rank, reduce) for ranks 0 and 1 in two threads, where reduce sums a tensor over
+    both (the all-reduce of a process group, in one process); returns both results."""
+    import threading
+
+    slots: list = [None, None]
+    barrier = threading.Barrier(2)
+    results: list = [None, None]
+
+    def reduce(tensor, rank):
+        slots[rank] = tensor
+        barrier.wait()
+        total = slots[0] + slots[1]
+        barrier.wait()  # both read the sum before the next call overwrites a slot
+        return total
+
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r, work(r, lambda x: reduce(x, r))))
+               for r in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return results
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_whitening_split_over_two_processes_equals_the_whole_batch(shift_mean):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g) * 3 + 1
+    mask = (torch.rand(6, 5, generator=g) > 0.3).long()
+    mask[:3, 0] = 1  # each half holds tokens, in unequal numbers
+    whole = masked_whiten(x, mask, shift_mean=shift_mean)
+    halves = _two_processes(lambda r, reduce: masked_whiten(x[3 * r:3 * r + 3], mask[3 * r:3 * r + 3],
+                                                            shift_mean=shift_mean, reduce=reduce))
+    assert torch.allclose(torch.cat(halves), whole, atol=1e-6)
+    alone = masked_whiten(x[:3], mask[:3], shift_mean=shift_mean)  # what a process would do by itself
+    assert not torch.allclose(alone, whole[:3], atol=1e-3)
+
+
+def test_running_moments_fold_in_the_whole_batch_and_normalise_this_share():
+    a, b = RunningMoments(), RunningMoments()
+    batch = t([1.0, 2.0, 4.0, 9.0])
+    whole = a.normalise(batch)
+    share = b.normalise(batch[2:], batch)  # the second process's rows, the batch from every process
+    assert torch.allclose(share, whole[2:]) and (a.mean, a.count) == (b.mean, b.count) == (4.0, 4)
+
+
+def test_a_process_takes_an_even_contiguous_share_topped_up_from_the_start():
+    from lathe.distributed import Peers
+
+    def share(items, rank, world):
+        peers = Peers.__new__(Peers)
+        peers.rank, peers.world = rank, world
+        return peers.shard(items)
+
+    assert [share(list(range(8)), r, 2) for r in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [share([5, 6, 7], r, 2) for r in (0, 1)] == [[5, 6], [7, 5]]  # the last batch of an epoch
+    assert [share([9], r, 3) for r in (0, 1, 2)] == [[9], [9], [9]]
+    assert share([1, 2, 3], 0, 1) == [1, 2, 3]

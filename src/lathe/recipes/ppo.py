@@ -16,8 +16,16 @@ max_steps counts PPO steps; without it, num_train_epochs passes over the prompts
 The reference policy: the adapter being continued (adapter_name_or_path, e.g. the SFT
 run's) as it was at the start, or the base model for a fresh adapter; a frozen copy of
 the model (or ref_model) for full / freeze tuning. Dropout is switched off so the
-policy ratio is exactly 1 before the first update. One process only for now; no
-intermediate checkpoints (save_steps is not used).
+policy ratio is exactly 1 before the first update. No intermediate checkpoints
+(save_steps is not used).
+
+Several processes (torchrun, nproc_per_node; DDP): the batch sizes above are per process, as
+in the Trainer's stages. Each process samples, scores and trains on its share of every rollout
+batch, and the policy with its value head is wrapped in torch DDP, so every optimizer step
+follows the gradient of the whole mini-batch. What PPO computes over a batch is computed over
+all processes' rows: the whitening of advantages and rewards, the running score moments, the
+KL that steers kl_coef, the token weighting of the losses, and every logged figure. With greedy
+decoding, 2 processes at batch 4 train as 1 process at batch 8 (tests/e2e/test_stage_ppo.py).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import Any
 from lathe.config.schema import LatheConfig
 from lathe.data.inspect import mark_trained
 from lathe.data.processors import IGNORE_INDEX
-from lathe.distributed import world_size
+from lathe.distributed import Peers
 from lathe.errors import ConfigError
 from lathe.files import respect_umask
 from lathe.infer import left_pad, set_stop_tokens
@@ -51,12 +59,11 @@ def run(cfg: LatheConfig) -> RunResult:
         notes.append(f"the reward model was trained with template {rm_info['template']}, "
                      f"this run renders prompts with {cfg.data.template}")
 
-    import torch
-
     from lathe.model.reward import load_reward_model
     from lathe.model.value_head import VALUE_HEAD_FILE, PolicyWithValueHead, disable_dropout
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peers = Peers(int(cfg.train.extra.get("ddp_timeout", 1800)))
+    device = peers.device
     policy = apply_finetuning(load_model(cfg, model_path, tokenizer), cfg.finetune, cfg.model)
     reference, ref_note = _reference(cfg, policy, model_path)
     notes.append(ref_note)
@@ -68,27 +75,28 @@ def run(cfg: LatheConfig) -> RunResult:
         model.load_value_head(previous)  # continuing a ppo run: its critic too
         notes.append(f"value head continued from {previous}")
     disable_dropout(model)
-    if cfg.train.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+    if cfg.train.gradient_checkpointing:  # the non-reentrant kind: the one DDP's backward hooks follow
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(policy, "enable_input_require_grads"):
             policy.enable_input_require_grads()
     for m in (model, reward_model, reference):
         if m is not None:
             m.to(device)
 
-    plan = Plan.of(cfg, len(data.train))
+    plan = Plan.of(cfg, len(data.train), peers.world)
     optimizer, scheduler = _optimizer(cfg, model, plan)
     notes.append(plan.describe())
     notes.append(f"reward model {cfg.align.reward_model}")
 
     start_run(cfg, o)
+    peers.barrier()  # the run directory exists before any process writes into it
     example = data.train[0]["input_ids"]
     print_summary(cfg, model, model_path, data,
                   mark_trained(example, [IGNORE_INDEX] * len(example), tokenizer, color=False), notes,
                   example_caption="a prompt; the replies are sampled")
 
     stop_ids = template.stop_token_ids(tokenizer)
-    ppo = PPO(cfg, model, reference, reward_model, tokenizer, stop_ids, device)
+    ppo = PPO(cfg, model, reference, reward_model, tokenizer, stop_ids, peers)
     history = ppo.train(data.train, plan, optimizer, scheduler)
     train_metrics = _summarise(history)
     eval_metrics = ppo.evaluate(data.eval) if data.eval is not None else {}
@@ -96,7 +104,9 @@ def run(cfg: LatheConfig) -> RunResult:
         log(f"Eval reward {eval_metrics['eval_reward']:.4f}, kl {eval_metrics['eval_kl']:.4f}")
     metrics = {**train_metrics, **eval_metrics}
 
-    _save(cfg, model, tokenizer, stop_ids, history, train_metrics, metrics, plan)
+    if peers.main:
+        _save(cfg, model, tokenizer, stop_ids, history, train_metrics, metrics, plan)
+    peers.barrier()
     log(f"Saved {cfg.finetune.finetuning_type} weights, value head, tokenizer and config to "
         f"{cfg.train.output_dir}")
     return RunResult(cfg.train.output_dir, metrics, policy, tokenizer, history)
@@ -105,10 +115,6 @@ def run(cfg: LatheConfig) -> RunResult:
 # --- checks and setup ------------------------------------------------------------------------
 
 def _check_supported(cfg: LatheConfig) -> None:
-    world = world_size()
-    if world > 1:
-        raise ConfigError(f"ppo runs on one process for now (WORLD_SIZE={world}); "
-                          "start it without torchrun / accelerate launch")
     if cfg.train.resume_from_checkpoint:
         raise ConfigError("ppo cannot resume from a checkpoint yet; remove resume_from_checkpoint "
                           "(to continue a ppo run, give its output_dir as adapter_name_or_path)")
@@ -144,7 +150,8 @@ def _reference(cfg: LatheConfig, policy: Any, model_path: str) -> tuple[Any | No
 
 @dataclass(frozen=True)
 class Plan:
-    """How many prompts per PPO step, how they are split, and how long the run is."""
+    """How many prompts per PPO step, how they are split, and how long the run is
+    (rollout_size: over all processes; minibatch: per process)."""
 
     rollout_size: int
     minibatch: int
@@ -152,22 +159,25 @@ class Plan:
     steps: int
     optimizer_steps: int
     num_prompts: int
+    processes: int = 1
 
     @classmethod
-    def of(cls, cfg: LatheConfig, num_prompts: int) -> Plan:
+    def of(cls, cfg: LatheConfig, num_prompts: int, processes: int = 1) -> Plan:
         t, a = cfg.train, cfg.align
-        rollout = t.per_device_train_batch_size * t.gradient_accumulation_steps * a.ppo_buffer_size
+        per_process = t.per_device_train_batch_size * t.gradient_accumulation_steps * a.ppo_buffer_size
+        rollout = per_process * processes
         if t.max_steps > 0:
             steps = t.max_steps
         else:
             steps = max(1, math.ceil(t.num_train_epochs * num_prompts / rollout))
-        minibatches = math.ceil(rollout / t.per_device_train_batch_size)
+        minibatches = math.ceil(per_process / t.per_device_train_batch_size)
         per_step = a.ppo_epochs * math.ceil(minibatches / t.gradient_accumulation_steps)
         return cls(rollout, t.per_device_train_batch_size, t.gradient_accumulation_steps,
-                   steps, steps * per_step, num_prompts)
+                   steps, steps * per_step, num_prompts, processes)
 
     def describe(self) -> str:
-        return (f"ppo: {self.steps} steps of {self.rollout_size} prompts (of {self.num_prompts}), "
+        split = (f", {self.rollout_size // self.processes} per process" if self.processes > 1 else "")
+        return (f"ppo: {self.steps} steps of {self.rollout_size} prompts (of {self.num_prompts}{split}), "
                 f"mini-batches of {self.minibatch}, an optimizer step every {self.accumulation}; "
                 f"{self.optimizer_steps} optimizer steps in all")
 
@@ -207,12 +217,14 @@ class PPO:
     """Rollouts, scoring, advantages and clipped updates for one policy with a value head."""
 
     def __init__(self, cfg: LatheConfig, model: Any, reference: Any | None, reward_model: Any,
-                 tokenizer: Any, stop_ids: list[int], device: Any) -> None:
+                 tokenizer: Any, stop_ids: list[int], peers: Peers) -> None:
         from lathe.recipes.ppo_core import make_kl_controller
 
         self.cfg, self.a = cfg, cfg.align
         self.model, self.reference, self.reward_model = model, reference, reward_model
-        self.tokenizer, self.stop_ids, self.device = tokenizer, stop_ids, device
+        self.peers = peers
+        self.trained = peers.wrap(model)  # what the updates run through (DDP); rollouts use the model
+        self.tokenizer, self.stop_ids, self.device = tokenizer, stop_ids, peers.device
         self.pad_id = tokenizer.pad_token_id
         self.mb = cfg.train.per_device_train_batch_size
         g = cfg.generate
@@ -231,27 +243,33 @@ class PPO:
         from tqdm.auto import tqdm
 
         out = Path(self.cfg.train.output_dir)
-        generator = torch.Generator().manual_seed(self.cfg.train.seed)
-        batches = _prompt_batches(len(prompts), plan.rollout_size, generator)
+        peers, seed = self.peers, self.cfg.train.seed
+        # the prompts of each step (the same on every process, which takes its share) and the
+        # mini-batch shuffles: two streams, so one never shifts the other
+        batches = _prompt_batches(len(prompts), plan.rollout_size, torch.Generator().manual_seed(seed))
+        shuffles = torch.Generator().manual_seed(seed + 1)
+        if peers.world > 1:
+            torch.manual_seed(seed + peers.rank)  # each process samples its own replies
         history: list[dict[str, Any]] = []
         t0 = time.time()
-        bar = tqdm(total=plan.steps, desc="ppo", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=plan.steps, desc="ppo", unit="step", dynamic_ncols=True, disable=not peers.main)
         seen = tokens = 0
         for step in range(1, plan.steps + 1):
             idx = next(batches)
             seen += len(idx)
-            rollout = self.rollout([prompts[i]["input_ids"] for i in idx])
-            tokens += int(rollout.attention_mask.sum())  # prompt + reply tokens, no padding
+            rollout = self.rollout([prompts[i]["input_ids"] for i in peers.shard(idx)])
+            tokens += int(peers.sum(rollout.attention_mask.sum()))  # prompt + reply tokens, no padding
             stats = self.prepare(rollout)
-            stats.update(self.optimise(rollout, optimizer, scheduler, generator))
+            stats.update(self.optimise(rollout, optimizer, scheduler, shuffles))
             self.kl_ctl.update(stats["kl"], len(idx))
             record = {"step": step, "max_steps": plan.steps, "epoch": round(seen / plan.num_prompts, 4),
                       "elapsed_s": round(time.time() - t0, 2), "num_input_tokens_seen": tokens,
                       **_rounded(stats),
                       "learning_rate": scheduler.get_last_lr()[0]}
             history.append(record)
-            with open(out / "trainer_log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            if peers.main:
+                with open(out / "trainer_log.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}")
         bar.close()
@@ -282,30 +300,40 @@ class PPO:
         return Rollout(torch.cat([ids, reply], 1), torch.cat([attn, mask], 1), ids.shape[1], mask)
 
     def prepare(self, r: Rollout) -> dict[str, float]:
-        """Scores, log-probs and values at rollout time, rewards and advantages."""
+        """Scores, log-probs and values at rollout time, rewards and advantages; the batch
+        statistics (whitening, score moments, logged figures) over every process's rows."""
         import torch
 
-        from lathe.recipes.ppo_core import compute_rewards, gae, masked_mean, masked_whiten
+        from lathe.recipes.ppo_core import compute_rewards, gae, masked_whiten
 
+        peers = self.peers
         with torch.no_grad():
             r.scores = self.score(r)
             r.logprobs, r.values = self._policy_pass(r)
             r.ref_logprobs = self._reference_pass(r)
-        scores = self.score_moments.normalise(r.scores) if self.score_moments else r.scores
+        all_scores = peers.gather(r.scores)
+        scores = self.score_moments.normalise(r.scores, all_scores) if self.score_moments else r.scores
         rewards, kl = compute_rewards(scores, r.logprobs, r.ref_logprobs, r.mask, self.kl_ctl.value)
         if self.a.ppo_whiten_rewards:
-            rewards = masked_whiten(rewards, r.mask, shift_mean=False)
+            rewards = masked_whiten(rewards, r.mask, shift_mean=False, reduce=peers.sum)
         advantages, r.returns = gae(rewards, r.values, r.mask, self.a.ppo_gamma, self.a.ppo_lam)
-        r.advantages = masked_whiten(advantages, r.mask)
-        return {"reward": r.scores.mean().item(), "kl": kl.sum(1).mean().item(),
+        r.advantages = masked_whiten(advantages, r.mask, reduce=peers.sum)
+        kl_rows = peers.gather(kl.sum(1))
+        value_sum, tokens = peers.sum(torch.stack([(r.values * r.mask).sum(), r.mask.sum().to(r.values.dtype)]))
+        return {"reward": all_scores.mean().item(), "kl": kl_rows.mean().item(),
                 "kl_coef": self.kl_ctl.value,
-                "non_score_reward": (-self.kl_ctl.value * kl.sum(1)).mean().item(),
-                "value_mean": masked_mean(r.values, r.mask).item(),
-                "response_length": r.mask.sum(1).float().mean().item()}
+                "non_score_reward": (-self.kl_ctl.value * kl_rows).mean().item(),
+                "value_mean": (value_sum / tokens.clamp(min=1)).item(),
+                "response_length": peers.gather(r.mask.sum(1).float()).mean().item()}
 
     def optimise(self, r: Rollout, optimizer: Any, scheduler: Any, generator: Any) -> dict[str, float]:
         """ppo_epochs passes of shuffled mini-batches; an optimizer step every
-        gradient_accumulation_steps mini-batches (and at the end of each pass)."""
+        gradient_accumulation_steps mini-batches (and at the end of each pass).
+
+        Each loss is a mean over the reply tokens of the mini-batch. With several processes the
+        mini-batch is every process's share of it: a process weighs its own mean by
+        processes x its tokens / all tokens, so DDP's average of the gradients is the gradient
+        of the whole mini-batch's mean (and so are the logged figures)."""
         import torch
 
         from lathe.recipes.ppo_core import (
@@ -317,6 +345,7 @@ class PPO:
         )
 
         n, ga = r.sequences.shape[0], self.cfg.train.gradient_accumulation_steps
+        peers = self.peers
         params = [p for p in self.model.parameters() if p.requires_grad]
         sums: dict[str, float] = {}
         count = 0
@@ -325,18 +354,22 @@ class PPO:
             order = torch.randperm(n, generator=generator).to(self.device)
             chunks = list(torch.split(order, self.mb))
             for k, idx in enumerate(chunks):
-                logits, values = self.model(r.sequences[idx], r.attention_mask[idx])
-                logits = logits[:, r.prompt_len - 1:-1] / self.temperature
+                stepping = (k + 1) % ga == 0 or k + 1 == len(chunks)
                 mask = r.mask[idx]
-                logp = token_logprobs(logits, r.sequences[idx, r.prompt_len:])
-                vpred = values[:, r.prompt_len - 1:-1]
-                pg, pg_stats = policy_loss(logp, r.logprobs[idx], r.advantages[idx], mask,
-                                           self.a.ppo_cliprange)
-                vf, vf_stats = value_loss(vpred, r.values[idx], r.returns[idx], mask,
-                                          self.a.ppo_cliprange_value)
-                loss = pg + self.a.ppo_vf_coef * vf
-                (loss / ga).backward()
-                if (k + 1) % ga == 0 or k + 1 == len(chunks):
+                mine = mask.sum()
+                weight = float(peers.world * mine) / max(1.0, float(peers.sum(mine)))  # 1 in one process
+                with peers.no_sync(self.trained, accumulating=not stepping):
+                    logits, values = self.trained(r.sequences[idx], r.attention_mask[idx])
+                    logits = logits[:, r.prompt_len - 1:-1] / self.temperature
+                    logp = token_logprobs(logits, r.sequences[idx, r.prompt_len:])
+                    vpred = values[:, r.prompt_len - 1:-1]
+                    pg, pg_stats = policy_loss(logp, r.logprobs[idx], r.advantages[idx], mask,
+                                               self.a.ppo_cliprange)
+                    vf, vf_stats = value_loss(vpred, r.values[idx], r.returns[idx], mask,
+                                              self.a.ppo_cliprange_value)
+                    loss = (pg + self.a.ppo_vf_coef * vf) * weight
+                    (loss / ga).backward()
+                if stepping:
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
@@ -345,10 +378,11 @@ class PPO:
                     entropy = masked_mean(entropy_from_logits(logits), mask)
                 for key, value in (("policy_loss", pg), ("value_loss", vf), ("entropy", entropy),
                                    *pg_stats.items(), *vf_stats.items()):
-                    sums[key] = sums.get(key, 0.0) + float(value.detach())
+                    sums[key] = sums.get(key, 0.0) + float(value.detach()) * weight
                 count += 1
         self.model.eval()
-        return {k: v / count for k, v in sums.items()}
+        totals = peers.sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()
+        return {k: v / (count * peers.world) for k, v in zip(sums, totals)}
 
     # -- the passes --
 
@@ -399,21 +433,25 @@ class PPO:
         return torch.cat(logps)
 
     def evaluate(self, prompts: Any) -> dict[str, float]:
-        """Mean score and KL of replies to the eval prompts, with the trained policy."""
+        """Mean score and KL of replies to the eval prompts, with the trained policy (each
+        process answers every world-th prompt; the means are over all of them)."""
         import torch
 
         from lathe.recipes.ppo_core import compute_rewards
 
+        mine = list(range(self.peers.rank, len(prompts), self.peers.world))
         scores, kls = [], []
-        for s in range(0, len(prompts), self.mb):
-            r = self.rollout([prompts[i]["input_ids"] for i in range(s, min(s + self.mb, len(prompts)))])
+        for s in range(0, len(mine), self.mb):
+            r = self.rollout([prompts[i]["input_ids"] for i in mine[s:s + self.mb]])
             with torch.no_grad():
                 r.scores = self.score(r)
                 logp, _ = self._policy_pass(r)
                 _, kl = compute_rewards(r.scores, logp, self._reference_pass(r), r.mask, 0.0)
             scores += r.scores.tolist()
             kls += kl.sum(1).tolist()
-        return {"eval_reward": sum(scores) / len(scores), "eval_kl": sum(kls) / len(kls)}
+        score_sum, kl_sum, n = self.peers.sum(torch.tensor([sum(scores), sum(kls), len(scores)],
+                                                           dtype=torch.float64)).tolist()
+        return {"eval_reward": score_sum / n, "eval_kl": kl_sum / n}
 
     def _generation_config(self) -> Any:
         from transformers import GenerationConfig

@@ -13,6 +13,7 @@ token) and 0 after. Conventions follow Ziegler et al. (2019) and the PPO paper:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,14 +74,22 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+                  eps: float = 1e-8, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(x - mean) / std over the masked entries; the mean is added back if not `shift_mean`.
-    Entries outside the mask are returned as 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    Entries outside the mask are returned as 0. `reduce` sums a tensor over the processes that
+    hold the batch's other rows, so the statistics are the whole batch's (None: these rows are
+    the batch)."""
+    reduce = reduce or (lambda t: t)
+    m = mask.to(x.dtype)
+    total, n = reduce(torch.stack([(x * m).sum(), m.sum()]))
+    mean = total / n.clamp(min=1)
+    var = reduce(((x - mean) ** 2 * m).sum()) / n.clamp(min=1)
+    if n > 1:
+        var = var * n / (n - 1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask.to(x.dtype)
+    return out * m
 
 
 # --- rewards and advantages -------------------------------------------------------------
@@ -154,7 +163,10 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     losses = (values - returns) ** 2
     losses_clipped = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(losses, losses_clipped), mask)
-    return loss, {"vf_clipfrac": masked_mean((losses_clipped > losses).float(), mask).detach()}
+    # counted where the clip is active: inside the range, old + (V - old) can differ from V in its
+    # last bit, and a bare `clipped > unclipped` would count rounding
+    clipped = ((values - old_values).abs() > cliprange_value) & (losses_clipped > losses)
+    return loss, {"vf_clipfrac": masked_mean(clipped.float(), mask).detach()}
 
 
 # --- KL coefficient -------------------------------------------------------------------------
@@ -216,7 +228,8 @@ class RunningMoments:
     def std(self) -> float:
         return math.sqrt(self.var * self.count / (self.count - 1)) if self.count > 1 else 1.0
 
-    def normalise(self, scores: torch.Tensor) -> torch.Tensor:
-        """Update with `scores`, then return them standardised by the running moments."""
-        mean, std = self.update(scores)
+    def normalise(self, scores: torch.Tensor, batch: torch.Tensor | None = None) -> torch.Tensor:
+        """Update with the batch's scores (`batch`: every process's, else `scores`), then return
+        `scores` standardised by the running moments."""
+        mean, std = self.update(scores if batch is None else batch)
         return (scores - mean) / max(std, 1e-8)
