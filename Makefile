@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,deepspeed]"
+	@# DeepSpeed compiles its CPU Adam (ZeRO offload) at its first use, a minute or two: done once here
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('CPUAdamBuilder').load()" \
+	  >/dev/null 2>&1 || echo "DeepSpeed's CPU Adam did not build now; ZeRO offload builds it at its first run"
 	touch $(STAMP)
 
 # Lathe and its extras without the test tools (the Docker images run this).

@@ -130,11 +130,92 @@ def as_overrides(args: dict) -> list[str]:
 
 def run_cli(*argv: str, cwd: Path | None = None, launcher: list[str] | None = None,
             timeout: int = 600, input: str | None = None) -> subprocess.CompletedProcess:
-    """Run the real `lathe` command line in a fresh process (`input` is piped to stdin)."""
+    """Run the real `lathe` command line in a process of its own (`input` is piped to stdin):
+    forked from tests/zygote.py, which has the libraries imported already, when the environment
+    allows; else a fresh interpreter."""
     cmd = (launcher or [sys.executable, "-m", "lathe"]) + list(argv)
+    env = dict(os.environ)
+    if launcher is None and "--debug" not in argv and (zygote := _Zygote.for_env(env)) is not None:
+        return zygote.run(cmd, list(argv), Path(cwd or os.getcwd()), env, input, timeout)
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                          env=dict(os.environ), input=input,
-                          stdin=None if input is not None else subprocess.DEVNULL)
+                          env=env, input=input, stdin=None if input is not None else subprocess.DEVNULL)
+
+
+class _Zygote:
+    """This test process's fork server (tests/zygote.py), started at the first command."""
+
+    _instance: _Zygote | None = None
+    _failed = False
+    VOLATILE = ("PYTEST_CURRENT_TEST",)  # set by pytest per test; nothing reads it at import
+
+    def __init__(self, env: dict[str, str]) -> None:
+        import atexit
+
+        self.env = self._key(env)
+        self.folder = Path(tempfile.mkdtemp(prefix="lathe-zygote-"))
+        self.socket = str(self.folder / "socket")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.zygote", self.socket], cwd=REPO, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        line = self.proc.stdout.readline()
+        if line.strip() != b"ready":
+            self.proc.kill()
+            raise RuntimeError("the test fork server did not start")
+        atexit.register(self.close)
+
+    @classmethod
+    def _key(cls, env: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in env.items() if k not in cls.VOLATILE}
+
+    @classmethod
+    def for_env(cls, env: dict[str, str]) -> _Zygote | None:
+        if cls._failed or env.get("LATHE_TEST_FRESH_PROCESSES", "0") not in ("0", ""):
+            return None
+        if env.get("LATHE_DEBUG", "0") not in ("0", ""):
+            return None
+        if cls._instance is None:
+            try:
+                cls._instance = cls(env)
+            except (OSError, RuntimeError):
+                cls._failed = True
+                return None
+        return cls._instance if cls._instance.env == cls._key(env) else None
+
+    def run(self, cmd: list[str], argv: list[str], cwd: Path, env: dict[str, str], input: str | None,
+            timeout: int) -> subprocess.CompletedProcess:
+        import socket
+
+        with tempfile.TemporaryDirectory(dir=self.folder) as d:
+            streams = {name: os.path.join(d, name) for name in ("stdin", "stdout", "stderr")}
+            if input is not None:
+                Path(streams["stdin"]).write_text(input, encoding="utf-8")
+            req = {"argv": argv, "cwd": str(cwd), "env": env, **streams,
+                   "stdin": streams["stdin"] if input is not None else None}
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.connect(self.socket)
+                conn.sendall(json.dumps(req).encode() + b"\n")
+                reader = conn.makefile("rb")
+                pid = json.loads(reader.readline())["pid"]
+                conn.settimeout(timeout)
+                try:
+                    line = reader.readline()
+                except TimeoutError:
+                    os.kill(pid, 9)
+                    out, err = (Path(streams[k]).read_text(errors="replace") for k in ("stdout", "stderr"))
+                    raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+            out, err = (Path(streams[k]).read_text(encoding="utf-8", errors="replace")
+                        for k in ("stdout", "stderr"))
+        return subprocess.CompletedProcess(cmd, json.loads(line)["code"], out, err)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def run_main(*argv: str) -> subprocess.CompletedProcess:

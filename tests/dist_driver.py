@@ -9,9 +9,7 @@ from __future__ import annotations
 import sys
 
 from lathe.cli import main
-from lathe.distributed import leave_process_group
+from lathe.distributed import exit_process
 
 if __name__ == "__main__":
-    code = max(main(["train", path]) for path in sys.argv[1:])
-    leave_process_group()
-    sys.exit(code)
+    exit_process(max(main(["train", path]) for path in sys.argv[1:]))

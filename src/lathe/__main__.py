@@ -1,8 +1,9 @@
 import sys
 
 from lathe.cli import main
-from lathe.distributed import leave_process_group
+from lathe.distributed import exit_process, launched
 
 code = main()
-leave_process_group()
+if launched():  # one process of a torchrun / accelerate group
+    exit_process(code)
 sys.exit(code)

@@ -444,12 +444,27 @@ def _failure(e: Any) -> LauncherError:
 
 
 def leave_process_group() -> None:
-    """At the end of a launched process: the process group closed before the interpreter exits
-    (left to exit, gloo's threads can abort the process: "terminate called without an active
-    exception", seen once in CI); nothing when no group was made."""
+    """At the end of a launched process: the process group closed before the interpreter exits;
+    nothing when no group was made."""
     if "torch" not in sys.modules:
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End this process with `code`: the group left, Python's exit handlers run and its streams
+    flushed, then the process ends without running C++ destructors. A launched process that
+    exits normally can abort in them ("terminate called without an active exception": a
+    communication thread of torch's destroyed while still running), which turned a finished run
+    into a failed one under load, twice in CI runs, after the process group had been destroyed."""
+    import atexit
+
+    leave_process_group()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)

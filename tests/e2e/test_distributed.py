@@ -242,6 +242,42 @@ def test_a_rank_that_dies_stops_the_run_with_one_line(single, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_rank_that_hangs_ends_the_run_after_ddp_timeout(single, tmp_path):
+    """SIGSTOP one of two processes mid-run (a hung rank: alive, silent): the other gives up
+    after ddp_timeout seconds with one line, and the launcher stops the run (not a hang)."""
+    import psutil
+
+    base, _ = single
+    cfg = write_yaml(tmp_path / "cfg.yaml", {**base, "per_device_train_batch_size": 4, "max_steps": 100000,
+                                             "output_dir": str(tmp_path / "run"), "ddp_timeout": 10})
+    launcher = subprocess.Popen([sys.executable, "-m", "lathe", "train", str(cfg), "nproc_per_node=2"], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    victim = None
+    try:
+        deadline = time.time() + 300
+        log = tmp_path / "run" / "trainer_log.jsonl"
+        while not (log.is_file() and log.read_text().strip()) and time.time() < deadline:
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            time.sleep(0.5)
+        victim = next(p for p in psutil.Process(launcher.pid).children(recursive=True)
+                      if p.environ().get("RANK") == "1")
+        victim.suspend()
+        stopped = time.time()
+        _, err = launcher.communicate(timeout=180)
+        took = time.time() - stopped
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        if victim is not None and victim.is_running():
+            victim.kill()
+    assert launcher.returncode == 1, err[-3000:]
+    assert 10 <= took < 90, took  # ddp_timeout, then the launcher's grace period for the hung process
+    assert "rank 0 stopped: another process of the run stopped answering (timed out" in err, err[-3000:]
+    assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("LaunchError: rank 0 (pid "), err[-3000:]
+
+
+@pytest.mark.slow
 def test_accelerate_launch_starts_the_processes_it_was_asked_for(single, tmp_path):
     """accelerate's CPU launcher starts one process (it leaves more to mpirun): Lathe then starts
     the num_processes it was given; and the shipped ddp.yaml starts them through accelerate."""
