@@ -261,3 +261,72 @@ def test_streaming_data_cannot_be_packed():
     with pytest.raises(ConfigError, match="streaming: false or packing: false"):
         pack_for_training(SplitData(stream, None, DataStats()), _tiny("llama", "sdpa"),
                           SimpleNamespace(pad_token_id=0), 16, 2)
+
+
+# --- padding-free batches: the same examples per step, without padding --------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("flatten", [False, True])
+def test_a_padding_free_batch_has_the_padded_batch_loss_and_gradients(arch, impl, flatten):
+    from lathe.data.collators import LMCollator
+    from lathe.data.packing import PaddingFreeCollator
+
+    model = _tiny(arch, impl).train()
+    examples = _examples([9, 4, 13, 6, 2, 11, 7, 16])
+    padded = LMCollator(0)(examples)
+    free = PaddingFreeCollator(0, flatten=flatten)(examples)
+    assert "attention_mask" not in free and free["use_cache"] is False
+    assert free["input_ids"].numel() < padded["input_ids"].numel()  # fewer tokens pushed through
+    assert (free["labels"][..., 1:] != IGNORE).sum() == (padded["labels"][..., 1:] != IGNORE).sum()
+    results = []
+    for batch in (padded, free):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert abs(loss_a - loss_b) < 1e-5 * abs(loss_a)
+    assert max((a - b).abs().max().item() for a, b in zip(grads_a, grads_b)) < 1e-5
+    # the comparison can fail: the same rows with no boundaries between the examples
+    with torch.no_grad():
+        crossed = model(**{k: v for k, v in free.items() if k != "position_ids"}).loss.item()
+    assert abs(crossed - loss_a) > 1e-3
+
+
+def test_padding_free_rows_hold_every_example_once_within_the_capacity():
+    from lathe.data.packing import PaddingFreeCollator, padding_free_fraction
+
+    examples = _examples([12, 3, 3, 5, 9, 2])
+    batch = PaddingFreeCollator(0, capacity=14)(examples)
+    rows = batch["input_ids"].shape[0]
+    assert batch["input_ids"].shape[1] == 16 and rows == 3  # 34 tokens in rows of <= 14, padded to 8s
+    seen = []
+    for r in range(rows):
+        pos, ids = batch["position_ids"][r].tolist(), batch["input_ids"][r].tolist()
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        seen += [ids[s:e] for s, e in zip(starts, starts[1:]) if batch["labels"][r, s + 1:e].ne(IGNORE).any()]
+    assert sorted(seen) == sorted(x["input_ids"] for x in examples)
+    long_one = PaddingFreeCollator(0, capacity=4)(_examples([9, 2]))  # longer than the capacity: a row of its own
+    assert long_one["input_ids"].shape == (2, 16)
+    # the padding estimate: all four fit one row of 16 -> none left (padded batches: 10 and 2s -> 55%)
+    assert padding_free_fraction([10, 2, 2, 2], 4, 16, multiple_of=1) == 0.0
+    assert padding_fraction([10, 2, 2, 2], 4) == pytest.approx(0.6)
+
+
+def test_padding_free_is_off_with_a_note_or_refused_when_the_model_crosses_examples():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from lathe.data.packing import padding_free_for_training
+
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                    num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=128)
+    model = OPTForCausalLM(cfg)
+    data = SplitData(_dataset(_examples([5, 6, 7])), None, DataStats())
+    collator, note = padding_free_for_training(data, model, SimpleNamespace(pad_token_id=1), None, 2)
+    assert collator is None and note.startswith("padding-free batches off: OPTForCausalLM")
+    with pytest.raises(ConfigError, match=r"padding_free: true, but OPTForCausalLM .* set padding_free: false$"):
+        padding_free_for_training(data, model, SimpleNamespace(pad_token_id=1), True, 2)
+    llama = _tiny("llama", "sdpa")
+    collator, note = padding_free_for_training(data, llama, SimpleNamespace(pad_token_id=0), None, 2)
+    assert collator is not None and "padding-free batches: rows no longer than the longest example; padding" in note

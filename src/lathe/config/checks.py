@@ -211,6 +211,26 @@ def packing_fits_the_method(cfg: LatheConfig) -> None:
                           "prepended; remove packing (or use lora)")
 
 
+# The stages whose batches can go without padding (DataConfig.padding_free).
+PADDING_FREE_STAGES = ("sft",)
+
+
+@check
+def padding_free_fits(cfg: LatheConfig) -> None:
+    from lathe.model.methods import get_method
+
+    if not cfg.data.padding_free:
+        return
+    stage, method = cfg.finetune.stage, cfg.finetune.finetuning_type
+    if stage not in PADDING_FREE_STAGES:
+        raise ConfigError(f"padding_free: true with stage {stage}: padding-free batches are built for stage "
+                          f"{', '.join(PADDING_FREE_STAGES)}; remove padding_free")
+    if not get_method(method).packs:
+        raise ConfigError(f"padding_free: true with finetuning_type: {method}: peft drops the position ids "
+                          "that keep the examples of a row apart once virtual tokens are prepended; remove "
+                          "padding_free (or use lora)")
+
+
 @check(commands=EVERY)
 def lora_values_in_range(cfg: LatheConfig) -> None:
     ft = cfg.finetune

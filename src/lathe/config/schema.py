@@ -91,6 +91,11 @@ class DataConfig:
     packing: bool = _f(
         False, "Pack examples into rows of cutoff_len; attention never crosses examples."
     )
+    padding_free: bool | None = _f(
+        None, "Batches without padding: the same examples per step, side by side in a row with "
+        "restarting position ids (attention never crosses them), the same loss. Unset: on where the "
+        "model keeps them apart (a probe decides, as for packing) and the method allows; true: "
+        "required; false: padded batches.", stage=("sft",))
     strip_html: bool = _f(False, "Cleaning: remove HTML tags from text.")
     strip_urls: bool = _f(False, "Cleaning: remove URLs from text.")
     normalize_whitespace: bool = _f(False, "Cleaning: collapse runs of spaces and blank lines.")

@@ -167,9 +167,62 @@ def make_collator(model: Any, tokenizer: Any) -> PackedCollator:
     return PackedCollator(pad_token_id=pad, flatten=is_flash_attention_requested(model.config))
 
 
+@dataclass
+class PaddingFreeCollator:
+    """The examples of a batch, unpacked rows as the padded collator gets them, batched without
+    padding: the same examples per step, the same trained tokens (each example's first token is
+    never predicted, padded or not), and the boundaries in restarting position ids as packing
+    has them.
+
+    `flatten=True` (flash attention: varlen kernels): one row of every example, no padding at
+    all. Otherwise (sdpa, eager) the examples are put side by side in rows no longer than the
+    batch's longest example (first-fit decreasing), padded to the longest row. Those kernels
+    compute a row's attention over all of its tokens under a block-diagonal mask, so a row is
+    never made longer than the padded batch's rows: measured on CPU (LoRA, 33M Llama, batch 4,
+    cutoff 512), rows of up to 512 tokens trained 1.15x as fast as padding, rows of the longest
+    example 1.27x, one row of the whole batch 0.91x. `capacity` (tests) sets another row length."""
+
+    pad_token_id: int
+    flatten: bool = False
+    capacity: int | None = None
+    pad_to_multiple_of: int = PAD_MULTIPLE
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        examples = [(list(f["input_ids"]), list(f["labels"])) for f in features]
+        if self.flatten:
+            groups = [examples]
+        else:
+            lengths = [len(ids) for ids, _ in examples]
+            bins = first_fit_decreasing(lengths, max(self.capacity or 0, max(lengths)))
+            groups = [[examples[i] for i in sorted(b)] for b in bins]
+        rows = [pack_row(g) for g in groups]
+        return PackedCollator(self.pad_token_id, flatten=self.flatten,
+                              pad_to_multiple_of=self.pad_to_multiple_of)(rows)
+
+
+def padding_free_fraction(lengths: list[int], batch_size: int, capacity: int | None = None,
+                          multiple_of: int = PAD_MULTIPLE, shuffles: int = 8) -> float:
+    """Share of padding in PaddingFreeCollator's batches (not flattened), estimated as
+    `padding_fraction` does: seeded shuffles, batches of `batch_size` examples."""
+    if not lengths or batch_size <= 0:
+        return 0.0
+    fractions = []
+    for seed in range(shuffles):
+        order = list(lengths)
+        random.Random(seed).shuffle(order)
+        padded = 0
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            bins = first_fit_decreasing(batch, max(capacity or 0, max(batch)))
+            width = max(sum(batch[i] for i in b) for b in bins)
+            padded += -(-width // multiple_of) * multiple_of * len(bins)
+        fractions.append(1 - sum(order) / padded if padded else 0.0)
+    return sum(fractions) / len(fractions)
+
+
 # --- does this model honour the boundaries? ------------------------------------------------
 
-def check_packing_support(model: Any, collator: PackedCollator) -> float:
+def check_packing_support(model: Any, collator: PackedCollator, key: str = "packing") -> float:
     """Refuse (ConfigError) a model whose packed forward differs from the unpacked one.
 
     A tiny probe: examples a, a2 (same length as a), b, c; rows [a, b], [a2, b], [c].
@@ -206,8 +259,8 @@ def check_packing_support(model: Any, collator: PackedCollator) -> float:
             crossed = alone(a + b)[len(a):]  # b after a with no boundary
     except Exception as e:  # noqa: BLE001 - any failure means packing cannot be trusted
         why = (str(e).strip().splitlines() or [""])[0][:120]
-        raise ConfigError(f"packing: true, but a packed forward of {name} ({impl} attention) failed "
-                          f"({type(e).__name__}: {why}); set packing: false") from None
+        raise ConfigError(f"{key}: true, but a packed forward of {name} ({impl} attention) failed "
+                          f"({type(e).__name__}: {why}); set {key}: false") from None
     finally:
         model.train(was_training)
 
@@ -225,8 +278,8 @@ def check_packing_support(model: Any, collator: PackedCollator) -> float:
     if diff <= 1e-4 * scale or (not exact and diff <= 0.1 * cross):
         return diff
     raise ConfigError(
-        f"packing: true, but {name} ({impl} attention) does not keep packed examples apart "
-        f"(packed logits differ from unpacked ones by {diff:.3g}); set packing: false"
+        f"{key}: true, but {name} ({impl} attention) does not keep packed examples apart "
+        f"(packed logits differ from unpacked ones by {diff:.3g}); set {key}: false"
     )
 
 
@@ -253,3 +306,28 @@ def pack_for_training(data: Any, model: Any, tokenizer: Any, cutoff_len: int,
             f"padding {before:.1%} without packing, {after:.1%} with packing "
             f"(batch size {batch_size})")
     return replace(data, train=train, eval=ev), collator, note
+
+
+def padding_free_for_training(data: Any, model: Any, tokenizer: Any, setting: bool | None,
+                              batch_size: int) -> tuple[PaddingFreeCollator | None, str | None]:
+    """The collator for padding-free batches and a line for the start summary, or (None, why not)
+    when `padding_free` is unset and the model's attention would cross examples (the packing
+    probe); `padding_free: true` then stops the run with that line instead."""
+    from datasets import Dataset
+
+    packed = make_collator(model, tokenizer)
+    try:
+        check_packing_support(model, packed, key="padding_free")
+    except ConfigError as e:
+        if setting:
+            raise
+        return None, f"padding-free batches off: {str(e).split(', but ', 1)[-1].split('; set ')[0]}"
+    collator = PaddingFreeCollator(packed.pad_token_id, flatten=packed.flatten)
+    kind = "one row per batch (varlen attention)" if packed.flatten else "rows no longer than the longest example"
+    if not isinstance(data.train, Dataset):
+        return collator, f"padding-free batches: {kind}"
+    lengths = [len(x) for x in data.train["input_ids"]]
+    before = padding_fraction(lengths, batch_size, multiple_of=PAD_MULTIPLE)
+    after = 0.0 if packed.flatten else padding_free_fraction(lengths, batch_size)
+    return collator, (f"padding-free batches: {kind}; padding {before:.1%} of the tokens of padded batches, "
+                      f"{after:.1%} now (batch size {batch_size}, the same examples per step)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from lathe.config.schema import LatheConfig
 from lathe.data.collators import LMCollator
 from lathe.data.inspect import mark_trained
-from lathe.data.packing import pack_for_training
+from lathe.data.packing import pack_for_training, padding_free_for_training
 from lathe.infer import set_stop_tokens
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import load_model
@@ -35,6 +35,11 @@ def run(cfg: LatheConfig) -> RunResult:
         data, collator, note = pack_for_training(data, model, tokenizer, cfg.data.cutoff_len,
                                                  cfg.train.per_device_train_batch_size)
         notes.append(note)
+    elif padding_free_wanted(cfg):
+        free, note = padding_free_for_training(data, model, tokenizer, cfg.data.padding_free,
+                                               cfg.train.per_device_train_batch_size)
+        collator = free or collator
+        notes.append(note)
     if cfg.train.do_train or cfg.model.adapter_name_or_path:  # predicting alone adds no fresh adapter
         model = ready_for_training(apply_finetuning(model, cfg.finetune, cfg.model), cfg)
 
@@ -57,6 +62,16 @@ def run(cfg: LatheConfig) -> RunResult:
     result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics, data.test)
     result.metrics.update(predict_metrics)
     return result
+
+
+def padding_free_wanted(cfg: LatheConfig) -> bool:
+    """padding_free true, or unset with a method that keeps position ids (not prefix / P-tuning /
+    prompt tuning, whose virtual tokens make peft drop them)."""
+    from lathe.model.methods import get_method
+
+    if cfg.data.padding_free is None:
+        return get_method(cfg.finetune.finetuning_type).packs
+    return cfg.data.padding_free
 
 
 # What `lathe quantize` calibrates on: rows as this stage tokenizes them (its processor), batched.
