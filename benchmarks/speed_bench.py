@@ -38,9 +38,10 @@ from _output import add_output_args, output_path  # benchmarks/ is on sys.path w
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
-    "padded": {"padding_free": False},
-    "padding_free": {},  # Lathe's default
-    "padding_free_bf16": {"bf16": True},
+    "before": {"padding_free": False, "fused_loss": False},  # padded batches, the model's own loss
+    "padding_free": {"fused_loss": False},
+    "defaults": {},  # Lathe's defaults: padding-free batches and the fused loss
+    "defaults_bf16": {"bf16": True},  # and bf16 autocast (CPUs that compute it natively)
 }
 
 

@@ -211,8 +211,17 @@ def packing_fits_the_method(cfg: LatheConfig) -> None:
                           "prepended; remove packing (or use lora)")
 
 
-# The stages whose batches can go without padding (DataConfig.padding_free).
+# The stages whose batches can go without padding (DataConfig.padding_free), and whose loss can
+# be fused with the output layer (TrainConfig.fused_loss).
 PADDING_FREE_STAGES = ("sft",)
+FUSED_LOSS_STAGES = ("pt", "sft")
+
+
+@check
+def fused_loss_fits(cfg: LatheConfig) -> None:
+    if cfg.train.fused_loss and cfg.finetune.stage not in FUSED_LOSS_STAGES:
+        raise ConfigError(f"fused_loss: true with stage {cfg.finetune.stage}: the fused loss is built for stages "
+                          f"{' and '.join(FUSED_LOSS_STAGES)}; remove fused_loss")
 
 
 @check

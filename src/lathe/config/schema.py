@@ -319,6 +319,10 @@ class TrainConfig:
         False, "do_predict generates a reply for every eval row and scores it (BLEU-4, ROUGE-1/2/L)."
     )
     per_device_train_batch_size: int = _f(8, "Batch size per device for training.")
+    fused_loss: bool | None = _f(
+        None, "pt / sft: the output layer and the cross-entropy fused, a chunk of tokens at a time, so "
+        "the batch's logits never exist whole (the same loss). Unset: on where a probe finds the model's "
+        "own loss reproduced; true: required; false: the model's own loss.", stage=("pt", "sft"))
     per_device_eval_batch_size: int = _f(8, "Batch size per device for evaluation.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     learning_rate: float = _f(5e-5, "Peak learning rate.")

@@ -568,16 +568,44 @@ def start_run(cfg: LatheConfig, opening: Opening) -> None:
 
 
 def lm_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any = None,
-               collator: Any = None) -> Any:
+               collator: Any = None, fused_head: Any = None) -> Any:
     """The stock Trainer for causal-LM stages (pt, sft): the model's own loss, which the
     Trainer normalises over the trained tokens of the whole accumulated batch
-    (num_items_in_batch), so gradient accumulation equals one big batch."""
+    (num_items_in_batch), so gradient accumulation equals one big batch; with `fused_head`
+    (`fused_loss_head`), the same loss with the output layer fused into it."""
     from transformers import Trainer
 
     from lathe.data.collators import LMCollator
 
-    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
-                   processing_class=tokenizer, data_collator=collator or LMCollator(tokenizer.pad_token_id))
+    kwargs = dict(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
+                  processing_class=tokenizer, data_collator=collator or LMCollator(tokenizer.pad_token_id))
+    if fused_head is None:
+        return Trainer(**kwargs)
+    from lathe.recipes.fused_loss import FusedLossTrainer
+
+    return FusedLossTrainer(**kwargs, fused_head=fused_head)
+
+
+def fused_loss_head(cfg: LatheConfig, model: Any) -> tuple[Any, str | None]:
+    """(the output layer the fused loss reads, or None; a line for the summary). `fused_loss`
+    unset: fused where the probe reproduces the model's own loss; true: that, or one line."""
+    if cfg.train.fused_loss is False or not cfg.train.do_train:
+        return None, None
+    from lathe.recipes.fused_loss import CHUNK_ELEMENTS, output_layer, probe
+
+    head = output_layer(model)
+    why = None
+    if head is None:
+        why = "the output layer is not a plain Linear without bias (LoRA on it, quantized, or sharded by ZeRO-3)"
+    elif probe(model, head, head.weight.shape[0]) is None:
+        why = f"{type(model).__name__}'s own loss is not reproduced by it (a logit scale or cap after the output layer)"
+    if why is not None:
+        if cfg.train.fused_loss:
+            raise ConfigError(f"fused_loss: true, but {why}; set fused_loss: false")
+        return None, f"fused loss off: {why}"
+    rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    return head, (f"fused loss: the output layer and cross-entropy {rows} tokens at a time, trained positions "
+                  "only; the batch's logits never exist whole")
 
 
 def mean_loss_trainer(**kwargs: Any) -> Any:

@@ -15,6 +15,7 @@ from lathe.model.load import load_model
 from lathe.recipes.common import (
     RunResult,
     finish_run,
+    fused_loss_head,
     install_callbacks,
     lm_trainer,
     open_stage,
@@ -38,13 +39,16 @@ def run(cfg: LatheConfig) -> RunResult:
     model = load_model(cfg, o.model_path, tokenizer)
     if cfg.train.do_train or cfg.model.adapter_name_or_path:  # predicting alone adds no fresh adapter
         model = ready_for_training(apply_finetuning(model, cfg.finetune, cfg.model), cfg)
+    fused_head, note = fused_loss_head(cfg, model)
+    if note:
+        o.notes.append(note)
 
     start_run(cfg, o)
     print_summary(cfg, model, o.model_path, data,
                   tokenizer.decode(example["input_ids"], skip_special_tokens=False), o.notes,
                   example_caption=f"one block of {len(example['input_ids'])} tokens, all trained")
 
-    trainer = lm_trainer(model, o.args, tokenizer, data.train, data.eval)
+    trainer = lm_trainer(model, o.args, tokenizer, data.train, data.eval, fused_head=fused_head)
     install_callbacks(trainer, cfg)
 
     train_metrics = {}

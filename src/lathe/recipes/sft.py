@@ -12,6 +12,7 @@ from lathe.model.load import load_model
 from lathe.recipes.common import (
     RunResult,
     finish_run,
+    fused_loss_head,
     install_callbacks,
     lm_trainer,
     open_stage,
@@ -42,13 +43,16 @@ def run(cfg: LatheConfig) -> RunResult:
         notes.append(note)
     if cfg.train.do_train or cfg.model.adapter_name_or_path:  # predicting alone adds no fresh adapter
         model = ready_for_training(apply_finetuning(model, cfg.finetune, cfg.model), cfg)
+    fused_head, note = fused_loss_head(cfg, model)
+    if note:
+        notes.append(note)
 
     start_run(cfg, o)
     print_summary(cfg, model, o.model_path, data,
                   mark_trained(example["input_ids"], example["labels"], tokenizer, color=False),
                   notes)
 
-    trainer = lm_trainer(model, o.args, tokenizer, data.train, data.eval, collator)
+    trainer = lm_trainer(model, o.args, tokenizer, data.train, data.eval, collator, fused_head)
     install_callbacks(trainer, cfg)
 
     train_metrics = {}
