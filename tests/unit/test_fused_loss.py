@@ -102,7 +102,7 @@ def test_required_but_not_reproduced_is_one_line_and_unset_is_a_note():
     cfg = lambda value: SimpleNamespace(train=SimpleNamespace(fused_loss=value, do_train=True))  # noqa: E731
     head, note = fused_loss_head(cfg(None), model)
     assert head is None and note.startswith("fused loss off: Capped's own loss is not reproduced")
-    with pytest.raises(ConfigError, match="fused_loss: true, but Capped's own loss is not reproduced.*set fused_loss: false"):
+    with pytest.raises(ConfigError, match="fused_loss: true, but Capped's own loss is not reproduced.*false"):
         fused_loss_head(cfg(True), model)
     assert fused_loss_head(cfg(False), model) == (None, None)
     head, note = fused_loss_head(cfg(None), _tiny())
