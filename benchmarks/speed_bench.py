@@ -1,23 +1,28 @@
-"""Training speed and memory of LoRA SFT on a ~33M-parameter Llama, on CPU: Lathe's settings side by side.
+"""Training speed and memory of LoRA SFT on a ~33M-parameter Llama, on CPU: Lathe's settings side by
+side, and against LLaMA-Factory.
 
-    python benchmarks/speed_bench.py                      # padded vs padding-free -> results/local/speed.json
-    python benchmarks/speed_bench.py --record             # replaces the recorded results/speed.json
-    python benchmarks/speed_bench.py --steps 10 --repeats 1
+    python benchmarks/speed_bench.py                      # Lathe: padded vs padding-free vs fused loss
+    python benchmarks/speed_bench.py --vs-llamafactory    # Lathe's defaults vs LLaMA-Factory's, ratios
+    python benchmarks/speed_bench.py --vs-llamafactory --record   # replaces results/speed_llamafactory.json
 
 The setting is the one the speed issue names: LoRA (r16, every linear layer) on a Llama of hidden
 512, 8 layers (about 33M parameters with its 32k vocabulary), alpaca-shaped rows (an instruction,
-sometimes an input, a reply; lengths drawn from a long-tailed distribution like alpaca's, seeded,
-about 46% padding at batch 4), batch 4, cutoff_len 512, gradient checkpointing off, fp32.
+an input a third of the time, a reply; lengths drawn from a long-tailed distribution, seeded; the
+padding share at batch 4 is printed), batch 4, cutoff_len 512, fp32, one epoch over
+steps x 4 rows, so every run trains on exactly the same examples.
 
-Each configuration trains in a fresh process, the configurations alternate (A B A B ...), and the
-median of the repeats is reported, so a busy shared machine slows both alike. Tokens/s is honest:
-the non-padding tokens of the training rows the run went through (counted from the tokenized
-rows, not the batches' shapes) over the training time (Trainer's train_runtime, which excludes
-loading). MFU: achieved FLOP/s over the machine's peak, with the FLOPs of a step taken as
-6 x trainable-and-frozen-forward parameters x tokens for the forward and backward of the base
-(2 forward + 4 backward, where the backward of frozen weights still computes input gradients:
-written here as 6 N T for the matmuls, as the PaLM paper counts, plus attention 12 L d T s_avg),
-and the peak measured by a float32 matmul on this machine in the same run.
+Each run is the tool's own command line in a fresh process (`lathe train`, `llamafactory-cli
+train`), under a small wrapper that reports the process's peak resident memory. The runs
+alternate (A B C A B C ...) and the median of the repeats is reported, so a busy shared machine
+slows all alike. Tokens/s is counted honestly: the non-padding tokens of the rows (as Lathe's
+template renders them; LLaMA-Factory's alpaca template renders the same text, give or take a
+separator) over the Trainer's train_runtime (training only, no loading).
+
+LLaMA-Factory is installed into a venv of its own (--lf-venv; made on first use from PyPI:
+llamafactory 0.9.5 with this machine's torch; torchvision and torchaudio are removed because the
+PyPI builds that resolve beside torch 2.13 do not load with it, and LLaMA-Factory does not need
+them for text). Its defaults: gradient checkpointing on; `--lf-no-gc` runs are also made with
+disable_gradient_checkpointing: true.
 """
 
 from __future__ import annotations
@@ -31,22 +36,25 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import yaml
 from _output import add_output_args, output_path  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {
-    "before": {"padding_free": False, "fused_loss": False},  # padded batches, the model's own loss
-    "padding_free": {"fused_loss": False},
-    "defaults": {},  # Lathe's defaults: padding-free batches and the fused loss
-    "defaults_bf16": {"bf16": True},  # and bf16 autocast (CPUs that compute it natively)
+LATHE_CONFIGS = {
+    "lathe_padded": {"padding_free": False, "fused_loss": False},  # padded batches, the model's own loss
+    "lathe_padding_free": {"fused_loss": False},
+    "lathe": {},  # Lathe's defaults: padding-free batches and the fused loss
+    "lathe_bf16": {"bf16": True},  # and bf16 autocast (CPUs that compute it natively)
 }
+LF_VERSION = "0.9.5"
+WRAPPER = ("import json, resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+           "print('PEAK ' + json.dumps([rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))")
 
 
 def build_assets(root: Path, rows: int) -> dict[str, str]:
-    """The model and `rows` alpaca-shaped examples."""
+    """The model and `rows` alpaca-shaped examples (registered for both tools: the formats agree)."""
     from lathe.demo.build import DATA_DIR, TinySpec, build_tiny_model
 
     spec = TinySpec(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
@@ -56,12 +64,12 @@ def build_assets(root: Path, rows: int) -> dict[str, str]:
     rng = random.Random(0)
 
     def text(n: int) -> str:
-        start = rng.randrange(len(words) - n) if len(words) > n else 0
+        start = rng.randrange(max(1, len(words) - n))
         return " ".join((words * (1 + n // max(1, len(words))))[start:start + n])
 
     examples = []
     for _ in range(rows):  # alpaca: short instructions, an input a third of the time, replies with a long tail
-        reply = int(min(380, rng.lognormvariate(4.2, 0.8)))
+        reply = int(min(380, rng.lognormvariate(4.0, 1.0)))
         examples.append({"instruction": text(rng.randint(6, 30)),
                          "input": text(rng.randint(5, 40)) if rng.random() < 0.35 else "",
                          "output": text(max(3, reply))})
@@ -72,95 +80,129 @@ def build_assets(root: Path, rows: int) -> dict[str, str]:
     return {"model": str(model), "data": str(data)}
 
 
-def train_config(assets: dict[str, str], out: Path, steps: int, extra: dict) -> dict:
-    return {"model_name_or_path": assets["model"], "dataset": "alpaca", "dataset_dir": assets["data"],
-            "template": "alpaca", "cutoff_len": 512, "finetuning_type": "lora", "lora_rank": 16,
-            "lora_target": "all", "per_device_train_batch_size": 4, "learning_rate": 1e-4,
-            "max_steps": steps, "logging_steps": steps, "save_steps": 100000, "output_dir": str(out),
-            "seed": 0, "report_to": "none", "plot_loss": False, **extra}
+def common_keys(assets: dict[str, str], out: Path, rows: int) -> dict:
+    """The keys both tools read the same way (LLaMA-Factory's names are Lathe's)."""
+    return {"model_name_or_path": assets["model"], "stage": "sft", "finetuning_type": "lora", "lora_rank": 16,
+            "lora_target": "all", "dataset": "alpaca", "dataset_dir": assets["data"], "template": "alpaca",
+            "cutoff_len": 512, "max_samples": rows, "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1, "learning_rate": 1e-4, "num_train_epochs": 1,
+            "lr_scheduler_type": "linear", "logging_steps": 5, "save_steps": 100000, "output_dir": str(out),
+            "seed": 0, "report_to": "none", "plot_loss": False}
 
 
-def run_one(config: dict) -> dict:
-    """In a fresh process: train, then report time, tokens and peak memory."""
-    import resource
-
-    import lathe
-
-    result = lathe.train(config)
-    state = json.loads((Path(config["output_dir"]) / "trainer_state.json").read_text())
-    runtime = result.metrics["train_runtime"]
-    return {"train_runtime": runtime, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "loss": [h["loss"] for h in state["log_history"] if "loss" in h][-1]}
-
-
-def non_padding_tokens(assets: dict[str, str], steps: int, batch: int) -> int:
-    """The tokens of the rows a run of `steps` steps trains on: the rows in the order the
-    Trainer's seeded sampler draws them are not needed, the whole set's mean length is (every
-    run goes through the same number of rows)."""
+def non_padding_tokens(assets: dict[str, str], rows: int, batch: int) -> int:
+    """The tokens of the rows every run trains on, as Lathe renders them."""
     from transformers import AutoTokenizer
 
     from lathe.config.load import load_config
     from lathe.data.loader import load_stage_data
+    from lathe.data.packing import padding_fraction
     from lathe.data.templates import get_template
 
-    cfg = load_config(train_config(assets, Path(tempfile.mkdtemp()) / "x", steps, {}))
+    cfg = load_config(common_keys(assets, Path(tempfile.mkdtemp()) / "x", rows))
     tok = AutoTokenizer.from_pretrained(assets["model"])
-    data = load_stage_data("sft", cfg.data, tok, get_template("alpaca"), seed=0)
-    lengths = [len(x) for x in data.train["input_ids"]]
-    from lathe.data.packing import padding_fraction
-
+    lengths = [len(x) for x in load_stage_data("sft", cfg.data, tok, get_template("alpaca"), seed=0).train["input_ids"]]
     print(f"{len(lengths)} rows, mean {sum(lengths) / len(lengths):.0f} tokens, longest {max(lengths)}; "
           f"padding at batch {batch}: {padding_fraction(lengths, batch, multiple_of=8):.1%}", flush=True)
-    return round(sum(lengths) / len(lengths) * steps * batch)
+    return sum(lengths)
+
+
+def llamafactory_venv(venv: Path) -> Path:
+    """The venv's llamafactory-cli, made first if missing."""
+    cli = venv / "bin" / "llamafactory-cli"
+    if cli.is_file():
+        return cli
+    import torch
+
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+    print(f"installing LLaMA-Factory {LF_VERSION} into {venv} (once) ...", flush=True)
+    py = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pins = venv / "constraints.txt"
+    pins.write_text(torch_pin + "\n")
+    for cmd in (["install", "-q", "--upgrade", "pip"], ["install", "-q", torch_pin],
+                ["install", "-q", "-c", str(pins), f"llamafactory=={LF_VERSION}"],
+                ["uninstall", "-q", "-y", "torchvision", "torchaudio"]):
+        subprocess.run([str(py), "-m", "pip", *cmd], check=True)
+    return cli
+
+
+def run(name: str, command: list[str], cfg: dict, folder: Path) -> dict:
+    """One run of a tool's command line: train_runtime, peak memory, final loss."""
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *command, str(path)], capture_output=True, text=True,
+                          cwd=folder, env=env)
+    rc, peak = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("PEAK "))[5:])
+    if rc != 0:
+        sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    out = Path(cfg["output_dir"])
+    metrics = json.loads((out / "train_results.json").read_text())
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    return {"train_runtime": metrics["train_runtime"], "peak_rss_mb": round(peak), "last_loss": losses[-1]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=25, help="optimizer steps (rows = steps x 4, one epoch)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rows", type=int, default=400)
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config (JSON) in this process
+    ap.add_argument("--configs", default=None, help=f"Lathe configurations to run (of {', '.join(LATHE_CONFIGS)})")
+    ap.add_argument("--vs-llamafactory", action="store_true", help="Lathe's defaults against LLaMA-Factory's")
+    ap.add_argument("--lf-venv", default=str(Path.home() / ".cache" / "lathe-bench" / "llamafactory-venv"))
     add_output_args(ap, "speed")
     args = ap.parse_args()
-    if args.one:
-        print("RESULT " + json.dumps(run_one(json.loads(args.one))))
-        return
-    names = args.configs.split(",")
+    rows = args.steps * 4
+    lathe = [sys.executable, "-m", "lathe", "train"]
+    plan: dict[str, tuple[list[str], dict]] = {}
+    if args.vs_llamafactory:
+        cli = llamafactory_venv(Path(args.lf_venv).expanduser())
+        plan = {"lathe": (lathe, {}), "llamafactory": ([str(cli), "train"], {"do_train": True}),
+                "llamafactory_no_gc": ([str(cli), "train"], {"do_train": True, "disable_gradient_checkpointing": True})}
+    names = (args.configs or ("lathe" if args.vs_llamafactory else ",".join(LATHE_CONFIGS))).split(",")
+    for name in names:
+        if name not in plan:
+            plan[name] = (lathe, LATHE_CONFIGS[name])
+    order = [n for n in (["lathe_padded"] if not args.vs_llamafactory else []) + list(plan) if n in plan]
+    order = list(dict.fromkeys(order))
     with tempfile.TemporaryDirectory(prefix="lathe-speed-") as tmp:
         root = Path(tmp)
-        assets = build_assets(root, args.rows)
-        tokens = non_padding_tokens(assets, args.steps, 4)
-        runs: dict[str, list[dict]] = {n: [] for n in names}
+        assets = build_assets(root, rows)
+        tokens = non_padding_tokens(assets, rows, 4)
+        results: dict[str, list[dict]] = {n: [] for n in order}
         for r in range(args.repeats):
-            for name in names:
-                cfg = train_config(assets, root / f"{name}-{r}", args.steps, CONFIGS[name])
-                t = time.time()
-                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True,
-                                      text=True, cwd=REPO, env={**os.environ, "LATHE_QUIET": "1"})
-                if proc.returncode != 0:
-                    sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-                result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
-                result["wall_s"] = round(time.time() - t, 1)
-                runs[name].append(result)
+            for name in order:
+                command, keys = plan[name]
+                cfg = {**common_keys(assets, root / f"{name}-{r}", rows), **keys}
+                result = run(name, command, cfg, root)
+                results[name].append(result)
                 print(f"{name} #{r + 1}: {tokens / result['train_runtime']:,.0f} tokens/s, "
-                      f"peak {result['peak_rss_mb']:,.0f} MB", flush=True)
+                      f"peak {result['peak_rss_mb']:,} MB, last loss {result['last_loss']}", flush=True)
+    base = order[0] if not args.vs_llamafactory else "lathe"
     summary = {}
-    for name, rs in runs.items():
+    for name, rs in results.items():
         runtime = statistics.median(x["train_runtime"] for x in rs)
         summary[name] = {"tokens_per_s": round(tokens / runtime, 1), "train_runtime_s": round(runtime, 2),
-                         "peak_rss_mb": round(statistics.median(x["peak_rss_mb"] for x in rs)),
-                         "final_loss": rs[0]["loss"], "runs": rs}
-    base = summary[names[0]]
-    for name in names:
+                         "peak_rss_mb": round(statistics.median(x["peak_rss_mb"] for x in rs)), "runs": rs}
+    lines = []
+    for name in order:
         s = summary[name]
-        s["speed_vs_" + names[0]] = round(s["tokens_per_s"] / base["tokens_per_s"], 3)
-        s["memory_vs_" + names[0]] = round(s["peak_rss_mb"] / base["peak_rss_mb"], 3)
-        print(f"{name:>14}: {s['tokens_per_s']:>8,.0f} tokens/s ({s['speed_vs_' + names[0]]:.2f}x), "
-              f"peak {s['peak_rss_mb']:,} MB ({s['memory_vs_' + names[0]]:.2f}x), loss {s['final_loss']}")
-    out = output_path(args, "speed")
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                               "steps": args.steps, "repeats": args.repeats, "non_padding_tokens": tokens,
+        if args.vs_llamafactory:
+            s["lathe_speedup"] = round(summary["lathe"]["tokens_per_s"] / s["tokens_per_s"], 3)
+            s["lathe_memory_ratio"] = round(summary["lathe"]["peak_rss_mb"] / s["peak_rss_mb"], 3)
+            lines.append(f"{name:>20}: {s['tokens_per_s']:>7,.0f} tokens/s, peak {s['peak_rss_mb']:>6,} MB"
+                         f"  | Lathe: {s['lathe_speedup']:.2f}x the speed, {s['lathe_memory_ratio']:.2f}x the memory")
+        else:
+            s["speed_vs_" + base] = round(s["tokens_per_s"] / summary[base]["tokens_per_s"], 3)
+            s["memory_vs_" + base] = round(s["peak_rss_mb"] / summary[base]["peak_rss_mb"], 3)
+            lines.append(f"{name:>20}: {s['tokens_per_s']:>7,.0f} tokens/s ({s['speed_vs_' + base]:.2f}x), "
+                         f"peak {s['peak_rss_mb']:,} MB ({s['memory_vs_' + base]:.2f}x)")
+    print("\n".join(lines))
+    out = output_path(args, "speed_llamafactory" if args.vs_llamafactory else "speed")
+    out.write_text(json.dumps({"command": "python benchmarks/speed_bench.py " + " ".join(sys.argv[1:]),
+                               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                               "rows": rows, "non_padding_tokens": tokens, "repeats": args.repeats,
                                "results": summary}, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -3,12 +3,15 @@ launcher (nproc_per_node, several "machines"), a rank that dies, and accelerate 
 
 The yardstick: each stage trained by 2 processes at batch 4 per process equals the same stage
 trained by 1 process at batch 8 (the same global batch, the same examples per step), in its
-logged losses and its saved weights. Only the order of floating-point sums differs (an
-all-reduce of two halves, or DeepSpeed's partitioned reduce, against one sum), which moves a
-float32 loss by about 1e-7 relative per step; after 4 steps of Adam the tolerance below
-(2e-5 relative on losses, 1e-5 absolute on weights) leaves two orders of magnitude of room,
-while a wrong normalisation (loss x2, a per-rank KL, a missed gradient sync) moves the losses
-by 1e-3 or more (seen while this was built).
+logged losses and its saved weights. Only float rounding differs: sums in another order (an
+all-reduce of two halves, or DeepSpeed's partitioned reduce, against one sum), and padding-free
+rows formed from each process's 4 examples instead of all 8 (other matrix shapes). That moves a
+float32 loss by about 1e-7 relative per step, so losses are held to 2e-5 relative. Adam divides
+each gradient by its own running size, which lifts rounding in near-zero gradients to a share of a
+step: the weights are held to 5% of one step (0.05 x learning_rate; measured up to 1.7e-5 at
+learning rate 1e-3), while processes that do not share their gradients differ by whole steps, and
+a wrong normalisation (loss x2, a per-rank KL) moves the losses by 1e-3 or more (seen while this
+was built).
 """
 
 from __future__ import annotations
@@ -87,6 +90,23 @@ def single(tiny_model, data_dir, stage_data, tmp_path_factory) -> tuple[dict, di
     return base, runs
 
 
+FUSED = ("sft", "sft_full", "pt")  # the stages whose loss is fused with the output layer by default
+
+
+@pytest.fixture(scope="module")
+def single_unfused(single, stage_data, tmp_path_factory) -> dict[str, Path]:
+    """The fused-loss stages again in one process with the model's own loss: ZeRO-3 shards the output
+    layer, so there the model's own loss runs, and the yardstick must compute the same."""
+    base, _ = single
+    root = tmp_path_factory.mktemp("single-unfused")
+    runs = {}
+    for name in FUSED:
+        runs[name] = root / name
+        lathe.train({**stages(base, stage_data)[name], "per_device_train_batch_size": 8, "fused_loss": False,
+                     "output_dir": str(runs[name])})
+    return runs
+
+
 def _losses(run: Path) -> list[float]:
     lines = (run / "trainer_log.jsonl").read_text().splitlines()
     return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
@@ -118,15 +138,20 @@ def test_torchrun_shares_the_data_and_rank_0_writes_once(tmp_path, base_args):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_two_processes_train_every_stage_as_one_process_does(engine, single, stage_data, tmp_path):
+def test_two_processes_train_every_stage_as_one_process_does(engine, single, stage_data, tmp_path, request):
     base, runs = single
     deepspeed, names = ENGINES[engine]
+    zero3 = engine.startswith("zero3")
+    if zero3:
+        runs = {**runs, **request.getfixturevalue("single_unfused")}
     configs = []
     for name in names:
         keys = {**stages(base, stage_data)[name], "per_device_train_batch_size": 4,
                 "output_dir": str(tmp_path / name)}
         if deepspeed:
             keys["deepspeed"] = deepspeed
+        if zero3 and name in FUSED:
+            keys["fused_loss"] = False  # as ZeRO-3 would decide anyway (its output layer is sharded)
         configs.append(str(write_yaml(tmp_path / f"{name}.yaml", keys)))
     proc = subprocess.run([*TORCHRUN, "-m", "tests.dist_driver", *configs], capture_output=True, text=True,
                           cwd=REPO, timeout=900, env=dict(os.environ))
@@ -140,7 +165,8 @@ def test_two_processes_train_every_stage_as_one_process_does(engine, single, sta
         assert got.keys() == expected.keys(), name  # complete: every tensor, gathered from its shards
         for key, tensor in expected.items():
             assert got[key].shape == tensor.shape, (name, key)
-            assert (got[key] - tensor).abs().max().item() < 1e-5, (name, key)
+            lr = stages(base, stage_data)[name].get("learning_rate", base["learning_rate"])
+            assert (got[key] - tensor).abs().max().item() < 0.05 * lr, (name, key)
     if deepspeed:
         assert "DeepSpeed ZeRO-" in proc.stdout
 

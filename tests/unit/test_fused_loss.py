@@ -99,7 +99,9 @@ def test_required_but_not_reproduced_is_one_line_and_unset_is_a_note():
             return out
 
     model = Capped(_tiny().config)
-    cfg = lambda value: SimpleNamespace(train=SimpleNamespace(fused_loss=value, do_train=True))  # noqa: E731
+    cfg = lambda value, qat=False: SimpleNamespace(  # noqa: E731
+        train=SimpleNamespace(fused_loss=value, do_train=True),
+        finetune=SimpleNamespace(quantization_aware_training=qat))
     head, note = fused_loss_head(cfg(None), model)
     assert head is None and note.startswith("fused loss off: Capped's own loss is not reproduced")
     with pytest.raises(ConfigError, match="fused_loss: true, but Capped's own loss is not reproduced.*false"):
@@ -107,3 +109,5 @@ def test_required_but_not_reproduced_is_one_line_and_unset_is_a_note():
     assert fused_loss_head(cfg(False), model) == (None, None)
     head, note = fused_loss_head(cfg(None), _tiny())
     assert head is not None and note.startswith("fused loss: the output layer and cross-entropy")
+    head, note = fused_loss_head(cfg(None, qat=True), _tiny())
+    assert head is None and "quantization-aware training" in note

@@ -19,7 +19,9 @@ and compares it with the unpacked one, and refuses the model if they differ.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -222,6 +224,33 @@ def padding_free_fraction(lengths: list[int], batch_size: int, capacity: int | N
 
 # --- does this model honour the boundaries? ------------------------------------------------
 
+@contextlib.contextmanager
+def probing(model: Any) -> Iterator[None]:
+    """A probe's forward passes: in eval mode (no dropout), and the model left as it was found.
+    A bitsandbytes-quantized model stays in training mode with dropout off instead: on CPU its
+    4-bit layers repack their weights for inference at the first eval-mode forward, after which
+    training computes other numbers (the saved adapter then no longer matched the model that
+    trained it)."""
+    import torch
+
+    was_training = model.training
+    quantized = getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False)
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0] if quantized else []
+    rates = [m.p for m in dropouts]
+    if quantized:
+        for m in dropouts:
+            m.p = 0.0
+        model.train()  # a model fresh from from_pretrained is in eval mode
+    else:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, p in zip(dropouts, rates):
+            m.p = p
+        model.train(was_training)
+
+
 def check_packing_support(model: Any, collator: PackedCollator, key: str = "packing") -> float:
     """Refuse (ConfigError) a model whose packed forward differs from the unpacked one.
 
@@ -238,16 +267,15 @@ def check_packing_support(model: Any, collator: PackedCollator, key: str = "pack
     name = type(model).__name__
     weight = next(model.parameters())
     gen = torch.Generator().manual_seed(0)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    embeddings = model.get_input_embeddings().weight
+    vocab = getattr(embeddings, "ds_shape", embeddings.shape)[0]  # the full size under ZeRO-3
     a, a2, b, c = (torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (7, 7, 5, 4))
     rows = [[a, b], [a2, b], [c]]
     batch = collator([pack_row([(s, s) for s in row]) for row in rows])
     batch.pop("labels")
     device = weight.device
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with probing(model), torch.no_grad():
             packed = model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
             packed = packed.logits.float()
 
@@ -261,8 +289,6 @@ def check_packing_support(model: Any, collator: PackedCollator, key: str = "pack
         why = (str(e).strip().splitlines() or [""])[0][:120]
         raise ConfigError(f"{key}: true, but a packed forward of {name} ({impl} attention) failed "
                           f"({type(e).__name__}: {why}); set {key}: false") from None
-    finally:
-        model.train(was_training)
 
     flat = packed.reshape(-1, packed.shape[-1])
     width = 0 if collator.flatten else packed.shape[1]

@@ -595,7 +595,9 @@ def fused_loss_head(cfg: LatheConfig, model: Any) -> tuple[Any, str | None]:
 
     head = output_layer(model)
     why = None
-    if head is None:
+    if cfg.finetune.quantization_aware_training:
+        why = "quantization-aware training rounds what the output layer reads, which the fusion would skip"
+    elif head is None:
         why = "the output layer is not a plain Linear without bias (LoRA on it, quantized, or sharded by ZeRO-3)"
     elif probe(model, head, head.weight.shape[0]) is None:
         why = f"{type(model).__name__}'s own loss is not reproduced by it (a logit scale or cap after the output layer)"

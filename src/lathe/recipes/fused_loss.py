@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.utils.parametrize
 from transformers import Trainer
 
 IGNORE_INDEX = -100
@@ -80,6 +81,8 @@ def output_layer(model: Any) -> torch.nn.Linear | None:
     head = get() if callable(get) else None
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None  # a LoRA-wrapped or quantized head, or one with a bias: the model's own loss
+    if head._forward_hooks or head._forward_pre_hooks or torch.nn.utils.parametrize.is_parametrized(head):
+        return None  # something runs around the layer (quantization-aware training): reading its weight skips it
     if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: the weight is a shard outside the forward
         return None
     return head
@@ -115,16 +118,14 @@ def probe(model: Any, head: torch.nn.Linear, vocab_size: int) -> float | None:
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False}
-    was_training = model.training
-    model.eval()
+    from lathe.data.packing import probing
+
     try:
-        with torch.no_grad():
+        with probing(model), torch.no_grad():
             own = model(**batch).loss.float().item()
             fused = fused_lm_loss(model, batch, head).item()
     except Exception:  # noqa: BLE001 - a model that cannot do it keeps its own loss
         return None
-    finally:
-        model.train(was_training)
     diff = abs(own - fused) / max(abs(own), 1e-6)
     return diff if diff <= 1e-4 else None
 
@@ -139,8 +140,10 @@ class FusedLossTrainer(Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        head = self.fused_head
         if return_outputs or not model.training or self.label_smoother is not None \
-                or self.compute_loss_func is not None or "labels" not in inputs:
+                or self.compute_loss_func is not None or "labels" not in inputs \
+                or head._forward_hooks or head._forward_pre_hooks:  # hooks added since (they would be skipped)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = fused_lm_loss(model, inputs, self.fused_head, num_items_in_batch)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs \
