@@ -39,6 +39,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
 from _output import add_output_args, output_path  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
