@@ -19,10 +19,10 @@ template renders them; LLaMA-Factory's alpaca template renders the same text, gi
 separator) over the Trainer's train_runtime (training only, no loading).
 
 LLaMA-Factory is installed into a venv of its own (--lf-venv; made on first use from PyPI:
-llamafactory 0.9.5 with this machine's torch; torchvision and torchaudio are removed because the
-PyPI builds that resolve beside torch 2.13 do not load with it, and LLaMA-Factory does not need
-them for text). Its defaults: gradient checkpointing on; `--lf-no-gc` runs are also made with
-disable_gradient_checkpointing: true.
+llamafactory 0.9.5 with torch 2.11 and torchaudio 2.11.0, which its start-up imports; no
+torchaudio build on PyPI loads beside torch 2.13, Lathe's pin, so the two tools run different
+torch versions, which the ratios include). Its defaults: gradient checkpointing on; the
+`llamafactory_no_gc` runs set disable_gradient_checkpointing: true.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ LATHE_CONFIGS = {
     "lathe_bf16": {"bf16": True},  # and bf16 autocast (CPUs that compute it natively)
 }
 LF_VERSION = "0.9.5"
+# LLaMA-Factory imports torchaudio at start; no torchaudio on PyPI loads beside torch 2.13 (Lathe's pin),
+# and torchaudio 2.11.1 does not load beside torch 2.11.0: this pair does
+LF_TORCH = ("torch==2.11.0", "torchaudio==2.11.0")
 WRAPPER = ("import json, resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
            "print('PEAK ' + json.dumps([rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))")
 
@@ -113,17 +116,13 @@ def llamafactory_venv(venv: Path) -> Path:
     cli = venv / "bin" / "llamafactory-cli"
     if cli.is_file():
         return cli
-    import torch
-
-    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
-    print(f"installing LLaMA-Factory {LF_VERSION} into {venv} (once) ...", flush=True)
+    print(f"installing LLaMA-Factory {LF_VERSION} into {venv} (once, a few GB) ...", flush=True)
     py = venv / "bin" / "python"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pins = venv / "constraints.txt"
-    pins.write_text(torch_pin + "\n")
-    for cmd in (["install", "-q", "--upgrade", "pip"], ["install", "-q", torch_pin],
-                ["install", "-q", "-c", str(pins), f"llamafactory=={LF_VERSION}"],
-                ["uninstall", "-q", "-y", "torchvision", "torchaudio"]):
+    pins.write_text("\n".join(LF_TORCH) + "\n")
+    for cmd in (["install", "-q", "--upgrade", "pip"], ["install", "-q", *LF_TORCH],
+                ["install", "-q", "-c", str(pins), f"llamafactory=={LF_VERSION}"]):
         subprocess.run([str(py), "-m", "pip", *cmd], check=True)
     return cli
 
