@@ -229,11 +229,22 @@ def test_two_machines_joined_by_rendezvous_train_and_save_once(single, tmp_path)
     assert _losses(out) == pytest.approx(_losses(runs["sft"]), rel=2e-5)
 
 
+def _rank_1_once_training(launcher: subprocess.Popen, out: Path):
+    """The process of rank 1 of a `nproc_per_node=2` launch, once the run has logged a step."""
+    import psutil
+
+    deadline = time.time() + 300
+    log = out / "trainer_log.jsonl"
+    while not (log.is_file() and log.read_text().strip()) and time.time() < deadline:
+        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+        time.sleep(0.5)
+    return next(p for p in psutil.Process(launcher.pid).children(recursive=True) if p.environ().get("RANK") == "1")
+
+
 @pytest.mark.slow
 def test_a_rank_that_dies_stops_the_run_with_one_line(single, tmp_path):
     """SIGKILL one of two processes mid-run: the launcher stops the other and ends in seconds,
     with one line naming the rank and the signal (not a hang, not torchrun's report)."""
-    import psutil
 
     base, _ = single
     out = tmp_path / "run"
@@ -242,13 +253,7 @@ def test_a_rank_that_dies_stops_the_run_with_one_line(single, tmp_path):
     launcher = subprocess.Popen([sys.executable, "-m", "lathe", "train", str(cfg), "nproc_per_node=2"], text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 300
-        log = out / "trainer_log.jsonl"
-        while not (log.is_file() and log.read_text().strip()) and time.time() < deadline:
-            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
-            time.sleep(0.5)
-        victim = next(p for p in psutil.Process(launcher.pid).children(recursive=True)
-                      if p.environ().get("RANK") == "1")
+        victim = _rank_1_once_training(launcher, out)
         victim.send_signal(signal.SIGKILL)
         killed = time.time()
         _, err = launcher.communicate(timeout=120)
@@ -271,7 +276,6 @@ def test_a_rank_that_dies_stops_the_run_with_one_line(single, tmp_path):
 def test_a_rank_that_hangs_ends_the_run_after_ddp_timeout(single, tmp_path):
     """SIGSTOP one of two processes mid-run (a hung rank: alive, silent): the other gives up
     after ddp_timeout seconds with one line, and the launcher stops the run (not a hang)."""
-    import psutil
 
     base, _ = single
     cfg = write_yaml(tmp_path / "cfg.yaml", {**base, "per_device_train_batch_size": 4, "max_steps": 100000,
@@ -280,13 +284,7 @@ def test_a_rank_that_hangs_ends_the_run_after_ddp_timeout(single, tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     victim = None
     try:
-        deadline = time.time() + 300
-        log = tmp_path / "run" / "trainer_log.jsonl"
-        while not (log.is_file() and log.read_text().strip()) and time.time() < deadline:
-            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
-            time.sleep(0.5)
-        victim = next(p for p in psutil.Process(launcher.pid).children(recursive=True)
-                      if p.environ().get("RANK") == "1")
+        victim = _rank_1_once_training(launcher, tmp_path / "run")
         victim.suspend()
         stopped = time.time()
         _, err = launcher.communicate(timeout=180)
