@@ -276,7 +276,6 @@ def test_a_rank_that_dies_stops_the_run_with_one_line(single, tmp_path):
 def test_a_rank_that_hangs_ends_the_run_after_ddp_timeout(single, tmp_path):
     """SIGSTOP one of two processes mid-run (a hung rank: alive, silent): the other gives up
     after ddp_timeout seconds with one line, and the launcher stops the run (not a hang)."""
-
     base, _ = single
     cfg = write_yaml(tmp_path / "cfg.yaml", {**base, "per_device_train_batch_size": 4, "max_steps": 100000,
                                              "output_dir": str(tmp_path / "run"), "ddp_timeout": 10})

@@ -82,17 +82,20 @@ def padding_fraction(lengths: list[int], batch_size: int, packed: bool = False,
         rows = [sum(lengths[i] for i in b) for b in first_fit_decreasing(lengths, capacity)]
     else:
         rows = list(lengths)
+    return _mean_padding(rows, batch_size, shuffles,
+                         lambda batch: -(-max(batch) // multiple_of) * multiple_of * len(batch))
+
+
+def _mean_padding(rows: list[int], batch_size: int, shuffles: int, padded_size: Any) -> float:
+    """The padding share of `rows` (lengths) shuffled as the trainer does, batched by
+    `batch_size`, each batch taking padded_size(its lengths) tokens; the mean over seeded shuffles."""
     if not rows or batch_size <= 0:
         return 0.0
     fractions = []
     for seed in range(shuffles):
         order = rows[:]
         random.Random(seed).shuffle(order)
-        padded = 0
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            width = -(-max(batch) // multiple_of) * multiple_of
-            padded += width * len(batch)
+        padded = sum(padded_size(order[start:start + batch_size]) for start in range(0, len(order), batch_size))
         fractions.append(1 - sum(rows) / padded if padded else 0.0)
     return sum(fractions) / len(fractions)
 
@@ -206,20 +209,12 @@ def padding_free_fraction(lengths: list[int], batch_size: int, capacity: int | N
                           multiple_of: int = PAD_MULTIPLE, shuffles: int = 8) -> float:
     """Share of padding in PaddingFreeCollator's batches (not flattened), estimated as
     `padding_fraction` does: seeded shuffles, batches of `batch_size` examples."""
-    if not lengths or batch_size <= 0:
-        return 0.0
-    fractions = []
-    for seed in range(shuffles):
-        order = list(lengths)
-        random.Random(seed).shuffle(order)
-        padded = 0
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            bins = first_fit_decreasing(batch, max(capacity or 0, max(batch)))
-            width = max(sum(batch[i] for i in b) for b in bins)
-            padded += -(-width // multiple_of) * multiple_of * len(bins)
-        fractions.append(1 - sum(order) / padded if padded else 0.0)
-    return sum(fractions) / len(fractions)
+    def padded_size(batch: list[int]) -> int:
+        bins = first_fit_decreasing(batch, max(capacity or 0, max(batch)))
+        width = max(sum(batch[i] for i in b) for b in bins)
+        return -(-width // multiple_of) * multiple_of * len(bins)
+
+    return _mean_padding(list(lengths), batch_size, shuffles, padded_size)
 
 
 # --- does this model honour the boundaries? ------------------------------------------------
