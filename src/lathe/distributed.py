@@ -426,10 +426,16 @@ class LauncherError(LatheError):
 
 
 def _failure(e: Any) -> LauncherError:
-    """The process that failed first (the others were stopped because of it), in one line."""
+    """The process whose failure stopped the run, in one line. torch records a failure's time in
+    whole seconds, so a killed process and the peer whose collective failed because of it often
+    tie (and its own choice then names the lowest rank, the peer): a process killed by a signal
+    is the cause, the others exited because of it; among equals, the earliest."""
     import signal
 
-    rank_, first = e.get_first_failure()
+    failures = e.failures
+    pool = {r: f for r, f in failures.items() if f.exitcode < 0} or failures
+    rank_ = min(pool, key=lambda r: (pool[r].timestamp, r))
+    first = pool[rank_]
     if first.exitcode < 0:
         try:
             how = f"was killed by {signal.Signals(-first.exitcode).name}"
