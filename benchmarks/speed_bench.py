@@ -1,4 +1,4 @@
-"""Training speed and memory of LoRA SFT on a ~33M-parameter Llama, on CPU: Lathe's settings side by
+"""Training speed and memory of LoRA SFT on a 27M-parameter Llama, on CPU: Lathe's settings side by
 side, and against LLaMA-Factory.
 
     python benchmarks/speed_bench.py                      # Lathe: padded vs padding-free vs fused loss
@@ -6,7 +6,7 @@ side, and against LLaMA-Factory.
     python benchmarks/speed_bench.py --vs-llamafactory --record   # replaces results/speed_llamafactory.json
 
 The setting is the one the speed issue names: LoRA (r16, every linear layer) on a Llama of hidden
-512, 8 layers (about 33M parameters with its 32k vocabulary), alpaca-shaped rows (an instruction,
+512, 8 layers (27.3M parameters with the demo tokenizer's 2k vocabulary), alpaca-shaped rows (an instruction,
 an input a third of the time, a reply; lengths drawn from a long-tailed distribution, seeded; the
 padding share at batch 4 is printed), batch 4, cutoff_len 512, fp32, one epoch over
 steps x 4 rows, so every run trains on exactly the same examples.
@@ -48,6 +48,7 @@ LATHE_CONFIGS = {
     "lathe_padding_free": {"fused_loss": False},
     "lathe": {},  # Lathe's defaults: padding-free batches and the fused loss
     "lathe_bf16": {"bf16": True},  # and bf16 autocast (CPUs that compute it natively)
+    "lathe_compile": {"torch_compile": True},  # and torch.compile (inductor; its compile time counted)
 }
 LF_VERSION = "0.9.5"
 # LLaMA-Factory imports torchaudio at start; no torchaudio on PyPI loads beside torch 2.13 (Lathe's pin),

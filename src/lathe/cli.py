@@ -36,6 +36,16 @@ def _parser() -> argparse.ArgumentParser:
                       overrides_help="keys to override in every stage")
     pl.add_argument("--dry-run", action="store_true", help="only say which stages would run")
 
+    pn = _config_verb(sub, "plan", "before training: memory per device, tokens/s and duration, from the config alone",
+                      "a training config", optional=False,
+                      description="Estimate what `lathe train CONFIG` will need per device: weights, gradients, "
+                                  "optimizer states (per method and ZeRO stage), activations (with and without "
+                                  "gradient checkpointing), logits and the runtime; its tokens/s and duration; and "
+                                  "what to change when it will not fit. Reads the model's config.json (never its "
+                                  "weights) and the data; trains and writes nothing.",
+                      overrides_help="config keys to override; gpus=N and gpu_memory=GiB plan for another machine "
+                                     "(gpus=8 deepspeed=ds_z3)")
+    pn.add_argument("--output", default=None, metavar="PLAN.json", help="also write the plan as JSON")
     _config_verb(sub, "cv", "k-fold cross-validation: one run per fold, each metric's mean and std",
                  "a training config (e.g. examples/cls_sentiment.yaml)",
                  description="Deal the training rows into folds (folds=K; stratified for classifiers), train once "
@@ -237,7 +247,7 @@ def _flags_to_overrides(argv: list[str], parser: argparse.ArgumentParser) -> lis
     return out
 
 
-_CONFIG_COMMANDS = (*API_VERBS, "pipeline", "eval", "export", "chat", "api", "data", "webui")
+_CONFIG_COMMANDS = (*API_VERBS, "plan", "pipeline", "eval", "export", "chat", "api", "data", "webui")
 
 
 def _subcommand_index(argv: list[str]) -> int:
@@ -285,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             import lathe.api
 
             getattr(lathe.api, args.command)(args.config, args.overrides)
+        elif args.command == "plan":
+            from lathe.plan import plan
+
+            plan(args.config, args.overrides, output=args.output)
         elif args.command == "pipeline":
             from lathe.pipeline import run_pipeline
 

@@ -235,6 +235,13 @@ def _quantize(work, outputs):
     assert '"origin": "qat"' in (work / "runs" / "sft_qat" / "quantized" / "quantization.json").read_text()
 
 
+@checks("Before training")
+def _plan(work, outputs):
+    plan = json.loads((work / "plan.json").read_text())
+    assert plan["processes"] == 8 and "ZeRO-3" in plan["engine"] and plan["fits"] is True
+    assert all("memory per device" in v for k, v in outputs.items() if "lathe plan" in k)
+
+
 @checks("Serve over the OpenAI API")
 def _serve(work, outputs):
     served = [v for k, v in outputs.items() if "examples/api_client.py" in k]

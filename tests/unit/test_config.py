@@ -523,7 +523,7 @@ RANKS = {
     # verbs on runs and exports
     "export": 6, "chat": 6, "report": 6, "pipeline": 6, "api": 6, "quant": 6, "choose": 6, "serve": 6, "webui": 7,
     "demo": 7,
-    "doctor": 6,
+    "doctor": 6, "plan": 6,
     "cli": 8, "__main__": 8, "__init__": 8,
 }
 # Named exceptions: config's checks read the method declarations; the loader builds the

@@ -100,7 +100,7 @@ def test_required_but_not_reproduced_is_one_line_and_unset_is_a_note():
 
     model = Capped(_tiny().config)
     cfg = lambda value, qat=False: SimpleNamespace(  # noqa: E731
-        train=SimpleNamespace(fused_loss=value, do_train=True),
+        train=SimpleNamespace(fused_loss=value, do_train=True, extra={}),
         finetune=SimpleNamespace(quantization_aware_training=qat))
     head, note = fused_loss_head(cfg(None), model)
     assert head is None and note.startswith("fused loss off: Capped's own loss is not reproduced")

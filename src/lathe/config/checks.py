@@ -225,6 +225,55 @@ def fused_loss_fits(cfg: LatheConfig) -> None:
 
 
 @check
+def liger_kernel_fits(cfg: LatheConfig) -> None:
+    """use_liger_kernel (a TrainingArguments key): Liger's kernels are Triton programs, CUDA only."""
+    import importlib.util
+
+    import torch
+
+    if not cfg.train.extra.get("use_liger_kernel"):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError("use_liger_kernel: true needs a CUDA GPU (Liger's kernels are Triton programs) and "
+                          "this machine has none; remove it: Lathe's fused loss (fused_loss, on by default) "
+                          "keeps the logits from being materialised here too")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("use_liger_kernel: true needs the liger-kernel package, which is not installed; "
+                          "pip install liger-kernel (or remove use_liger_kernel)")
+
+
+@check
+def torch_compile_fits(cfg: LatheConfig) -> None:
+    """torch_compile (TrainingArguments; its backend or mode set turns it on too): inductor, the
+    default backend, writes C++ on CPU and Triton on a GPU, which need a compiler or triton. A
+    run that asked for compilation and cannot have it stops here, before anything is loaded,
+    rather than at its first step with the compiler's traceback."""
+    import torch
+
+    extra = cfg.train.extra
+    if not (extra.get("torch_compile") or extra.get("torch_compile_backend") or extra.get("torch_compile_mode")):
+        return
+    if (extra.get("torch_compile_backend") or "inductor") != "inductor":
+        return
+    if torch.cuda.is_available() and not extra.get("use_cpu"):
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError("torch_compile: true compiles with inductor, which needs triton on a GPU, and triton "
+                              "is not installed; pip install triton (the version your torch names), or remove "
+                              "torch_compile")
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # torch's InvalidCxxCompiler, or whatever the search stumbled on
+        raise ConfigError("torch_compile: true compiles with inductor, which needs a C++ compiler on CPU, and none "
+                          f"was found ({type(e).__name__}: {str(e).splitlines()[0][:120]}); install one "
+                          "(apt install g++) or point CXX at it, or remove torch_compile") from None
+
+
+@check
 def padding_free_fits(cfg: LatheConfig) -> None:
     from lathe.model.methods import get_method
 

@@ -95,9 +95,8 @@ KEYS: dict[str, Key] = {
                        "faster training arrives with issue 19 (padding-free batches, fused losses)", False),
     "use_unsloth_gc": Key("model", "no", "Unsloth's offloaded gradient checkpointing",
                           "use gradient_checkpointing: true", False),
-    "enable_liger_kernel": Key("model", "later", "Liger's fused kernels",
-                               "fused losses arrive with issue 19; use_liger_kernel (a "
-                               "TrainingArguments key) works where liger-kernel is installed", False),
+    "enable_liger_kernel": Key("model", "alias", to="use_liger_kernel",
+                               note="TrainingArguments' name for Liger's kernels (a CUDA GPU and liger-kernel)"),
     "moe_aux_loss_coef": Key("model", "no", "weight of the router loss of mixture-of-experts "
                              "models", "set router_aux_loss_coef in the model's config.json", None),
     "disable_gradient_checkpointing": Key("model", "alias", to="gradient_checkpointing", convert=_not,

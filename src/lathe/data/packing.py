@@ -183,7 +183,7 @@ class PaddingFreeCollator:
     all. Otherwise (sdpa, eager) the examples are put side by side in rows no longer than the
     batch's longest example (first-fit decreasing), padded to the longest row. Those kernels
     compute a row's attention over all of its tokens under a block-diagonal mask, so a row is
-    never made longer than the padded batch's rows: measured on CPU (LoRA, 33M Llama, batch 4,
+    never made longer than the padded batch's rows: measured on CPU (LoRA, 27M Llama, batch 4,
     cutoff 512), rows of up to 512 tokens trained 1.15x as fast as padding, rows of the longest
     example 1.27x, one row of the whole batch 0.91x. `capacity` (tests) sets another row length."""
 

@@ -595,7 +595,9 @@ def fused_loss_head(cfg: LatheConfig, model: Any) -> tuple[Any, str | None]:
 
     head = output_layer(model)
     why = None
-    if cfg.finetune.quantization_aware_training:
+    if cfg.train.extra.get("use_liger_kernel"):
+        why = "Liger's kernels (use_liger_kernel) fuse the loss themselves"
+    elif cfg.finetune.quantization_aware_training:
         why = "quantization-aware training rounds what the output layer reads, which the fusion would skip"
     elif head is None:
         why = "the output layer is not a plain Linear without bias (LoRA on it, quantized, or sharded by ZeRO-3)"

@@ -98,6 +98,8 @@ def _probe(model: Any) -> None:
 
     was_training = model.training
     device = next(model.parameters()).device
+    if device.type == "meta":  # shapes without weights (lathe plan): nothing to run
+        return
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         model.eval()
         try:
