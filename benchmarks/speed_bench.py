@@ -4,6 +4,7 @@ side, and against LLaMA-Factory.
     python benchmarks/speed_bench.py                      # Lathe: padded vs padding-free vs fused loss
     python benchmarks/speed_bench.py --vs-llamafactory    # Lathe's defaults vs LLaMA-Factory's, ratios
     python benchmarks/speed_bench.py --vs-llamafactory --record   # replaces results/speed_llamafactory.json
+    python benchmarks/speed_bench.py --vs-llamafactory --stage dpo   # the same for DPO (preference pairs)
 
 The setting is the one the speed issue names: LoRA (r16, every linear layer) on a Llama of hidden
 512, 8 layers (27.3M parameters with the demo tokenizer's 2k vocabulary), alpaca-shaped rows (an instruction,
@@ -78,25 +79,37 @@ def build_assets(root: Path, rows: int) -> dict[str, str]:
         examples.append({"instruction": text(rng.randint(6, 30)),
                          "input": text(rng.randint(5, 40)) if rng.random() < 0.35 else "",
                          "output": text(max(3, reply))})
+    pairs = []
+    for _ in range(rows):  # preference pairs: alpaca prompts, two replies of independent lengths
+        pairs.append({"instruction": text(rng.randint(6, 30)),
+                      "input": text(rng.randint(5, 40)) if rng.random() < 0.35 else "",
+                      "chosen": text(max(3, int(min(380, rng.lognormvariate(4.0, 1.0))))),
+                      "rejected": text(max(3, int(min(380, rng.lognormvariate(4.0, 1.0)))))})
     data = root / "data"
     data.mkdir()
     (data / "alpaca.json").write_text(json.dumps(examples))
-    (data / "dataset_info.json").write_text(json.dumps({"alpaca": {"file_name": "alpaca.json"}}))
+    (data / "pairs.json").write_text(json.dumps(pairs))
+    (data / "dataset_info.json").write_text(json.dumps({"alpaca": {"file_name": "alpaca.json"},
+                                                        "pairs": {"file_name": "pairs.json", "ranking": True}}))
     return {"model": str(model), "data": str(data)}
 
 
-def common_keys(assets: dict[str, str], out: Path, rows: int) -> dict:
-    """The keys both tools read the same way (LLaMA-Factory's names are Lathe's)."""
-    return {"model_name_or_path": assets["model"], "stage": "sft", "finetuning_type": "lora", "lora_rank": 16,
-            "lora_target": "all", "dataset": "alpaca", "dataset_dir": assets["data"], "template": "alpaca",
+def common_keys(assets: dict[str, str], out: Path, rows: int, stage: str = "sft") -> dict:
+    """The keys both tools read the same way (LLaMA-Factory's names are Lathe's); dpo: sigmoid
+    loss, beta 0.1, the LoRA policy with its adapter off as the reference (both tools' defaults)."""
+    extra = {"pref_beta": 0.1, "pref_loss": "sigmoid"} if stage == "dpo" else {}
+    return {**extra, "model_name_or_path": assets["model"], "stage": stage, "finetuning_type": "lora",
+            "lora_rank": 16, "lora_target": "all", "dataset": "pairs" if stage == "dpo" else "alpaca",
+            "dataset_dir": assets["data"], "template": "alpaca",
             "cutoff_len": 512, "max_samples": rows, "per_device_train_batch_size": 4,
             "gradient_accumulation_steps": 1, "learning_rate": 1e-4, "num_train_epochs": 1,
             "lr_scheduler_type": "linear", "logging_steps": 5, "save_steps": 100000, "output_dir": str(out),
             "seed": 0, "report_to": "none", "plot_loss": False}
 
 
-def non_padding_tokens(assets: dict[str, str], rows: int, batch: int) -> int:
-    """The tokens of the rows every run trains on, as Lathe renders them."""
+def non_padding_tokens(assets: dict[str, str], rows: int, batch: int, stage: str = "sft") -> int:
+    """The tokens of the rows every run trains on, as Lathe renders them (dpo: chosen and
+    rejected sequences both)."""
     from transformers import AutoTokenizer
 
     from lathe.config.load import load_config
@@ -104,9 +117,18 @@ def non_padding_tokens(assets: dict[str, str], rows: int, batch: int) -> int:
     from lathe.data.packing import padding_fraction
     from lathe.data.templates import get_template
 
-    cfg = load_config(common_keys(assets, Path(tempfile.mkdtemp()) / "x", rows))
+    cfg = load_config(common_keys(assets, Path(tempfile.mkdtemp()) / "x", rows, stage))
     tok = AutoTokenizer.from_pretrained(assets["model"])
-    lengths = [len(x) for x in load_stage_data("sft", cfg.data, tok, get_template("alpaca"), seed=0).train["input_ids"]]
+    train = load_stage_data(stage, cfg.data, tok, get_template("alpaca"), seed=0).train
+    if stage == "dpo":
+        chosen, rejected = [len(x) for x in train["chosen_input_ids"]], [len(x) for x in train["rejected_input_ids"]]
+        from lathe.data.packing import pair_padding
+
+        before, _ = pair_padding(chosen, rejected, batch)
+        print(f"{len(chosen)} pairs, mean {sum(chosen + rejected) / len(chosen):.0f} tokens a pair; padding at "
+              f"batch {batch}: {before:.1%}", flush=True)
+        return sum(chosen) + sum(rejected)
+    lengths = [len(x) for x in train["input_ids"]]
     print(f"{len(lengths)} rows, mean {sum(lengths) / len(lengths):.0f} tokens, longest {max(lengths)}; "
           f"padding at batch {batch}: {padding_fraction(lengths, batch, multiple_of=8):.1%}", flush=True)
     return sum(lengths)
@@ -152,6 +174,8 @@ def main() -> None:
     ap.add_argument("--configs", default=None, help=f"Lathe configurations to run (of {', '.join(LATHE_CONFIGS)})")
     ap.add_argument("--vs-llamafactory", action="store_true", help="Lathe's defaults against LLaMA-Factory's")
     ap.add_argument("--lf-venv", default=str(Path.home() / ".cache" / "lathe-bench" / "llamafactory-venv"))
+    ap.add_argument("--stage", choices=("sft", "dpo"), default="sft",
+                    help="sft (alpaca rows) or dpo (alpaca-shaped preference pairs)")
     add_output_args(ap, "speed")
     args = ap.parse_args()
     rows = args.steps * 4
@@ -170,12 +194,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lathe-speed-") as tmp:
         root = Path(tmp)
         assets = build_assets(root, rows)
-        tokens = non_padding_tokens(assets, rows, 4)
+        tokens = non_padding_tokens(assets, rows, 4, args.stage)
         results: dict[str, list[dict]] = {n: [] for n in order}
         for r in range(args.repeats):
             for name in order:
                 command, keys = plan[name]
-                cfg = {**common_keys(assets, root / f"{name}-{r}", rows), **keys}
+                cfg = {**common_keys(assets, root / f"{name}-{r}", rows, args.stage), **keys}
                 result = run(name, command, cfg, root)
                 results[name].append(result)
                 print(f"{name} #{r + 1}: {tokens / result['train_runtime']:,.0f} tokens/s, "
@@ -200,7 +224,8 @@ def main() -> None:
             lines.append(f"{name:>20}: {s['tokens_per_s']:>7,.0f} tokens/s ({s['speed_vs_' + base]:.2f}x), "
                          f"peak {s['peak_rss_mb']:,} MB ({s['memory_vs_' + base]:.2f}x)")
     print("\n".join(lines))
-    out = output_path(args, "speed_llamafactory" if args.vs_llamafactory else "speed")
+    name = "speed_llamafactory" if args.vs_llamafactory else "speed"
+    out = output_path(args, name + ("_dpo" if args.stage == "dpo" else ""))
     out.write_text(json.dumps({"command": "python benchmarks/speed_bench.py " + " ".join(sys.argv[1:]),
                                "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                                "rows": rows, "non_padding_tokens": tokens, "repeats": args.repeats,

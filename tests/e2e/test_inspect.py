@@ -63,7 +63,7 @@ def test_report_on_the_tiny_model(tmp_path, base_args):
     assert p["batch_size"] == base_args["per_device_train_batch_size"]
     assert 0.0 <= p["without_packing"] < 1.0
     assert 0.0 <= p["with_packing"] < 1.0 and 0 < p["packed_rows"] <= 32 - t["dropped"]
-    assert p["with_packing"] < p["without_packing"]
+    assert p["with_packing"] < p["without_packing"] and p["padding_free"] <= p["without_packing"]
     assert report["duplicates"]["rows"] >= 0 and isinstance(report["warnings"], list)
     assert [e["trained"] > 0 for e in report["examples"]] == [True, True]
     assert all("[[" in e["text"] for e in report["examples"])

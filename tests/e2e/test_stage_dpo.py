@@ -234,3 +234,63 @@ def test_kto_kl_term_equals_the_in_batch_estimate(args):
     assert torch.allclose(from_data, policy, atol=1e-5)
     assert float((policy - reference).abs().max()) > 1e-3  # the term is not trivially zero
     assert data_kl == pytest.approx(max(float((policy - reference).mean()), 0.0), abs=1e-6)
+
+
+# --- padding-free pairs and fused log-probs (the defaults) against padded pairs -------------------
+
+@pytest.mark.parametrize("keys", [{}, {"pref_split_backward": False, "finetuning_type": "full",
+                                       "learning_rate": 1e-3}], ids=["lora-split", "full-joint"])
+def test_padding_free_fused_dpo_trains_as_padded_pairs_do(args, keys, tmp_path):
+    """The same 6 steps on padded pair batches with the model's logits, and on padding-free
+    pairs with the log-probs from the hidden states (the defaults): the same logged losses and
+    reward margins (1e-5) and the same saved weights; the summary says what was saved."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in (("padded", {"padding_free": False, "fused_loss": False}), ("free", {})):
+        out = tmp_path / name
+        cfg = write_yaml(tmp_path / f"{name}.yaml", {**args, **keys, **extra, "max_steps": 6, "val_size": 8,
+                                                    "eval_steps": 3, "eval_strategy": "steps",
+                                                    "output_dir": str(out)})
+        proc = run_cli("train", str(cfg))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = (out, proc.stdout)
+    (padded, _), (free, said) = runs["padded"], runs["free"]
+    assert "padding-free batches: each side's replies in rows no longer than the longest; padding" in said
+    assert "fused loss: the output layer and log-probs" in said
+
+    def logged(run: Path, key: str) -> list[float]:
+        rows = [json.loads(x) for x in (run / "trainer_log.jsonl").read_text().splitlines()]
+        return [r[key] for r in rows if key in r]
+
+    for key in ("loss", "rewards/margins", "eval_loss"):
+        assert logged(free, key) and logged(free, key) == pytest.approx(logged(padded, key), rel=1e-5, abs=1e-6), key
+    name = "model.safetensors" if keys else "adapter_model.safetensors"
+    a, b = load_file(padded / name), load_file(free / name)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_kto_with_fused_log_probs_trains_as_with_the_logits(args, tmp_path):
+    """kto's log-probs (its rows, the mismatched KL rows, the reference's) from the hidden states
+    and the output layer a chunk at a time: the same logged losses, KL and saved adapter."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in (("logits", {"fused_loss": False}), ("fused", {})):
+        out = tmp_path / name
+        cfg = write_yaml(tmp_path / f"{name}.yaml", {**args, **extra, "stage": "kto", "dataset": "kto_rows",
+                                                    "max_steps": 5, "output_dir": str(out)})
+        proc = run_cli("train", str(cfg))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = out
+        said = proc.stdout
+    assert "fused loss: the output layer and log-probs" in said
+
+    def logged(run: Path, key: str) -> list[float]:
+        rows = [json.loads(x) for x in (run / "trainer_log.jsonl").read_text().splitlines()]
+        return [r[key] for r in rows if key in r]
+
+    for key in ("loss", "kl", "rewards/chosen"):
+        assert logged(runs["fused"], key) == pytest.approx(logged(runs["logits"], key), rel=1e-5, abs=1e-6), key
+    a, b = (load_file(runs[name] / "adapter_model.safetensors") for name in ("logits", "fused"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

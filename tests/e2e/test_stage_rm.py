@@ -172,3 +172,33 @@ def test_an_sft_run_is_not_a_reward_model(sft_run, tiny_model):
         load_reward_model(str(sft_run), torch.float32, _tokenizer(tiny_model))
     assert "is not a reward model" in str(err.value) and "stage: rm" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("keys", [{}, {"finetuning_type": "full", "learning_rate": 1e-3}], ids=["lora", "full"])
+def test_padding_free_pairs_train_the_reward_model_as_padded_pairs_do(tmp_path, rm_args, keys):
+    """The same 6 steps on padded pairs and on padding-free pairs (the default: each side's
+    sequences side by side, each scored at its own last token): the same logged losses, eval
+    loss and pair accuracy, and the same saved weights; the summary says what was saved."""
+    runs = {}
+    for name, extra in (("padded", {"padding_free": False}), ("free", {})):
+        out = tmp_path / name
+        cfg = write_yaml(tmp_path / f"{name}.yaml", {**rm_args, **keys, **extra, "max_steps": 6, "logging_steps": 1,
+                                                    "output_dir": str(out)})
+        proc = run_cli("train", str(cfg))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = (out, proc.stdout)
+    (padded, _), (free, said) = runs["padded"], runs["free"]
+    assert "padding-free batches: each side's replies in rows no longer than the longest; padding" in said
+
+    def logged(run: Path, key: str) -> list[float]:
+        rows = [json.loads(x) for x in (run / "trainer_log.jsonl").read_text().splitlines()]
+        return [r[key] for r in rows if key in r]
+
+    for key in ("loss", "eval_loss", "eval_pair_accuracy"):
+        assert logged(free, key) and logged(free, key) == pytest.approx(logged(padded, key), rel=1e-5, abs=1e-6), key
+    name = "model.safetensors" if keys else "adapter_model.safetensors"
+    a, b = load_file(padded / name), load_file(free / name)
+    # Adam divides each gradient by its running size, lifting float32 rounding in near-zero
+    # gradients to a share of a step: held to 0.5% of one (measured 0.15% for LoRA at lr 1e-2)
+    lr = {**rm_args, **keys}["learning_rate"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-3 * lr

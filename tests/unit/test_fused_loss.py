@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lathe.recipes.fused_loss import fused_lm_loss, linear_cross_entropy, output_layer, probe
+from lathe.recipes.fused_loss import fused_lm_loss, linear_cross_entropy, linear_logprobs, output_layer, probe
 
 VOCAB = 97
 
@@ -36,6 +36,30 @@ def test_linear_cross_entropy_equals_the_plain_loss_and_gradients(rows):
     assert fused.item() == pytest.approx(want[0], rel=1e-6)
     assert torch.allclose(hidden.grad, 0.5 * want[1], atol=1e-5)
     assert torch.allclose(weight.grad, 0.5 * want[2], atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 1000])
+def test_linear_logprobs_equal_the_log_softmax_and_weigh_each_tokens_gradient(rows):
+    """Per-token log-probs with a different coefficient per token (a preference loss's): values
+    and gradients of the hidden states and the weight equal log_softmax + gather's."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(13, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (13,), generator=g)
+    coef = torch.randn(13, generator=g)
+    plain = torch.log_softmax(hidden @ weight.t(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    (plain * coef).sum().backward()
+    want = (plain.detach(), hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    fused = linear_logprobs(hidden, weight, targets, rows)
+    (fused * coef).sum().backward()
+    assert torch.allclose(fused, want[0], atol=1e-6)
+    assert torch.allclose(hidden.grad, want[1], atol=1e-5)
+    assert torch.allclose(weight.grad, want[2], atol=1e-5)
+    frozen = weight.detach()  # LoRA: the output layer is frozen, only the hidden states get a gradient
+    h = hidden.detach().requires_grad_()
+    (linear_logprobs(h, frozen, targets, rows) * coef).sum().backward()
+    assert torch.allclose(h.grad, want[1], atol=1e-5)
 
 
 @pytest.mark.parametrize(("arch", "tie"), [("llama", False), ("qwen2", True)])

@@ -84,6 +84,12 @@ def test_build_report_figures():
     p = di.build_report(rows, cutoff_len=8, batch_size=2, pad_to_multiple_of=1)["padding"]
     assert 0.0 < p["with_packing"] < p["without_packing"] < 0.5
     assert p["with_packing"] == pytest.approx(round(1 / 16, 4))  # [8, 7]: 16 slots, 15 real
+    # padding-free rows are no longer than a batch's longest example: two examples never share
+    # one here, so they pad as much as padded batches; with four a batch, [8] [5, 2] -> 16 slots
+    assert p["padding_free"] == p["without_packing"]
+    four = di.build_report(rows, cutoff_len=8, batch_size=4, pad_to_multiple_of=1)["padding"]
+    assert four["padding_free"] == pytest.approx(round(1 / 16, 4))
+    assert four["without_packing"] == pytest.approx(round(1 - 15 / 24, 4))
     # every batch is rounded up to a multiple of 8: [2] alone still takes 8 slots
     assert di.build_report(rows, 8, batch_size=1)["padding"]["without_packing"] == pytest.approx(
         round(1 - 15 / 24, 4))

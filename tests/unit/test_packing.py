@@ -330,3 +330,64 @@ def test_padding_free_is_off_with_a_note_or_refused_when_the_model_crosses_examp
     llama = _tiny("llama", "sdpa")
     collator, note = padding_free_for_training(data, llama, SimpleNamespace(pad_token_id=0), None, 2)
     assert collator is not None and "padding-free batches: rows no longer than the longest example; padding" in note
+
+
+# --- dpo: padding-free pairs and log-probs from the hidden states -------------------------------
+
+def _pairs(lengths: list[tuple[int, int]]) -> list[dict[str, list[int]]]:
+    chosen = _examples([c for c, _ in lengths], seed=1)
+    rejected = _examples([r for _, r in lengths], seed=2)
+    return [{"chosen_input_ids": c["input_ids"], "chosen_labels": c["labels"],
+             "rejected_input_ids": r["input_ids"], "rejected_labels": r["labels"]} for c, r in zip(chosen, rejected)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_padding_free_pairs_give_each_sequence_the_padded_log_probs_and_gradients(arch, impl, fused):
+    """dpo's log-probs per sequence (chosen 0..n-1, rejected n..2n-1) and the gradient of a loss
+    weighing each sequence differently: padding-free pairs (with or without the fused output
+    layer) equal the padded pair batch's to 1e-5; each side's rows alone give its half."""
+    from lathe.data.collators import PairCollator
+    from lathe.data.packing import PaddingFreePairCollator
+    from lathe.recipes.trainers import PolicyReferenceTrainer, _pair_halves
+
+    model = _tiny(arch, impl).train()
+    pairs = _pairs([(9, 4), (13, 6), (5, 11), (7, 16)])
+    padded = PairCollator(0)(pairs)
+    free = PaddingFreePairCollator(0)(pairs)
+    assert free["input_ids"].numel() < padded["input_ids"].numel()
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 2.0, -0.5])
+    results = []
+    for batch, use_fused in ((padded, False), (free, fused)):
+        me = SimpleNamespace(fused=use_fused)
+        model.zero_grad()
+        total, count = PolicyReferenceTrainer.logps(me, model, batch)
+        (total * weights).sum().backward()
+        results.append((total.detach(), count, [p.grad.clone() for p in model.parameters()]))
+    (ta, ca, ga), (tb, cb, gb) = results
+    assert torch.equal(ca, cb) and ca.tolist() == [(len(x) - len(x) // 3) for x in
+                                                  [p["chosen_input_ids"] for p in pairs] +
+                                                  [p["rejected_input_ids"] for p in pairs]]
+    assert torch.allclose(ta, tb, rtol=1e-5, atol=1e-5)
+    largest = max(a.abs().max().item() for a in ga)  # float32 sums in another order: relative to it
+    assert max((a - b).abs().max().item() for a, b in zip(ga, gb)) < 2e-6 * largest  # measured: 6e-7
+    n, chosen, rejected = _pair_halves(free)
+    assert n == 4 and chosen["input_ids"].shape[0] == free["chosen_rows"]
+    with torch.no_grad():
+        me = SimpleNamespace(fused=fused)
+        assert torch.allclose(PolicyReferenceTrainer.logps(me, model, chosen)[0], ta[:4], rtol=1e-5, atol=1e-5)
+        assert torch.allclose(PolicyReferenceTrainer.logps(me, model, rejected)[0], ta[4:], rtol=1e-5, atol=1e-5)
+        # the comparison can fail: the same rows with no boundaries between the sequences
+        crossed = dict(free, position_ids=torch.arange(free["input_ids"].shape[1]).expand_as(free["input_ids"]))
+        assert (PolicyReferenceTrainer.logps(me, model, crossed)[0] - ta).abs().max() > 1e-3
+
+
+def test_pair_padding_estimates_what_the_pair_collator_saves():
+    from lathe.data.packing import PaddingFreePairCollator, pair_padding
+
+    before, after = pair_padding([30, 5, 5, 5], [4, 4, 4, 4], 4, shuffles=1)
+    # padded: 8 rows of 32 = 256 slots for 61 tokens; free: chosen [30] [5 5 5] + rejected [4 4 4 4] -> 3 rows of 32
+    assert before == pytest.approx(1 - 61 / 256) and after == pytest.approx(1 - 61 / 96)
+    batch = PaddingFreePairCollator(0)(_pairs([(30, 4), (5, 4), (5, 4), (5, 4)]))
+    assert batch["input_ids"].shape == (3, 32) and batch["chosen_rows"] == 2

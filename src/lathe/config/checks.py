@@ -213,15 +213,15 @@ def packing_fits_the_method(cfg: LatheConfig) -> None:
 
 # The stages whose batches can go without padding (DataConfig.padding_free), and whose loss can
 # be fused with the output layer (TrainConfig.fused_loss).
-PADDING_FREE_STAGES = ("sft",)
-FUSED_LOSS_STAGES = ("pt", "sft")
+PADDING_FREE_STAGES = ("sft", "dpo", "rm")
+FUSED_LOSS_STAGES = ("pt", "sft", "dpo", "kto")
 
 
 @check
 def fused_loss_fits(cfg: LatheConfig) -> None:
     if cfg.train.fused_loss and cfg.finetune.stage not in FUSED_LOSS_STAGES:
         raise ConfigError(f"fused_loss: true with stage {cfg.finetune.stage}: the fused loss is built for stages "
-                          f"{' and '.join(FUSED_LOSS_STAGES)}; remove fused_loss")
+                          f"{', '.join(FUSED_LOSS_STAGES)}; remove fused_loss")
 
 
 @check

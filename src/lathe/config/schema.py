@@ -95,7 +95,8 @@ class DataConfig:
         None, "Batches without padding: the same examples per step, side by side in a row with "
         "restarting position ids (attention never crosses them), the same loss. Unset: on where the "
         "model keeps them apart (a probe decides, as for packing) and the method allows; true: "
-        "required; false: padded batches.", stage=("sft",))
+        "required; false: padded batches. sft, dpo and rm (each side of the pairs in rows of its own).",
+        stage=("sft", "dpo", "rm"))
     strip_html: bool = _f(False, "Cleaning: remove HTML tags from text.")
     strip_urls: bool = _f(False, "Cleaning: remove URLs from text.")
     normalize_whitespace: bool = _f(False, "Cleaning: collapse runs of spaces and blank lines.")
@@ -320,9 +321,10 @@ class TrainConfig:
     )
     per_device_train_batch_size: int = _f(8, "Batch size per device for training.")
     fused_loss: bool | None = _f(
-        None, "pt / sft: the output layer and the cross-entropy fused, a chunk of tokens at a time, so "
-        "the batch's logits never exist whole (the same loss). Unset: on where a probe finds the model's "
-        "own loss reproduced; true: required; false: the model's own loss.", stage=("pt", "sft"))
+        None, "pt / sft (and dpo / kto's log-probs): the output layer and the cross-entropy fused, a chunk "
+        "of tokens at a time, so the batch's logits never exist whole (the same loss). Unset: on where a "
+        "probe finds the model's own loss reproduced; true: required; false: the model's own loss.",
+        stage=("pt", "sft", "dpo", "kto"))
     per_device_eval_batch_size: int = _f(8, "Batch size per device for evaluation.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     learning_rate: float = _f(5e-5, "Peak learning rate.")

@@ -19,7 +19,7 @@ from typing import Any
 
 from lathe.data.collators import PAD_MULTIPLE
 from lathe.data.conversation import RESPONSE_ROLES
-from lathe.data.packing import first_fit_decreasing, padding_fraction
+from lathe.data.packing import first_fit_decreasing, padding_fraction, padding_free_fraction
 from lathe.data.processors import IGNORE_INDEX
 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
@@ -235,6 +235,8 @@ def build_report(rows: Sequence[RowLengths], cutoff_len: int, batch_size: int,
         "with_packing": round(padding_fraction(kept, batch_size, packed=True, capacity=cutoff_len,
                                                multiple_of=pad_to_multiple_of), 4),
         "packed_rows": len(first_fit_decreasing(kept, cutoff_len)),
+        # padding-free batches (sft's default where the model allows): the same examples per step
+        "padding_free": round(padding_free_fraction(kept, batch_size, multiple_of=pad_to_multiple_of), 4),
     }
     return {
         "rows": len(rows),
@@ -280,7 +282,8 @@ def format_report(report: dict[str, Any], examples: Sequence[str], color: bool =
     multiple = p["pad_to_multiple_of"]
     rounding = f", rounded up to a multiple of {multiple}" if multiple > 1 else ""
     lines.append(f"Padding (shuffled batches of {p['batch_size']}, padded to the longest{rounding}): "
-                 f"{p['without_packing']:.1%} without packing, {p['with_packing']:.1%} with packing "
+                 f"{p['without_packing']:.1%} without packing, {p['padding_free']:.1%} in padding-free batches "
+                 f"(the default: the same examples per step), {p['with_packing']:.1%} with packing "
                  f"({p['packed_rows']} packed rows)")
     d = report.get("duplicates")
     if d is not None:

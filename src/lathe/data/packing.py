@@ -205,6 +205,77 @@ class PaddingFreeCollator:
                               pad_to_multiple_of=self.pad_to_multiple_of)(rows)
 
 
+@dataclass
+class PaddingFreePairCollator:
+    """dpo's pairs without padding: the chosen replies of a batch side by side in rows no longer
+    than the batch's longest sequence, then the rejected ones in rows of their own (so each side
+    can go forward and backward alone), every row padded to the longest. `seq_index` says which
+    sequence each token belongs to (chosen i: i, rejected i: batch + i, padding: -1), so the
+    log-probs are summed per sequence as the padded batch sums them per row; `chosen_rows`: how
+    many rows the chosen side fills. Not for flash attention, whose varlen kernels read the
+    boundaries from a single row only (the recipe keeps padded pairs there)."""
+
+    pad_token_id: int
+    labels: bool = True  # rm scores whole sequences: no labels in its batches
+    pad_to_multiple_of: int = PAD_MULTIPLE
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        n = len(features)
+        sides = [[(list(f[f"{side}_input_ids"]), list(f.get(f"{side}_labels") or f[f"{side}_input_ids"]))
+                  for f in features] for side in ("chosen", "rejected")]
+        capacity = max(len(ids) for side in sides for ids, _ in side)
+        rows: list[dict[str, list[int]]] = []
+        chosen_rows = 0
+        for offset, examples in ((0, sides[0]), (n, sides[1])):
+            for b in first_fit_decreasing([len(ids) for ids, _ in examples], capacity):
+                order = sorted(b)
+                row = pack_row([examples[i] for i in order])
+                row["seq_index"] = [offset + i for i in order for _ in examples[i][0]]
+                rows.append(row)
+            chosen_rows = chosen_rows or len(rows)
+        width = max(len(r["input_ids"]) for r in rows)
+        width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        for r in rows:
+            pad = width - len(r["input_ids"])
+            r["input_ids"] += [self.pad_token_id] * pad
+            r["labels"] += [IGNORE_INDEX] * pad
+            r["position_ids"] += range(pad)
+            r["seq_index"] += [-1] * pad
+        keys = ("input_ids", "labels", "position_ids", "seq_index") if self.labels else \
+            ("input_ids", "position_ids", "seq_index")
+        batch: dict[str, Any] = {k: torch.tensor([r[k] for r in rows], dtype=torch.long) for k in keys}
+        batch["chosen_rows"] = chosen_rows
+        return batch
+
+
+def pair_padding(chosen: list[int], rejected: list[int], batch_size: int, shuffles: int = 8
+                 ) -> tuple[float, float]:
+    """The padding share of dpo's padded pair batches (every row as long as the longest of either
+    side) and of PaddingFreePairCollator's, over seeded shuffles of the pairs."""
+    if not chosen or batch_size <= 0:
+        return 0.0, 0.0
+    tokens = sum(chosen) + sum(rejected)
+    before, after = [], []
+    for seed in range(shuffles):
+        order = list(range(len(chosen)))
+        random.Random(seed).shuffle(order)
+        padded = free = 0
+        for start in range(0, len(order), batch_size):
+            c = [chosen[i] for i in order[start:start + batch_size]]
+            r = [rejected[i] for i in order[start:start + batch_size]]
+            longest = max(c + r)
+            width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+            padded += 2 * len(c) * width
+            cb, rb = first_fit_decreasing(c, longest), first_fit_decreasing(r, longest)
+            row = max([sum(c[i] for i in b) for b in cb] + [sum(r[i] for i in b) for b in rb])
+            free += (len(cb) + len(rb)) * (-(-row // PAD_MULTIPLE) * PAD_MULTIPLE)
+        before.append(1 - tokens / padded)
+        after.append(1 - tokens / free)
+    return sum(before) / shuffles, sum(after) / shuffles
+
+
 def padding_free_fraction(lengths: list[int], batch_size: int, capacity: int | None = None,
                           multiple_of: int = PAD_MULTIPLE, shuffles: int = 8) -> float:
     """Share of padding in PaddingFreeCollator's batches (not flattened), estimated as
@@ -246,11 +317,14 @@ def probing(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def check_packing_support(model: Any, collator: PackedCollator, key: str = "packing") -> float:
+def check_packing_support(model: Any, collator: PackedCollator, key: str = "packing",
+                          per_token: str = "logits") -> float:
     """Refuse (ConfigError) a model whose packed forward differs from the unpacked one.
 
     A tiny probe: examples a, a2 (same length as a), b, c; rows [a, b], [a2, b], [c].
     Every example's logits in the packed batch must match its own unpacked forward.
+    `per_token="hidden"`: the final hidden states are compared instead (a model with a
+    sequence-level head, such as a reward model, has no per-token logits).
     Returns the largest logit difference seen. In float32 they must agree to 1e-4 of
     the logit scale. In half precision, where rounding alone moves logits, the packed
     logits must be at least 10x closer to the unpacked ones than b's logits after a
@@ -269,14 +343,20 @@ def check_packing_support(model: Any, collator: PackedCollator, key: str = "pack
     batch = collator([pack_row([(s, s) for s in row]) for row in rows])
     batch.pop("labels")
     device = weight.device
+    hidden = per_token == "hidden"
+
+    def read(out: Any) -> Any:
+        return (out.hidden_states[-1] if hidden else out.logits).float()
+
     try:
         with probing(model), torch.no_grad():
-            packed = model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
-            packed = packed.logits.float()
+            packed = read(model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()},
+                                **({"output_hidden_states": True} if hidden else {})))
 
             def alone(ids: list[int]) -> Any:
-                out = model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-                return out.logits[0].float()
+                out = model(input_ids=torch.tensor([ids], device=device), use_cache=False,
+                            **({"output_hidden_states": True} if hidden else {}))
+                return read(out)[0]
 
             ref = {id(s): alone(s) for s in (a, a2, b, c)}
             crossed = alone(a + b)[len(a):]  # b after a with no boundary
@@ -327,6 +407,36 @@ def pack_for_training(data: Any, model: Any, tokenizer: Any, cutoff_len: int,
             f"padding {before:.1%} without packing, {after:.1%} with packing "
             f"(batch size {batch_size})")
     return replace(data, train=train, eval=ev), collator, note
+
+
+def padding_free_pairs_for_training(data: Any, model: Any, tokenizer: Any, setting: bool | None,
+                                    batch_size: int, labels: bool = True
+                                    ) -> tuple[PaddingFreePairCollator | None, str | None]:
+    """dpo's padding_free_for_training: the pair collator and a line for the summary, or (None,
+    why not): a model whose attention would cross examples (the packing probe), or flash
+    attention (its kernels read the boundaries of one row only)."""
+    from datasets import Dataset
+
+    packed = make_collator(model, tokenizer)
+    why = "flash attention reads example boundaries from one row only, and a pair batch has two sides" \
+        if packed.flatten else None
+    if why is None:
+        try:
+            check_packing_support(model, packed, key="padding_free", per_token="logits" if labels else "hidden")
+        except ConfigError as e:
+            why = str(e).split(", but ", 1)[-1].split("; set ")[0]
+    if why is not None:
+        if setting:
+            raise ConfigError(f"padding_free: true, but {why}; set padding_free: false")
+        return None, f"padding-free batches off: {why}"
+    collator = PaddingFreePairCollator(packed.pad_token_id, labels=labels)
+    if not isinstance(data.train, Dataset):
+        return collator, "padding-free batches: each side's replies in rows no longer than the longest"
+    before, after = pair_padding([len(x) for x in data.train["chosen_input_ids"]],
+                                 [len(x) for x in data.train["rejected_input_ids"]], batch_size)
+    return collator, (f"padding-free batches: each side's replies in rows no longer than the longest; padding "
+                      f"{before:.1%} of the tokens of padded pair batches, {after:.1%} now (batch size "
+                      f"{batch_size}, the same pairs per step)")
 
 
 def padding_free_for_training(data: Any, model: Any, tokenizer: Any, setting: bool | None,

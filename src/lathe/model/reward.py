@@ -74,8 +74,11 @@ def score_head(model: Any) -> Any:
     return head
 
 
-def reward_scores(model: Any, input_ids: Any, attention_mask: Any) -> Any:
-    """One scalar per sequence: the head's value at the last token with attention_mask 1.
+def reward_scores(model: Any, input_ids: Any, attention_mask: Any = None, position_ids: Any = None,
+                  seq_index: Any = None) -> Any:
+    """One scalar per sequence: the head's value at the last token with attention_mask 1; or,
+    for padding-free rows (`position_ids`, `seq_index`: the sequence of each token, -1 for
+    padding), at each sequence's last token, in the order of the sequence numbers.
 
     The model runs its own forward (through whatever wraps it: DDP, a DeepSpeed engine), and
     the head's value at every position is read by a hook as it is computed; the model's own
@@ -87,11 +90,19 @@ def reward_scores(model: Any, input_ids: Any, attention_mask: Any) -> Any:
         inner = inner.module
     seen: list[Any] = []
     hook = score_head(inner).register_forward_hook(lambda _m, _args, out: seen.append(out))
+    where = {"attention_mask": attention_mask} if seq_index is None else {"position_ids": position_ids}
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids, **where, use_cache=False)
     finally:
         hook.remove()
     values = seen[-1].squeeze(-1).float()  # (batch, seq)
+    if seq_index is not None:
+        flat = seq_index.reshape(-1)
+        spots = torch.arange(flat.shape[0], device=flat.device)
+        n = int(flat.max()) + 1
+        last = torch.full((n,), -1, dtype=torch.long, device=flat.device).scatter_reduce(
+            0, flat.clamp(min=0), torch.where(flat >= 0, spots, -1), reduce="amax")
+        return values.reshape(-1)[last]
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     last = (positions * attention_mask.to(positions.dtype)).argmax(-1)
     return values[torch.arange(input_ids.shape[0], device=input_ids.device), last]

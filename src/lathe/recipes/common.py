@@ -586,6 +586,16 @@ def lm_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any
     return FusedLossTrainer(**kwargs, fused_head=fused_head)
 
 
+def padding_free_wanted(cfg: LatheConfig) -> bool:
+    """padding_free true, or unset with a method that keeps position ids (not prefix / P-tuning /
+    prompt tuning, whose virtual tokens make peft drop them)."""
+    from lathe.model.methods import get_method
+
+    if cfg.data.padding_free is None:
+        return get_method(cfg.finetune.finetuning_type).packs
+    return cfg.data.padding_free
+
+
 def fused_loss_head(cfg: LatheConfig, model: Any) -> tuple[Any, str | None]:
     """(the output layer the fused loss reads, or None; a line for the summary). `fused_loss`
     unset: fused where the probe reproduces the model's own loss; true: that, or one line."""

@@ -1,7 +1,10 @@
 """Direct preference optimisation (pref_loss sigmoid | hinge | ipo | orpo | simpo).
 
 tokenizer -> preference pairs -> policy (+ reference) -> trainer -> save. A batch is
-one right-padded block (chosen rows, then rejected rows). By default the two halves go
+one block, chosen rows then rejected rows: padding-free by default (each side's replies side by
+side in rows no longer than the longest, PaddingFreePairCollator), else right-padded. Log-probs
+come from the final hidden states and the output layer a chunk at a time (fused_loss), so the
+batch's logits never exist whole. By default the two halves go
 forward and backward one after the other (`pref_split_backward`, see `training_step`),
 so DPO holds the activations of one side only; orpo and simpo need no reference, so
 none is loaded or run.
@@ -14,7 +17,16 @@ from typing import Any
 from lathe.config.schema import LatheConfig
 from lathe.data.collators import PairCollator
 from lathe.data.inspect import mark_trained
-from lathe.recipes.common import RunResult, install_callbacks, open_stage, print_summary, start_run
+from lathe.data.packing import padding_free_pairs_for_training
+from lathe.recipes.common import (
+    RunResult,
+    fused_loss_head,
+    install_callbacks,
+    open_stage,
+    padding_free_wanted,
+    print_summary,
+    start_run,
+)
 from lathe.recipes.losses import REFERENCE_FREE
 from lathe.recipes.preference import (
     Setup,
@@ -38,6 +50,15 @@ def build(cfg: LatheConfig) -> Setup:
     use_reference = cfg.align.pref_loss not in REFERENCE_FREE
     model, ref_model = load_policy_and_reference(cfg, o.model_path, tokenizer, use_reference)
     notes.append(_reference_note(cfg, use_reference, ref_model))
+    collator = PairCollator(tokenizer.pad_token_id)
+    if padding_free_wanted(cfg):
+        free, note = padding_free_pairs_for_training(data, model, tokenizer, cfg.data.padding_free,
+                                                     cfg.train.per_device_train_batch_size)
+        collator = free or collator
+        notes.append(note)
+    head, note = fused_loss_head(cfg, model)
+    if note:
+        notes.append(note.replace("cross-entropy", "log-probs"))
 
     start_run(cfg, o)
     shown = mark_trained(example["chosen_input_ids"], example["chosen_labels"], tokenizer, color=False)
@@ -48,8 +69,8 @@ def build(cfg: LatheConfig) -> Setup:
 
     trainer = DPOTrainer(
         model=model, args=o.args, train_dataset=data.train, eval_dataset=data.eval,
-        processing_class=tokenizer, data_collator=PairCollator(tokenizer.pad_token_id),
-        ref_model=ref_model, use_reference=use_reference, align=cfg.align,
+        processing_class=tokenizer, data_collator=collator,
+        ref_model=ref_model, use_reference=use_reference, align=cfg.align, fused=head is not None,
     )
     install_callbacks(trainer, cfg, perplexity=False)
     return Setup(trainer, data, tokenizer, o.template.stop_token_ids(tokenizer), o.resume_from)

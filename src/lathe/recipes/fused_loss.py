@@ -72,6 +72,56 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         return _LinearCrossEntropy.apply(hidden, weight, targets, rows)
 
 
+class _LinearLogProbs(torch.autograd.Function):
+    """Per-token log-probabilities of `targets` under softmax(hidden @ weight.T), a chunk of rows
+    at a time. Their gradients depend on the coefficient of each token (a preference loss weighs
+    each sequence differently), so the backward pass recomputes each chunk's logits instead of
+    keeping them: at most one chunk exists at any moment, for one more matrix product."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                rows: int) -> torch.Tensor:
+        w = weight.float()
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            logits = hidden[start:start + rows].float() @ w.t()
+            t = targets[start:start + rows]
+            out[start:start + rows] = logits.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        hidden, weight, targets = ctx.saved_tensors
+        w = weight.float()
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for start in range(0, hidden.shape[0], ctx.rows):
+            h = hidden[start:start + ctx.rows].float()
+            t = targets[start:start + ctx.rows]
+            g = grad[start:start + ctx.rows].float()
+            logits = h @ w.t()
+            # d logp / d logits = one-hot(target) - softmax; times each token's coefficient
+            coef = torch.softmax(logits, dim=-1, out=logits).mul_(-g[:, None])
+            coef[torch.arange(t.shape[0], device=t.device), t] += g
+            if grad_hidden is not None:
+                grad_hidden[start:start + ctx.rows] = (coef @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += coef.t() @ h
+        return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    rows: int | None = None) -> torch.Tensor:
+    """log softmax(hidden[i] @ weight.T)[targets[i]] for every row i, in float32, without the
+    logits of all rows at once (default: about 8M logits per chunk)."""
+    rows = rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return _LinearLogProbs.apply(hidden, weight, targets, rows)
+
+
 def output_layer(model: Any) -> torch.nn.Linear | None:
     """The plain Linear output layer without bias the fusion can read, or None."""
     inner = model

@@ -16,7 +16,14 @@ from lathe.config.schema import LatheConfig
 from lathe.data.collators import KTOCollator
 from lathe.data.inspect import mark_trained
 from lathe.quiet import datasets_bars_off
-from lathe.recipes.common import RunResult, install_callbacks, open_stage, print_summary, start_run
+from lathe.recipes.common import (
+    RunResult,
+    fused_loss_head,
+    install_callbacks,
+    open_stage,
+    print_summary,
+    start_run,
+)
 from lathe.recipes.losses import IGNORE_INDEX
 from lathe.recipes.preference import (
     Setup,
@@ -43,6 +50,9 @@ def build(cfg: LatheConfig) -> Setup:
     a = cfg.align
     notes.append(f"beta {a.pref_beta}, weights desirable {a.kto_chosen_weight} / "
                  f"undesirable {a.kto_rejected_weight}")
+    head, note = fused_loss_head(cfg, model)
+    if note:
+        notes.append(note.replace("cross-entropy", "log-probs"))
 
     start_run(cfg, o)
     shown = mark_trained(example["input_ids"], example["labels"], tokenizer, color=False)
@@ -56,7 +66,7 @@ def build(cfg: LatheConfig) -> Setup:
         model=model, args=o.args, train_dataset=data.train, eval_dataset=data.eval,
         processing_class=tokenizer,
         data_collator=KTOCollator(tokenizer.pad_token_id),
-        ref_model=ref_model, align=cfg.align,
+        ref_model=ref_model, align=cfg.align, fused=head is not None,
     )
     install_callbacks(trainer, cfg, perplexity=False)
     return Setup(trainer, data, tokenizer, o.template.stop_token_ids(tokenizer), o.resume_from)

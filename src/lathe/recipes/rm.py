@@ -18,6 +18,7 @@ from typing import Any
 from lathe.config.schema import LatheConfig
 from lathe.data.collators import PairwiseCollator
 from lathe.data.inspect import mark_trained
+from lathe.data.packing import padding_free_pairs_for_training
 from lathe.errors import ConfigError
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import pick_dtype, quantization_kwargs
@@ -34,6 +35,7 @@ from lathe.recipes.common import (
     install_callbacks,
     log,
     open_stage,
+    padding_free_wanted,
     print_summary,
     ready_for_training,
     run_eval,
@@ -54,12 +56,17 @@ def run(cfg: LatheConfig) -> RunResult:
     model, merged = build_model(cfg, o.model_path, tokenizer)
     if merged:
         notes.append(f"merged into the backbone before training: {', '.join(merged)}")
+    collator = None
+    if padding_free_wanted(cfg):
+        collator, note = padding_free_pairs_for_training(data, model, tokenizer, cfg.data.padding_free,
+                                                         cfg.train.per_device_train_batch_size, labels=False)
+        notes.append(note)
 
     start_run(cfg, o)
     print_summary(cfg, model, o.model_path, data, _show_pair(example, tokenizer), notes,
                   example_caption="chosen, then rejected; each is scored at its last token")
 
-    trainer = build_trainer(model, o.args, tokenizer, data.train, data.eval)
+    trainer = build_trainer(model, o.args, tokenizer, data.train, data.eval, collator)
     install_callbacks(trainer, cfg, perplexity=False)
 
     train_metrics: dict[str, Any] = {}
@@ -127,18 +134,30 @@ def pair_metrics(chosen: Any, rejected: Any) -> dict[str, float]:
 # --- batching and the trainer -----------------------------------------------------------------
 
 def pair_rewards(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-    """(r_chosen, r_rejected) for a batch made by PairwiseCollator."""
-    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+    """(r_chosen, r_rejected) for a batch made by PairwiseCollator (chosen rows, then rejected
+    rows) or PaddingFreePairCollator (sequences 0..n-1 chosen, n..2n-1 rejected)."""
+    if "seq_index" in batch:
+        scores = reward_scores(model, batch["input_ids"], position_ids=batch["position_ids"],
+                               seq_index=batch["seq_index"])
+    else:
+        scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 
 
-def build_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any = None) -> Any:
+def batch_pairs(batch: dict[str, Any]) -> int:
+    if "seq_index" in batch:
+        return (int(batch["seq_index"].max()) + 1) // 2
+    return batch["input_ids"].shape[0] // 2
+
+
+def build_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any = None,
+                  collator: Any = None) -> Any:
     from lathe.recipes.trainers import PairwiseTrainer
 
     return PairwiseTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
                             processing_class=tokenizer,
-                            data_collator=PairwiseCollator(tokenizer.pad_token_id),
+                            data_collator=collator or PairwiseCollator(tokenizer.pad_token_id),
                             compute_metrics=_eval_metrics)
 
 

@@ -16,6 +16,7 @@ from lathe.recipes.common import (
     install_callbacks,
     lm_trainer,
     open_stage,
+    padding_free_wanted,
     print_summary,
     ready_for_training,
     run_eval,
@@ -66,16 +67,6 @@ def run(cfg: LatheConfig) -> RunResult:
     result = finish_run(trainer, cfg, tokenizer, train_metrics, eval_metrics, data.test)
     result.metrics.update(predict_metrics)
     return result
-
-
-def padding_free_wanted(cfg: LatheConfig) -> bool:
-    """padding_free true, or unset with a method that keeps position ids (not prefix / P-tuning /
-    prompt tuning, whose virtual tokens make peft drop them)."""
-    from lathe.model.methods import get_method
-
-    if cfg.data.padding_free is None:
-        return get_method(cfg.finetune.finetuning_type).packs
-    return cfg.data.padding_free
 
 
 # What `lathe quantize` calibrates on: rows as this stage tokenizes them (its processor), batched.

@@ -23,8 +23,9 @@ from transformers import Trainer
 from lathe.distributed import prepare_frozen
 from lathe.model.reference import REF_ADAPTER, as_reference
 from lathe.recipes.embed import contrastive_loss, cosine_loss, pool
+from lathe.recipes.fused_loss import IGNORE_INDEX, linear_logprobs, output_layer
 from lathe.recipes.losses import average_logps, kto_loss, preference_loss, sequence_logps
-from lathe.recipes.rm import pair_rewards, pairwise_loss
+from lathe.recipes.rm import batch_pairs, pair_rewards, pairwise_loss
 
 
 class PolicyReferenceTrainer(Trainer):
@@ -39,20 +40,47 @@ class PolicyReferenceTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, ref_model: Any = None, use_reference: bool = True,
-                 **kwargs: Any) -> None:
+                 fused: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ref_model = prepare_frozen(self, ref_model) if ref_model is not None else None
         self.use_reference = use_reference
+        self.fused = fused  # log-probs from the final hidden states, the output layer a chunk at a time
         self._stats: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(lambda: [0.0, 0.0]), "eval": defaultdict(lambda: [0.0, 0.0])}
 
     # -- log-probs
     def logps(self, model: Any, batch: dict[str, Any], prefix: str = "") -> tuple[Any, Any]:
-        """Summed log-probs of the labelled tokens and their count, per row."""
-        ids = batch[f"{prefix}input_ids"]
-        logits = model(input_ids=ids, attention_mask=batch[f"{prefix}attention_mask"], use_cache=False).logits
-        # P-tuning and prompt tuning return logits for their virtual tokens too, in front
-        return sequence_logps(logits[:, -ids.shape[1]:], batch[f"{prefix}labels"])
+        """Summed log-probs of the labelled tokens and their count, per sequence: per row of a
+        padded batch; per `seq_index` of a padding-free one (PaddingFreePairCollator)."""
+        ids, labels = batch[f"{prefix}input_ids"], batch[f"{prefix}labels"]
+        packed = not prefix and "seq_index" in batch
+        where = {"position_ids": batch["position_ids"]} if packed else \
+            {"attention_mask": batch[f"{prefix}attention_mask"]}
+        head = output_layer(model) if self.fused else None
+        if head is None and not packed:
+            logits = model(input_ids=ids, **where, use_cache=False).logits
+            # P-tuning and prompt tuning return logits for their virtual tokens too, in front
+            return sequence_logps(logits[:, -ids.shape[1]:], labels)
+        keep = labels[:, 1:].ne(IGNORE_INDEX)  # position t predicts token t+1
+        targets = labels[:, 1:][keep]
+        if head is not None:
+            none = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)  # no logits at all
+            out = model(input_ids=ids, **where, use_cache=False, logits_to_keep=none, output_hidden_states=True)
+            token = linear_logprobs(out.hidden_states[-1][:, -ids.shape[1]:][:, :-1][keep], head.weight, targets)
+        else:
+            logits = model(input_ids=ids, **where, use_cache=False).logits[:, -ids.shape[1]:][:, :-1][keep].float()
+            token = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        if packed:
+            index = batch["seq_index"]
+            first = int(index[index >= 0].min())
+            n = int(index.max()) + 1 - first
+            owner = index[:, 1:][keep] - first
+        else:
+            n = ids.shape[0]
+            owner = keep.nonzero()[:, 0]
+        total = torch.zeros(n, dtype=token.dtype, device=token.device).index_add(0, owner, token)
+        count = torch.zeros(n, dtype=torch.long, device=token.device).index_add(0, owner, torch.ones_like(owner))
+        return total, count
 
     def reference_logps(self, model: Any, batch: dict[str, Any], prefix: str = "") -> tuple[Any, Any]:
         with torch.no_grad(), self.reference(model) as ref:
@@ -164,9 +192,7 @@ class DPOTrainer(PolicyReferenceTrainer):
         if callable(getattr(self.optimizer, "train", None)):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        n = inputs["input_ids"].shape[0] // 2
-        chosen_rows = {k: v[:n] for k, v in inputs.items()}
-        rejected_rows = {k: v[n:] for k, v in inputs.items()}
+        n, chosen_rows, rejected_rows = _pair_halves(inputs)
         scale = 1.0 / self.current_gradient_accumulation_steps
         rng = _RngReplay(self.args.device)
         with self.compute_loss_context_manager():
@@ -202,6 +228,18 @@ class DPOTrainer(PolicyReferenceTrainer):
                            ("rewards/accuracies", (margins > 0).float()),
                            ("logps/chosen", chosen_logps), ("logps/rejected", rejected_logps)):
             self.record(model, key, value.float().sum().item(), n)
+
+
+def _pair_halves(inputs: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """(pairs, the chosen side's rows, the rejected side's rows) of a dpo batch: the halves of a
+    padded one; the first `chosen_rows` rows of a padding-free one, and the rest."""
+    if "seq_index" in inputs:
+        k = int(inputs["chosen_rows"])
+        tensors = {key: v for key, v in inputs.items() if torch.is_tensor(v)}
+        return (int(inputs["seq_index"].max()) + 1) // 2, \
+            {key: v[:k] for key, v in tensors.items()}, {key: v[k:] for key, v in tensors.items()}
+    n = inputs["input_ids"].shape[0] // 2
+    return n, {k: v[:n] for k, v in inputs.items()}, {k: v[n:] for k, v in inputs.items()}
 
 
 class _RngReplay:
@@ -276,7 +314,7 @@ class PairwiseTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        pairs = torch.tensor(sum(b["input_ids"].shape[0] // 2 for b in batches), device=device)
+        pairs = torch.tensor(sum(batch_pairs(b) for b in batches), device=device)
         return batches, pairs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
