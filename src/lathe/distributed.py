@@ -426,15 +426,19 @@ class LauncherError(LatheError):
 
 
 def _failure(e: Any) -> LauncherError:
-    """The process whose failure stopped the run, in one line. torch records a failure's time in
-    whole seconds, so a killed process and the peer whose collective failed because of it often
-    tie (and its own choice then names the lowest rank, the peer): a process killed by a signal
-    is the cause, the others exited because of it; among equals, the earliest."""
+    """The process whose failure stopped the run, in one line: the earliest. torch records a
+    failure's time in whole seconds, so a killed process and the peer whose collective failed
+    because of it often tie (and its own choice then names the lowest rank, the peer): among the
+    earliest, a process killed by a signal is the cause. One killed later was killed by the
+    launcher itself, stopping the run after the first failure (a hung process does not answer
+    its SIGTERM, and gets SIGKILL after a grace period)."""
     import signal
 
     failures = e.failures
-    pool = {r: f for r, f in failures.items() if f.exitcode < 0} or failures
-    rank_ = min(pool, key=lambda r: (pool[r].timestamp, r))
+    first_time = min(f.timestamp for f in failures.values())
+    earliest = {r: f for r, f in failures.items() if f.timestamp <= first_time}
+    pool = {r: f for r, f in earliest.items() if f.exitcode < 0} or earliest
+    rank_ = min(pool)
     first = pool[rank_]
     if first.exitcode < 0:
         try:

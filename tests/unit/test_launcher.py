@@ -21,6 +21,12 @@ def test_a_killed_process_is_named_over_the_peer_it_took_down_in_the_same_second
     assert err.code == 1
 
 
+def test_a_process_the_launcher_killed_after_the_first_failure_is_not_named():
+    # rank 1 hung (SIGSTOP): rank 0 gave up at 100 and exited; the launcher SIGKILLed rank 1 later
+    e = ChildFailedError("lathe", {0: _failed(0, 1, 100), 1: _failed(1, -9, 131)})
+    assert str(_failure(e)).startswith("LaunchError: rank 0 (pid 1000) exited with code 1")
+
+
 def test_otherwise_the_earliest_failure_and_its_exit_code():
     e = ChildFailedError("lathe", {0: _failed(0, 1, 101), 1: _failed(1, 2, 100)})
     err = _failure(e)
