@@ -69,6 +69,6 @@ def test_bf16_autocast_on_this_cpu_follows_the_float32_loss_curve(base_args, tmp
         proc = run_cli("train", str(write_yaml(tmp_path / f"{name}.yaml", args)))
         assert proc.returncode == 0, proc.stderr[-3000:]
         curves[name] = _losses(out)
-    assert len(curves["bf16"]) == 6 and curves["bf16"][-1] < 0.7 * curves["bf16"][0]
+    assert len(curves["bf16"]) == 6 and curves["bf16"][-1] < curves["bf16"][0] - 0.5
     assert curves["bf16"] == pytest.approx(curves["fp32"], rel=0.02)
     assert curves["bf16"] != curves["fp32"]  # autocast really ran: bf16 rounding moves the losses
