@@ -50,7 +50,10 @@ LATHE_CONFIGS = {
     "lathe": {},  # Lathe's defaults: padding-free batches and the fused loss
     "lathe_bf16": {"bf16": True},  # and bf16 autocast (CPUs that compute it natively)
     "lathe_compile": {"torch_compile": True},  # and torch.compile (inductor; its compile time counted)
+    "lathe_joint": {"pref_split_backward": False},  # --stage dpo: both sides in one backward (more memory)
 }
+# LLaMA-Factory names an alpaca ranking set's reply columns only when told (Lathe reads these by default)
+PAIR_COLUMNS = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}
 LF_VERSION = "0.9.5"
 # LLaMA-Factory imports torchaudio at start; no torchaudio on PyPI loads beside torch 2.13 (Lathe's pin),
 # and torchaudio 2.11.1 does not load beside torch 2.11.0: this pair does
@@ -90,7 +93,8 @@ def build_assets(root: Path, rows: int) -> dict[str, str]:
     (data / "alpaca.json").write_text(json.dumps(examples))
     (data / "pairs.json").write_text(json.dumps(pairs))
     (data / "dataset_info.json").write_text(json.dumps({"alpaca": {"file_name": "alpaca.json"},
-                                                        "pairs": {"file_name": "pairs.json", "ranking": True}}))
+                                                        "pairs": {"file_name": "pairs.json", "ranking": True,
+                                                                  "columns": PAIR_COLUMNS}}))
     return {"model": str(model), "data": str(data)}
 
 
