@@ -138,21 +138,11 @@ def _plan_keys(keys: dict[str, Any]) -> tuple[int | None, float | None]:
 def _load(config: Any, keys: dict[str, Any], gpus: int | None) -> LatheConfig:
     """The training config as `lathe train` reads it (its checks included); output_dir may be
     left out, nothing is written there."""
-    from lathe.config.load import build_config, read_config_file
+    from lathe.config.load import load_config
 
-    source = None
-    if config is None:
-        raw: dict[str, Any] = {}
-    elif isinstance(config, Mapping):
-        raw = dict(config)
-    else:
-        source = str(config)
-        raw = read_config_file(source)
-    raw.update(keys)
-    raw.setdefault("output_dir", "lathe-plan-not-written")
     if gpus is not None:
-        raw["nproc_per_node"] = 1  # the processes are planned, not started
-    cfg = build_config(raw, source=source)
+        keys = {**keys, "nproc_per_node": 1}  # the processes are planned, not started
+    cfg = load_config(config, keys, defaults={"output_dir": "<not written by lathe plan>"})
     if not cfg.data.dataset:
         raise ConfigError("dataset is missing; name one or more entries of dataset_info.json (the plan reads "
                           "the lengths of its examples)")

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lathe.config.load import build_config, parse_overrides, read_config_file
+from lathe.config.load import load_config
 from lathe.config.schema import LatheConfig
 from lathe.data import inspect as di
 from lathe.data.conversation import Conversation
@@ -63,18 +63,7 @@ def inspect_data(config: str | os.PathLike | Mapping[str, Any] | None,
 def _load(config: str | os.PathLike | Mapping[str, Any] | None,
           overrides: list[str] | Mapping[str, Any] | None) -> LatheConfig:
     """The training config; output_dir may be left out (inspecting never writes it)."""
-    source = None
-    if config is None:
-        raw: dict[str, Any] = {}
-    elif isinstance(config, Mapping):
-        raw = dict(config)
-    else:
-        source = str(config)
-        raw = read_config_file(source)
-    raw.update(parse_overrides(overrides))
-    if not raw.get("output_dir"):
-        raw["output_dir"] = _PLACEHOLDER_OUTPUT_DIR
-    cfg = build_config(raw, source=source)
+    cfg = load_config(config, overrides, defaults={"output_dir": _PLACEHOLDER_OUTPUT_DIR})
     if not cfg.data.dataset:
         raise ConfigError("dataset is missing; name one or more entries of dataset_info.json")
     if stage_kind(cfg.finetune.stage) != "sft":

@@ -55,9 +55,11 @@ def load_config(
     source: str | os.PathLike | Mapping[str, Any] | None = None,
     overrides: Iterable[str] | Mapping[str, Any] | None = None,
     command: str = "train",
+    defaults: Mapping[str, Any] | None = None,
 ) -> LatheConfig:
     """Build a validated `LatheConfig` from a file path or a dict plus overrides,
-    checked for what `command` (train, export, chat, eval) needs."""
+    checked for what `command` (train, export, chat, eval) needs; `defaults`: keys used where
+    neither says anything (a placeholder output_dir for commands that never write one)."""
     path: str | None = None
     if source is None:
         raw: dict[str, Any] = {}
@@ -67,6 +69,9 @@ def load_config(
         path = str(source)
         raw = read_config_file(path)
     raw.update(parse_overrides(overrides))
+    for key, value in (defaults or {}).items():
+        if not raw.get(key):
+            raw[key] = value
     return build_config(raw, source=path, command=command)
 
 
