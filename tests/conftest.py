@@ -251,6 +251,12 @@ def write_pref_pairs(folder: Path) -> Path:
     return folder
 
 
+def logged(run: Path, key: str) -> list[float]:
+    """Every value of `key` in a run's trainer_log.jsonl, in order."""
+    rows = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
+
+
 def write_yaml(path: Path, args: dict) -> Path:
     import yaml
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import one_error, run_cli, run_main, write_yaml
-
-
-def _log(run: Path, key: str) -> list[float]:
-    return [r[key] for r in map(json.loads, (run / "trainer_log.jsonl").read_text().splitlines()) if key in r]
+from tests.conftest import logged, one_error, run_cli, run_main, write_yaml
 
 
 def test_padding_free_batches_train_as_padded_batches_do(tmp_path, base_args):
@@ -30,9 +25,9 @@ def test_padding_free_batches_train_as_padded_batches_do(tmp_path, base_args):
     assert "padding-free batches: rows no longer than the longest example; padding" in summary
     assert "padding-free" not in procs["padded"].stdout
     padded, free = tmp_path / "padded", tmp_path / "free"
-    assert len(_log(free, "loss")) == 6
-    assert _log(free, "loss") == pytest.approx(_log(padded, "loss"), rel=1e-5)
-    assert _log(free, "eval_loss") == pytest.approx(_log(padded, "eval_loss"), rel=1e-5)
+    assert len(logged(free, "loss")) == 6
+    assert logged(free, "loss") == pytest.approx(logged(padded, "loss"), rel=1e-5)
+    assert logged(free, "eval_loss") == pytest.approx(logged(padded, "eval_loss"), rel=1e-5)
     a, b = load_file(padded / "adapter_model.safetensors"), load_file(free / "adapter_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
@@ -63,7 +58,7 @@ def test_the_fused_loss_trains_as_the_models_own_loss_does(tmp_path, base_args):
             runs[name] = (out, proc.stdout)
         (own, own_out), (fused, fused_out) = runs["own"], runs["fused"]
         assert "fused loss: the output layer and cross-entropy" in fused_out and "fused loss" not in own_out
-        assert _log(fused, "loss") == pytest.approx(_log(own, "loss"), rel=1e-5), stage
+        assert logged(fused, "loss") == pytest.approx(logged(own, "loss"), rel=1e-5), stage
         name = "model.safetensors" if stage == "sft" else "adapter_model.safetensors"
         a, b = load_file(own / name), load_file(fused / name)
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, stage

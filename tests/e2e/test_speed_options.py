@@ -3,19 +3,14 @@ the uncompiled model does, and a platform that cannot run an option says so in o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import one_error, run_cli, run_main, write_yaml
+from tests.conftest import logged, one_error, run_cli, run_main, write_yaml
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="the one line is for a machine without a GPU")
-
-
-def _losses(run: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run / "trainer_log.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 @pytest.mark.slow
@@ -28,7 +23,7 @@ def test_torch_compile_trains_as_the_uncompiled_model_does(base_args, tmp_path):
         args = {**base_args, **keys, "max_steps": 6, "logging_steps": 1, "output_dir": str(out)}
         proc = run_cli("train", str(write_yaml(tmp_path / f"{name}.yaml", args)))
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = _losses(out)
+        runs[name] = logged(out, "loss")
     assert len(runs["compiled"]) == 6
     assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-5)
 
@@ -68,7 +63,7 @@ def test_bf16_autocast_on_this_cpu_follows_the_float32_loss_curve(base_args, tmp
         args = {**base_args, **keys, "max_steps": 12, "logging_steps": 2, "output_dir": str(out)}
         proc = run_cli("train", str(write_yaml(tmp_path / f"{name}.yaml", args)))
         assert proc.returncode == 0, proc.stderr[-3000:]
-        curves[name] = _losses(out)
+        curves[name] = logged(out, "loss")
     assert len(curves["bf16"]) == 6 and curves["bf16"][-1] < curves["bf16"][0] - 0.5
     assert curves["bf16"] == pytest.approx(curves["fp32"], rel=0.02)
     assert curves["bf16"] != curves["fp32"]  # autocast really ran: bf16 rounding moves the losses

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lathe
-from tests.conftest import run_cli, write_yaml
+from tests.conftest import logged, run_cli, write_yaml
 
 TOPICS = ["the sea", "a tree", "the moon", "bread", "a river", "music", "the city", "a cat"]
 GOOD, BAD = "Yes, gladly. It is good.", "No."
@@ -259,10 +259,6 @@ def test_padding_free_fused_dpo_trains_as_padded_pairs_do(args, keys, tmp_path):
     assert "padding-free batches: each side's replies in rows no longer than the longest; padding" in said
     assert "fused loss: the output layer and log-probs" in said
 
-    def logged(run: Path, key: str) -> list[float]:
-        rows = [json.loads(x) for x in (run / "trainer_log.jsonl").read_text().splitlines()]
-        return [r[key] for r in rows if key in r]
-
     for key in ("loss", "rewards/margins", "eval_loss"):
         assert logged(free, key) and logged(free, key) == pytest.approx(logged(padded, key), rel=1e-5, abs=1e-6), key
     name = "model.safetensors" if keys else "adapter_model.safetensors"
@@ -285,10 +281,6 @@ def test_kto_with_fused_log_probs_trains_as_with_the_logits(args, tmp_path):
         runs[name] = out
         said = proc.stdout
     assert "fused loss: the output layer and log-probs" in said
-
-    def logged(run: Path, key: str) -> list[float]:
-        rows = [json.loads(x) for x in (run / "trainer_log.jsonl").read_text().splitlines()]
-        return [r[key] for r in rows if key in r]
 
     for key in ("loss", "kl", "rewards/chosen"):
         assert logged(runs["fused"], key) == pytest.approx(logged(runs["logits"], key), rel=1e-5, abs=1e-6), key

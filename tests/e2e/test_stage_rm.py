@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli, write_yaml
+from tests.conftest import logged, run_cli, write_yaml
 
 TOPICS = ("the weather", "a recipe", "my homework", "a poem", "the news", "a book", "music", "travel")
 FILLER = ("sure", "maybe", "today", "really", "quite", "simple", "answer", "here", "well", "so")
@@ -189,10 +189,6 @@ def test_padding_free_pairs_train_the_reward_model_as_padded_pairs_do(tmp_path, 
         runs[name] = (out, proc.stdout)
     (padded, _), (free, said) = runs["padded"], runs["free"]
     assert "padding-free batches: each side's replies in rows no longer than the longest; padding" in said
-
-    def logged(run: Path, key: str) -> list[float]:
-        rows = [json.loads(x) for x in (run / "trainer_log.jsonl").read_text().splitlines()]
-        return [r[key] for r in rows if key in r]
 
     for key in ("loss", "eval_loss", "eval_pair_accuracy"):
         assert logged(free, key) and logged(free, key) == pytest.approx(logged(padded, key), rel=1e-5, abs=1e-6), key
