@@ -144,5 +144,5 @@ def test_the_data_report_plans_the_three_sizes():
                           ("prompt", "response", "total")},
               "truncation": {"cutoff_len": 8, "fit": 1, "cut": 0, "dropped": 0, "trained_tokens_removed": 0},
               "padding": {"pad_to_multiple_of": 1, "batch_size": 1, "without_packing": 0, "with_packing": 0,
-                          "packed_rows": 1}}
+                          "padding_free": 0, "packed_rows": 1}}
     assert "Splits of the 100 rows: train 80, eval 10, test 10" in format_report(report, [])
