@@ -54,7 +54,6 @@ CUDA_CONTEXT = 500 * MiB  # what a CUDA context and torch's kernels take on a GP
 # project's CPU machines by benchmarks/plan_bench.py (LoRA SFT of a 27M Llama); a GPU's share
 # is of the same order for models of a few billion parameters (published MFU 0.3-0.5)
 MFU = {"cpu": 0.35, "cuda": 0.35}
-PLAN_KEYS = ("gpus", "gpu_memory")  # keys of `lathe plan` itself, not of the run
 
 
 @dataclass
