@@ -31,7 +31,7 @@ def vocabulary_texts() -> list[str]:
     return [" ".join(words + ["in", "smith", "lives", "where", "does", "live", "?", ".", "with", "of"])] * 4
 
 
-def build_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
+def build_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, dropout: float = 0.1) -> Path:
     """A 2-layer BERT (hidden 32) and its WordPiece tokenizer, saved as a model folder."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
@@ -52,7 +52,8 @@ def build_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(fast), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
-                        pad_token_id=fast.pad_token_id)
+                        pad_token_id=fast.pad_token_id, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
     folder.mkdir(parents=True, exist_ok=True)
     BertModel(config).save_pretrained(folder)
     fast.save_pretrained(folder)

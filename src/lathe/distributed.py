@@ -117,7 +117,8 @@ def check_engine(cfg: Any) -> None:
     if fsdp and not extra.get("deepspeed"):
         if ft.stage == "ppo":
             raise ConfigError("stage ppo does not run under FSDP (its rollouts and four models are Lathe's own "
-                              "loop); remove fsdp: several processes then train it with DDP")
+                              "loop); remove fsdp: several processes then train it with DDP, or DeepSpeed "
+                              "ZeRO (deepspeed=ds_z3)")
         import torch
 
         if not torch.cuda.is_available():
@@ -133,9 +134,6 @@ def check_engine(cfg: Any) -> None:
         raise ConfigError("deepspeed is set, but the DeepSpeed package is not installed; "
                           "pip install 'lathe[deepspeed]' (or remove the deepspeed key)")
     stage = zero_stage(ds)
-    if ft.stage == "ppo":
-        raise ConfigError("stage ppo does not run under DeepSpeed (its rollouts and four models are Lathe's own "
-                          "loop); remove deepspeed: several processes then train it with DDP")
     if stage == 3 and cfg.model.quantization_bit:
         raise ConfigError(f"quantization_bit {cfg.model.quantization_bit} (QLoRA) cannot run under DeepSpeed "
                           "ZeRO-3 here; use a ZeRO-2 config (ds_z2) or DDP")
@@ -223,21 +221,9 @@ def prepare_frozen(trainer: Any, model: Any) -> Any:
     sharded, and gathers each layer as it runs); else moved to the run's device."""
     if not trainer.is_deepspeed_enabled:
         return model.to(trainer.args.device)
-    import copy
+    from lathe.loop import frozen_engine
 
-    import deepspeed
-
-    ds = copy.deepcopy(trainer.accelerator.state.deepspeed_plugin.deepspeed_config)
-    zero = ds.setdefault("zero_optimization", {})
-    if zero.get("stage") != 3:  # ZeRO-1/2 shard what training holds: a frozen model holds none of it
-        zero["stage"] = 0
-    zero.pop("offload_optimizer", None)
-    ds.pop("optimizer", None)
-    ds.pop("scheduler", None)
-    with _quiet_stdout():
-        engine, *_ = deepspeed.initialize(model=model, config=ds)
-    engine.eval()
-    return engine
+    return frozen_engine(model, trainer.accelerator.state.deepspeed_plugin.deepspeed_config)
 
 
 # --- a loop of Lathe's own over several processes (ppo) ----------------------------------------

@@ -34,8 +34,15 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 
 
 @pytest.fixture(scope="module")
-def stage_data(tmp_path_factory) -> dict[str, Path]:
-    from tests.tiny_encoders import write_sentiment
+def stage_data(tmp_path_factory, tiny_t5) -> dict[str, Path]:
+    from tests.tiny_encoders import (
+        build_tiny_bert,
+        write_ner,
+        write_pairs,
+        write_qa,
+        write_sentiment,
+        write_translation,
+    )
 
     d = tmp_path_factory.mktemp("stages")
     prompts = [f"Tell me about {t}, please ({i})." for i in range(4)
@@ -47,13 +54,24 @@ def stage_data(tmp_path_factory) -> dict[str, Path]:
                                              "kto_tag": bool(i % 2)} for i, p in enumerate(prompts)]))
     (d / "dataset_info.json").write_text(json.dumps({"pairs": {"file_name": "pairs.json", "ranking": True},
                                                      "kto_rows": {"file_name": "kto.json"}}))
-    return {"pref": d, "sentiment": write_sentiment(tmp_path_factory.mktemp("sentiment"))}
+    made = {name: write(tmp_path_factory.mktemp(name)) for name, write in (
+        ("sentiment", write_sentiment), ("ner", write_ner), ("translation", write_translation),
+        ("qa", write_qa), ("pairs", write_pairs))}
+    # no dropout: each process would draw its own masks (the T5 has none)
+    bert = build_tiny_bert(tmp_path_factory.mktemp("models") / "bert-no-dropout", dropout=0.0)
+    return {"pref": d, **made, "bert": bert, "t5": tiny_t5}
 
 
 def stages(base: dict, data: dict[str, Path]) -> dict[str, dict]:
     """Every training stage, 4 steps each (the weights file each saves is read back)."""
     lora = {**base, "lora_target": "all"}
     pref = {**lora, "dataset_dir": str(data["pref"]), "dataset": "pairs"}
+    # adam_epsilon: these models have weights whose gradient is 0 or about 0 (QA's output bias: a
+    # softmax over positions ignores a shift; some of the T5's); splitting the batch flips its sign
+    # by rounding alone, and at epsilon 1e-8 Adam's first step turns that into a whole step (the T5 in
+    # one process, batch 8 against 4 x 2 accumulated: 0.4 x lr apart; at 1e-6: 1e-7, the same moves)
+    task = {**base, "model_name_or_path": str(data["bert"]), "finetuning_type": "full", "learning_rate": 1e-3,
+            "adam_epsilon": 1e-6}
     return {
         "sft": lora,
         "sft_full": {**base, "finetuning_type": "full", "learning_rate": 1e-3},
@@ -63,15 +81,25 @@ def stages(base: dict, data: dict[str, Path]) -> dict[str, dict]:
         "kto": {**pref, "stage": "kto", "dataset": "kto_rows"},
         "rm": {**pref, "stage": "rm"},
         "cls": {**lora, "stage": "cls", "dataset": "sentiment", "dataset_dir": str(data["sentiment"])},
+        # the task types on the encoders they are made for, full fine-tuning
+        "tagging": {**task, "stage": "tagging", "dataset": "ner", "dataset_dir": str(data["ner"])},
+        "seq2seq": {**task, "stage": "seq2seq", "model_name_or_path": str(data["t5"]), "dataset": "en_fr",
+                    "dataset_dir": str(data["translation"])},
+        "qa": {**task, "stage": "qa", "dataset": "qa", "dataset_dir": str(data["qa"]), "cutoff_len": 32,
+               "doc_stride": 8},
+        # in-batch negatives: every process's, as in one process at the same global batch
+        "embed": {**task, "stage": "embed", "dataset": "pairs", "dataset_dir": str(data["pairs"])},
     }
 
+
+TASKS = ("tagging", "seq2seq", "qa", "embed")
 
 # engine -> (the deepspeed key, the stages run under it): DDP and ZeRO-3 run every stage; ZeRO-2
 # and offload (the same code paths with other partitioning) one stage of each kind
 ENGINES = {
-    "ddp": (None, ["sft", "sft_full", "pt", "dpo", "dpo_full", "kto", "rm", "cls"]),
-    "zero2": ("ds_z2", ["sft", "dpo_full", "cls"]),
-    "zero3": ("ds_z3", ["sft", "sft_full", "pt", "dpo", "dpo_full", "kto", "rm", "cls"]),
+    "ddp": (None, ["sft", "sft_full", "pt", "dpo", "dpo_full", "kto", "rm", "cls", *TASKS]),
+    "zero2": ("ds_z2", ["sft", "dpo_full", "cls", "embed"]),
+    "zero3": ("ds_z3", ["sft", "sft_full", "pt", "dpo", "dpo_full", "kto", "rm", "cls", *TASKS]),
     "zero3_offload": ("ds_z3_offload", ["sft_full"]),
 }
 
@@ -88,6 +116,7 @@ def single(tiny_model, data_dir, stage_data, tmp_path_factory) -> tuple[dict, di
         runs[name] = root / name
         lathe.train({**keys, "per_device_train_batch_size": 8, "output_dir": str(runs[name])})
     return base, runs
+
 
 
 FUSED = ("sft", "sft_full", "pt")  # the stages whose loss is fused with the output layer by default

@@ -210,19 +210,43 @@ def test_ppo_with_a_reward_model_that_is_not_one(tmp_path, yes_no, which):
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+@pytest.fixture(scope="module")
+def ppo_single(yes_no, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+    """LoRA and full ppo in one process at 8 prompts a step: name -> (its keys, its run folder)."""
+    root = tmp_path_factory.mktemp("ppo-single")
+    lora = _ppo_args(yes_no, root / "lora", per_device_train_batch_size=8, max_steps=3, do_sample=False,
+                     ppo_epochs=2, ppo_score_norm=True, ppo_whiten_rewards=True, val_size=8, learning_rate=2e-2)
+    full = {**lora, "finetuning_type": "full", "learning_rate": 1e-4, "output_dir": str(root / "full")}
+    del full["adapter_name_or_path"]
+    runs = {"lora": (lora, root / "lora"), "full": (full, root / "full")}
+    for name, (keys, _) in runs.items():
+        proc = run_cli("train", str(write_yaml(root / f"{name}.yaml", keys)))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return runs
+
+
+# engine -> (the deepspeed key, what the summary calls it, the runs compared)
+PPO_ENGINES = {"ddp": (None, "(DDP)", ("lora", "full")), "zero2": ("ds_z2", "(DeepSpeed ZeRO-2)", ("lora", "full")),
+               "zero3": ("ds_z3", "(DeepSpeed ZeRO-3)", ("lora", "full")),
+               "zero3_offload": ("ds_z3_offload", "(DeepSpeed ZeRO-3 (optimizer + param offloaded))", ("full",))}
+
+
 @pytest.mark.slow
-def test_two_processes_run_ppo_as_one_process_does(tmp_path, yes_no):
-    """2 processes at 4 prompts each (DDP over gloo) against 1 process at 8: with greedy replies the
-    rollouts are the same, so every logged figure and the saved weights must agree. The settings
-    make each batch statistic count: score normalisation, reward and advantage whitening, the
-    adaptive KL coefficient, 2 PPO epochs, evaluation. What differs is float rounding: sums in
-    another order (an all-reduce of two halves), and each process pads its prompts to its own
-    longest, so the matrices have other shapes: about 1e-6 relative. The logged figures keep 6
-    decimals (hence the absolute 3e-6); a statistic taken per process instead of over the batch
-    moved them by 1e-2 while this was built. Adam divides each gradient by its own running size,
-    which lifts rounding in near-zero gradients to a share of a step; so the weights are held to
-    5e-3 of how far the largest one moved, where processes training apart would differ by about
-    as much as they moved."""
+@pytest.mark.parametrize("engine", list(PPO_ENGINES))
+def test_two_processes_run_ppo_as_one_process_does(engine, ppo_single, tmp_path, yes_no):
+    """2 processes at 4 prompts each (over gloo: DDP, DeepSpeed ZeRO-2, ZeRO-3) against 1 process at
+    8: with greedy replies the rollouts are the same, so every logged figure and the saved weights
+    must agree. The settings make each batch statistic count: score normalisation, reward and
+    advantage whitening, the adaptive KL coefficient, 2 PPO epochs, evaluation. Under ZeRO-3 the
+    policy, its reference (full tuning) and the reward model are sharded: the replies are generated
+    with the policy's weights gathered, and the saved weights are gathered from the shards.
+    What differs is float rounding: sums in another order (an all-reduce of two halves, DeepSpeed's
+    partitioned reduce), and each process pads its prompts to its own longest, so the matrices have
+    other shapes: about 1e-6 relative. The logged figures keep 6 decimals (hence the absolute 3e-6);
+    a statistic taken per process instead of over the batch moved them by 1e-2 while this was built.
+    Adam divides each gradient by its own running size, which lifts rounding in near-zero gradients
+    to a share of a step; so the weights are held to 5e-3 of how far the largest one moved, where
+    processes training apart would differ by about as much as they moved."""
     import subprocess
     import sys
 
@@ -230,24 +254,22 @@ def test_two_processes_run_ppo_as_one_process_does(tmp_path, yes_no):
 
     from tests.conftest import REPO
 
-    runs = {}
-    for n in (1, 2):
-        keys = _ppo_args(yes_no, tmp_path / f"lora-{n}", per_device_train_batch_size=8 // n, max_steps=3,
-                         do_sample=False, ppo_epochs=2, ppo_score_norm=True, ppo_whiten_rewards=True,
-                         val_size=8, learning_rate=2e-2)
-        full = {**keys, "finetuning_type": "full", "learning_rate": 1e-4, "output_dir": str(tmp_path / f"full-{n}")}
-        del full["adapter_name_or_path"]
-        runs[n] = [write_yaml(tmp_path / f"{name}-{n}.yaml", k) for name, k in (("lora", keys), ("full", full))]
-    for path in runs[1]:
-        proc = run_cli("train", str(path))
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    deepspeed, called, names = PPO_ENGINES[engine]
+    configs = []
+    for name in names:
+        keys = ppo_single[name][0]
+        two = {**keys, "per_device_train_batch_size": 4, "output_dir": str(tmp_path / name)}
+        if deepspeed:
+            two["deepspeed"] = deepspeed
+        configs.append(str(write_yaml(tmp_path / f"{name}.yaml", two)))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "tests.dist_driver", *map(str, runs[2])], capture_output=True, text=True,
+                           "-m", "tests.dist_driver", *configs], capture_output=True, text=True,
                           cwd=REPO, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("2 process(es) (DDP)") == 2 and "steps of 8 prompts (of 56, 4 per process)" in proc.stdout
-    for name in ("lora", "full"):
-        one, two = tmp_path / f"{name}-1", tmp_path / f"{name}-2"
+    assert proc.stdout.count(f"2 process(es) {called}") == len(names), proc.stdout[-3000:]
+    assert "steps of 8 prompts (of 56, 4 per process)" in proc.stdout
+    for name in names:
+        one, two = ppo_single[name][1], tmp_path / name
         logs = [[json.loads(x) for x in (run / "trainer_log.jsonl").read_text().splitlines()] for run in (one, two)]
         assert len(logs[1]) == 3
         for a, b in zip(*logs):
@@ -261,10 +283,11 @@ def test_two_processes_run_ppo_as_one_process_does(tmp_path, yes_no):
         start = load_file((yes_no["sft_lora"] if name == "lora" else yes_no["sft"]) / weights)
         for file in (weights, "value_head.safetensors"):
             expected, got = load_file(one / file), load_file(two / file)
-            assert got.keys() == expected.keys()
+            assert got.keys() == expected.keys()  # complete: every tensor, gathered from its shards
+            assert all(got[k].shape == expected[k].shape for k in expected)
             worst = max((got[k].float() - expected[k].float()).abs().max().item() for k in expected)
-            if file == weights:  # measured: 4e-4 (lora) and 1e-3 (full) of the largest move
+            if file == weights:  # measured (DDP): 4e-4 (lora) and 1e-3 (full) of the largest move
                 moved = max((expected[k].float() - start[k].float()).abs().max().item() for k in expected)
                 assert worst < 5e-3 * moved, (name, worst, moved)
-            else:  # the value head starts from a fresh initialisation; measured: 3e-7
+            else:  # the value head starts from a fresh initialisation; measured (DDP): 3e-7
                 assert worst < 1e-5, (name, worst)

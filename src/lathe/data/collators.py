@@ -140,13 +140,17 @@ class TaggerCollator:
 @dataclass
 class Seq2SeqCollator:
     """seq2seq: right-padded source ids and attention mask; the targets padded apart (their own
-    length) with IGNORE_INDEX, from which the model makes its decoder inputs."""
+    length) with IGNORE_INDEX, and the decoder inputs made from them by `decoder_inputs` (the
+    model's prepare_decoder_input_ids_from_labels; without it the model makes them itself)."""
 
     pad_id: int
+    decoder_inputs: Any = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = pad_rows([(f["input_ids"], []) for f in features], self.pad_id)
         batch["labels"] = pad_rows([(f["labels"], f["labels"]) for f in features], self.pad_id)["labels"]
+        if self.decoder_inputs is not None:
+            batch["decoder_input_ids"] = self.decoder_inputs(labels=batch["labels"])
         return batch
 
 

@@ -280,6 +280,7 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any, task: str = "causal_
             raise ModelError(f"{path}: the model could not be loaded ({str(e).splitlines()[0][:200]})") from None
         raise _hub_error(path, e) from None
     fit_embeddings(model, tokenizer)
+    _keep_used_conversions(model)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     from transformers import set_seed
@@ -288,6 +289,17 @@ def load_model(cfg: LatheConfig, path: str, tokenizer: Any, task: str = "causal_
     # loaded: DeepSpeed ZeRO-3 creates them sharded, drawing random numbers of its own
     set_seed(cfg.train.seed)
     return model
+
+
+def _keep_used_conversions(model: Any) -> None:
+    """The checkpoint renamings the model remembers for saving: only those its checkpoint used,
+    as transformers keeps them after a plain load. Its DeepSpeed ZeRO-3 load path (transformers
+    5.24, integrations/deepspeed.py) keeps every renaming of the architecture instead, legacy ones
+    included, and save_pretrained then writes BERT's LayerNorm weight and bias as gamma and beta:
+    a file the single-process run's names do not match (found by tests/e2e/test_distributed.py)."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if c.was_used()]
 
 
 def fit_embeddings(model: Any, tokenizer: Any) -> None:

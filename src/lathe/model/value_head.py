@@ -65,12 +65,13 @@ class PolicyWithValueHead(nn.Module):
     def generate(self, **kwargs: Any) -> torch.Tensor:
         return self.policy.generate(**kwargs)
 
-    def save_value_head(self, output_dir: str | Path) -> Path:
+    def save_value_head(self, output_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """The head's weights (or `state`: them gathered from shards) into `output_dir`."""
         from safetensors.torch import save_file
 
         path = Path(output_dir) / VALUE_HEAD_FILE
         state = {f"v_head.{k}": v.detach().contiguous().cpu()
-                 for k, v in self.value_head.state_dict().items()}
+                 for k, v in (state if state is not None else self.value_head.state_dict()).items()}
         save_file(state, str(path),
                   metadata={"format": "pt", "hidden_size": str(self.value_head.in_features)})
         return path

@@ -623,8 +623,9 @@ def fused_loss_head(cfg: LatheConfig, model: Any) -> tuple[Any, str | None]:
 
 
 def mean_loss_trainer(**kwargs: Any) -> Any:
-    """The stock Trainer for a model whose own loss is a mean over its micro-batch (a classifier,
-    a tagger, span QA). Transformers takes any model whose forward has **kwargs for one that
+    """The stock Trainer for a model whose own loss is a mean over its micro-batch of examples
+    (a classifier: every example weighs the same, so equal micro-batches average to the batch's
+    mean). Transformers takes any model whose forward has **kwargs for one that
     normalises by the whole accumulated batch, and then neither divides its loss by
     gradient_accumulation_steps nor leaves it unscaled across processes: the logged loss and
     the gradients came out gradient_accumulation_steps x processes too large. Said otherwise here."""
@@ -633,6 +634,32 @@ def mean_loss_trainer(**kwargs: Any) -> Any:
     trainer = Trainer(**kwargs)
     trainer.model_accepts_loss_kwargs = False
     return trainer
+
+
+def token_loss_trainer(trainer_class: Any = None, **kwargs: Any) -> Any:
+    """The stock Trainer (or `trainer_class`) for a model whose loss is per labelled token (a
+    tagger, a seq2seq model), computed by Lathe from the logits: the cross-entropy summed over
+    the labelled tokens and divided by the labelled tokens of the whole accumulated batch over
+    every process (the Trainer counts them: num_items_in_batch). Gradient accumulation and
+    several processes then train as one batch of that size; the model's own loss (a mean over
+    its micro-batch) would weigh each micro-batch equally, and transformers would scale it by
+    the processes and not by the accumulation (it takes any forward with **kwargs for one that
+    normalises by the whole batch)."""
+    if trainer_class is None:
+        from transformers import Trainer as trainer_class
+    return trainer_class(**kwargs, compute_loss_func=token_mean_loss)
+
+
+def token_mean_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+    """Cross-entropy over the labelled tokens (label -100: none), summed, over
+    `num_items_in_batch` (the whole batch's labelled tokens), or its mean without it."""
+    import torch.nn.functional as F
+
+    logits = outputs["logits"]
+    labels = labels.to(logits.device)
+    total = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum().clamp(min=1)
+    return total / count
 
 
 def final_eval(trainer: Any) -> dict[str, float] | None:

@@ -7,8 +7,8 @@ with either a hard negative or a similarity score. The model is the bare checkpo
 encoders, the last real token for decoders, or the first: `pooling`). Without scores the
 loss is contrastive with in-batch negatives: each anchor must pick its own positive among
 every positive and hard negative of the batch (cosine similarities / embed_temperature,
-cross-entropy); with scores it is the squared error between the pair's cosine similarity and
-its score.
+cross-entropy; in several processes, of every process's batch); with scores it is the squared
+error between the pair's cosine similarity and its score.
 
 Evaluation embeds every eval pair and ranks all eval positives for each anchor: recall@1,
 @5, @10 and MRR (and the Spearman correlation of similarity and score for scored pairs).
@@ -28,6 +28,7 @@ from lathe.config.schema import LatheConfig
 from lathe.data.collators import EmbedCollator
 from lathe.data.loader import TaskProcessor
 from lathe.data.tasks import check_pairs, make_embed_preprocess
+from lathe.distributed import world_size
 from lathe.errors import ConfigError
 from lathe.recipes.common import (
     RunResult,
@@ -47,8 +48,11 @@ def run(cfg: LatheConfig) -> RunResult:
     refuse_packing(cfg)
     pooling = resolve_pooling(cfg)
     # the pairs are not one input_ids column: the Trainer cannot count tokens seen
+    # several processes: the encoder's pooler (BERT's) is not part of the loss; DDP must look for
+    # such parameters each step
     o = open_stage(cfg, check_template=False, task=partial(processor, cfg),
-                   args_kwargs={"include_num_input_tokens_seen": False})
+                   args_kwargs={"include_num_input_tokens_seen": False,
+                                **({"ddp_find_unused_parameters": True} if world_size() > 1 else {})})
     cfg = replace(cfg, pooling=pooling)  # config.yaml records the pooling auto chose (predict, export)
     tokenizer, data, notes = o.tokenizer, o.data, o.notes
     loss_kind = o.task
@@ -122,14 +126,30 @@ def pool(hidden: Any, mask: Any, how: str) -> Any:
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
 
-def contrastive_loss(anchors: Any, candidates: Any, temperature: float) -> Any:
-    """Each anchor i against every candidate (row i of them is its positive; the rest, and any
-    hard negatives after them, are negatives): cross-entropy over cosine / temperature."""
+def contrastive_loss(anchors: Any, candidates: Any, temperature: float, first: int = 0) -> Any:
+    """Each anchor i against every candidate (row first + i of them is its positive; the rest,
+    and any hard negatives after them, are negatives): cross-entropy over cosine / temperature."""
     import torch
     import torch.nn.functional as F
 
     sims = F.normalize(anchors, dim=-1) @ F.normalize(candidates, dim=-1).T / temperature
-    return F.cross_entropy(sims.float(), torch.arange(anchors.shape[0], device=anchors.device))
+    return F.cross_entropy(sims.float(), first + torch.arange(anchors.shape[0], device=anchors.device))
+
+
+def across_processes(vectors: Any) -> tuple[Any, int]:
+    """(every process's `vectors` in rank order, where this process's rows start) while training
+    in several processes, so that in-batch negatives are the whole global batch's, as in one
+    process at the same global batch; the gather carries gradients back to the process that made
+    each vector. (vectors, 0) in one process, and outside training (no gradient)."""
+    import torch
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            and torch.is_grad_enabled()):
+        return vectors, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(vectors.contiguous())), dist.get_rank() * vectors.shape[0]
 
 
 def cosine_loss(anchors: Any, positives: Any, scores: Any) -> Any:

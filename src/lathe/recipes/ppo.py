@@ -44,10 +44,11 @@ from lathe.distributed import Peers
 from lathe.errors import ConfigError
 from lathe.files import respect_umask
 from lathe.infer import left_pad, set_stop_tokens
+from lathe.loop import Updates, update_engine
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import load_model, pick_dtype, resolve_model_path
 from lathe.model.reward import read_marker
-from lathe.recipes.common import RunResult, log, open_stage, print_summary, start_run
+from lathe.recipes.common import RunResult, build_training_args, log, open_stage, print_summary, start_run
 
 
 def run(cfg: LatheConfig) -> RunResult:
@@ -62,6 +63,9 @@ def run(cfg: LatheConfig) -> RunResult:
     from lathe.model.reward import load_reward_model
     from lathe.model.value_head import VALUE_HEAD_FILE, PolicyWithValueHead, disable_dropout
 
+    # DeepSpeed: its config's "auto" values come from TrainingArguments, made before the models
+    # load so that ZeRO-3 shards them as they load (kept for the whole run: transformers holds it weakly)
+    ds_args = build_training_args(cfg, has_eval=False) if cfg.train.extra.get("deepspeed") else None
     peers = Peers(int(cfg.train.extra.get("ddp_timeout", 1800)))
     device = peers.device
     policy = apply_finetuning(load_model(cfg, model_path, tokenizer), cfg.finetune, cfg.model)
@@ -79,12 +83,12 @@ def run(cfg: LatheConfig) -> RunResult:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(policy, "enable_input_require_grads"):
             policy.enable_input_require_grads()
-    for m in (model, reward_model, reference):
-        if m is not None:
-            m.to(device)
+    model.to(device)
 
     plan = Plan.of(cfg, len(data.train), peers.world)
-    optimizer, scheduler = _optimizer(cfg, model, plan)
+    engine = _engine(cfg, peers, model, plan, ds_args)
+    reward_model = engine.frozen(reward_model)
+    reference = engine.frozen(reference) if reference is not None else None
     notes.append(plan.describe())
     notes.append(f"reward model {cfg.align.reward_model}")
 
@@ -96,16 +100,15 @@ def run(cfg: LatheConfig) -> RunResult:
                   example_caption="a prompt; the replies are sampled")
 
     stop_ids = template.stop_token_ids(tokenizer)
-    ppo = PPO(cfg, model, reference, reward_model, tokenizer, stop_ids, peers)
-    history = ppo.train(data.train, plan, optimizer, scheduler)
+    ppo = PPO(cfg, model, reference, reward_model, tokenizer, stop_ids, peers, engine)
+    history = ppo.train(data.train, plan)
     train_metrics = _summarise(history)
     eval_metrics = ppo.evaluate(data.eval) if data.eval is not None else {}
     if eval_metrics:
         log(f"Eval reward {eval_metrics['eval_reward']:.4f}, kl {eval_metrics['eval_kl']:.4f}")
     metrics = {**train_metrics, **eval_metrics}
 
-    if peers.main:
-        _save(cfg, model, tokenizer, stop_ids, history, train_metrics, metrics, plan)
+    _save(cfg, model, engine, tokenizer, stop_ids, history, train_metrics, metrics, plan)
     peers.barrier()
     log(f"Saved {cfg.finetune.finetuning_type} weights, value head, tokenizer and config to "
         f"{cfg.train.output_dir}")
@@ -182,7 +185,9 @@ class Plan:
                 f"{self.optimizer_steps} optimizer steps in all")
 
 
-def _optimizer(cfg: LatheConfig, model: Any, plan: Plan) -> tuple[Any, Any]:
+def _engine(cfg: LatheConfig, peers: Peers, model: Any, plan: Plan, ds_args: Any) -> Updates:
+    """AdamW and the scheduler over the trained parameters, in the run's update engine (one
+    process, DDP, or DeepSpeed ZeRO when ds_args are given)."""
     import torch
     from transformers import get_scheduler
 
@@ -190,9 +195,14 @@ def _optimizer(cfg: LatheConfig, model: Any, plan: Plan) -> tuple[Any, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * plan.optimizer_steps)
-    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=plan.optimizer_steps)
-    return optimizer, scheduler
+
+    def scheduler_for(opt: Any) -> Any:
+        return get_scheduler(t.lr_scheduler_type, opt, num_warmup_steps=warmup,
+                             num_training_steps=plan.optimizer_steps)
+
+    return update_engine(peers, model, optimizer, scheduler_for, accumulation=t.gradient_accumulation_steps,
+                         max_grad_norm=t.max_grad_norm, deepspeed_args=ds_args,
+                         num_training_steps=plan.optimizer_steps, sizes_from=model.policy)
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -217,13 +227,13 @@ class PPO:
     """Rollouts, scoring, advantages and clipped updates for one policy with a value head."""
 
     def __init__(self, cfg: LatheConfig, model: Any, reference: Any | None, reward_model: Any,
-                 tokenizer: Any, stop_ids: list[int], peers: Peers) -> None:
+                 tokenizer: Any, stop_ids: list[int], peers: Peers, engine: Updates) -> None:
         from lathe.recipes.ppo_core import make_kl_controller
 
         self.cfg, self.a = cfg, cfg.align
         self.model, self.reference, self.reward_model = model, reference, reward_model
         self.peers = peers
-        self.trained = peers.wrap(model)  # what the updates run through (DDP); rollouts use the model
+        self.engine = engine  # what the updates run through (DDP, DeepSpeed); rollouts use the model
         self.tokenizer, self.stop_ids, self.device = tokenizer, stop_ids, peers.device
         self.pad_id = tokenizer.pad_token_id
         self.mb = cfg.train.per_device_train_batch_size
@@ -238,7 +248,7 @@ class PPO:
 
     # -- one PPO step, in order --
 
-    def train(self, prompts: Any, plan: Plan, optimizer: Any, scheduler: Any) -> list[dict[str, Any]]:
+    def train(self, prompts: Any, plan: Plan) -> list[dict[str, Any]]:
         import torch
         from tqdm.auto import tqdm
 
@@ -260,12 +270,12 @@ class PPO:
             rollout = self.rollout([prompts[i]["input_ids"] for i in peers.shard(idx)])
             tokens += int(peers.sum(rollout.attention_mask.sum()))  # prompt + reply tokens, no padding
             stats = self.prepare(rollout)
-            stats.update(self.optimise(rollout, optimizer, scheduler, shuffles))
+            stats.update(self.optimise(rollout, shuffles))
             self.kl_ctl.update(stats["kl"], len(idx))
             record = {"step": step, "max_steps": plan.steps, "epoch": round(seen / plan.num_prompts, 4),
                       "elapsed_s": round(time.time() - t0, 2), "num_input_tokens_seen": tokens,
                       **_rounded(stats),
-                      "learning_rate": scheduler.get_last_lr()[0]}
+                      "learning_rate": self.engine.last_lr}
             history.append(record)
             if peers.main:
                 with open(out / "trainer_log.jsonl", "a", encoding="utf-8") as f:
@@ -287,7 +297,7 @@ class PPO:
         gen = self._generation_config()
         replies = []
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.engine.gathered():  # ZeRO-3: whole weights while generating
             for s in range(0, len(prompts), self.mb):
                 out = self.model.generate(input_ids=ids[s:s + self.mb], attention_mask=attn[s:s + self.mb],
                                           generation_config=gen)
@@ -326,14 +336,14 @@ class PPO:
                 "value_mean": (value_sum / tokens.clamp(min=1)).item(),
                 "response_length": peers.gather(r.mask.sum(1).float()).mean().item()}
 
-    def optimise(self, r: Rollout, optimizer: Any, scheduler: Any, generator: Any) -> dict[str, float]:
+    def optimise(self, r: Rollout, generator: Any) -> dict[str, float]:
         """ppo_epochs passes of shuffled mini-batches; an optimizer step every
         gradient_accumulation_steps mini-batches (and at the end of each pass).
 
         Each loss is a mean over the reply tokens of the mini-batch. With several processes the
         mini-batch is every process's share of it: a process weighs its own mean by
         processes x its tokens / all tokens, so DDP's average of the gradients is the gradient
-        of the whole mini-batch's mean (and so are the logged figures)."""
+        of the whole mini-batch's mean (and so are the logged figures); DeepSpeed averages as DDP does."""
         import torch
 
         from lathe.recipes.ppo_core import (
@@ -345,8 +355,7 @@ class PPO:
         )
 
         n, ga = r.sequences.shape[0], self.cfg.train.gradient_accumulation_steps
-        peers = self.peers
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        peers, engine = self.peers, self.engine
         sums: dict[str, float] = {}
         count = 0
         self.model.train()
@@ -358,22 +367,15 @@ class PPO:
                 mask = r.mask[idx]
                 mine = mask.sum()
                 weight = float(peers.world * mine) / max(1.0, float(peers.sum(mine)))  # 1 in one process
-                with peers.no_sync(self.trained, accumulating=not stepping):
-                    logits, values = self.trained(r.sequences[idx], r.attention_mask[idx])
-                    logits = logits[:, r.prompt_len - 1:-1] / self.temperature
-                    logp = token_logprobs(logits, r.sequences[idx, r.prompt_len:])
-                    vpred = values[:, r.prompt_len - 1:-1]
-                    pg, pg_stats = policy_loss(logp, r.logprobs[idx], r.advantages[idx], mask,
-                                               self.a.ppo_cliprange)
-                    vf, vf_stats = value_loss(vpred, r.values[idx], r.returns[idx], mask,
-                                              self.a.ppo_cliprange_value)
-                    loss = (pg + self.a.ppo_vf_coef * vf) * weight
-                    (loss / ga).backward()
-                if stepping:
-                    torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                logits, values = engine(r.sequences[idx], r.attention_mask[idx], stepping=stepping)
+                logits = logits[:, r.prompt_len - 1:-1] / self.temperature
+                logp = token_logprobs(logits, r.sequences[idx, r.prompt_len:])
+                vpred = values[:, r.prompt_len - 1:-1]
+                pg, pg_stats = policy_loss(logp, r.logprobs[idx], r.advantages[idx], mask,
+                                           self.a.ppo_cliprange)
+                vf, vf_stats = value_loss(vpred, r.values[idx], r.returns[idx], mask,
+                                          self.a.ppo_cliprange_value)
+                engine.backward((pg + self.a.ppo_vf_coef * vf) * weight, stepping=stepping)
                 with torch.no_grad():
                     entropy = masked_mean(entropy_from_logits(logits), mask)
                 for key, value in (("policy_loss", pg), ("value_loss", vf), ("entropy", entropy),
@@ -504,20 +506,27 @@ def _summarise(history: list[dict[str, Any]]) -> dict[str, float]:
             "num_input_tokens_seen": history[-1]["num_input_tokens_seen"]}
 
 
-def _save(cfg: LatheConfig, model: Any, tokenizer: Any, stop_ids: list[int], history: list[dict[str, Any]],
-          train_metrics: dict[str, float], metrics: dict[str, float], plan: Plan) -> None:
+def _save(cfg: LatheConfig, model: Any, engine: Updates, tokenizer: Any, stop_ids: list[int],
+          history: list[dict[str, Any]], train_metrics: dict[str, float], metrics: dict[str, float],
+          plan: Plan) -> None:
     """Weights (the trained adapter only, or the full model), tokenizer, value head, state,
-    plot; all_results.json last (it marks the run complete)."""
+    plot; all_results.json last (it marks the run complete). Every process calls it (ZeRO-3
+    gathers the sharded tensors); the main process writes."""
     from lathe.model.reference import REF_ADAPTER, is_peft
 
     out = Path(cfg.train.output_dir)
     policy = model.policy
-    if is_peft(policy) and REF_ADAPTER in policy.peft_config:
+    peft = is_peft(policy)
+    if peft and REF_ADAPTER in policy.peft_config:
         policy.delete_adapter(REF_ADAPTER)  # the run directory holds just the trained adapter
+    weights = engine.state_dict(policy, trainable_only=peft)  # None: the model holds them whole
+    head = engine.state_dict(model.value_head, trainable_only=False)
+    if not engine.peers.main:
+        return
     set_stop_tokens(policy, stop_ids)
-    policy.save_pretrained(str(out))
+    policy.save_pretrained(str(out), **({} if weights is None else {"state_dict": weights}))
     tokenizer.save_pretrained(str(out))
-    model.save_value_head(out)
+    model.save_value_head(out, head)
     state = {"global_step": len(history), "max_steps": plan.steps, "epoch": metrics["epoch"],
              "optimizer_steps": plan.optimizer_steps, "log_history": history}
     (out / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")

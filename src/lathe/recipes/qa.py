@@ -32,7 +32,6 @@ from lathe.recipes.common import (
     RunResult,
     is_main_process,
     log,
-    mean_loss_trainer,
     open_stage,
     print_summary,
     start_run,
@@ -127,9 +126,11 @@ def scores(features: Any, max_answer_length: int, prediction: Any) -> dict[str, 
 
 def build_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any, max_answer_length: int) -> Any:
     metrics = partial(scores, eval_data, max_answer_length) if eval_data is not None else None
-    return mean_loss_trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
-                             processing_class=tokenizer, data_collator=QACollator(tokenizer.pad_token_id),
-                             compute_metrics=metrics)
+    from lathe.recipes.trainers import SpanTrainer
+
+    return SpanTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
+                       processing_class=tokenizer, data_collator=QACollator(tokenizer.pad_token_id),
+                       compute_metrics=metrics)
 
 
 def predict(trainer: Any, rows: Any, max_answer_length: int, output_dir: str) -> dict[str, float]:

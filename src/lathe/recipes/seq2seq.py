@@ -33,6 +33,7 @@ from lathe.recipes.common import (
     open_stage,
     print_summary,
     start_run,
+    token_loss_trainer,
 )
 from lathe.recipes.heads import build_task_model, finish, fit, refuse_packing, refuse_streaming
 
@@ -96,9 +97,12 @@ def show_row(row: dict[str, Any], prefix: str | None = None) -> str:
 def build_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any) -> Any:
     from transformers import Seq2SeqTrainer
 
-    return Seq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
-                          processing_class=tokenizer, data_collator=Seq2SeqCollator(tokenizer.pad_token_id),
-                          compute_metrics=partial(scores, tokenizer))
+    # the decoder inputs come from the collator: the loss is Lathe's (token_loss_trainer), so the
+    # model runs without labels
+    collator = Seq2SeqCollator(tokenizer.pad_token_id, model.prepare_decoder_input_ids_from_labels)
+    return token_loss_trainer(Seq2SeqTrainer, model=model, args=args, train_dataset=train, eval_dataset=eval_data,
+                              processing_class=tokenizer, data_collator=collator,
+                              compute_metrics=partial(scores, tokenizer))
 
 
 def texts(tokenizer: Any, ids: Any) -> list[str]:

@@ -31,10 +31,10 @@ from lathe.recipes.common import (
     RunResult,
     is_main_process,
     log,
-    mean_loss_trainer,
     open_stage,
     print_summary,
     start_run,
+    token_loss_trainer,
 )
 from lathe.recipes.heads import build_task_model, finish, fit, label_rows, refuse_packing
 
@@ -87,9 +87,9 @@ def show_row(row: dict[str, Any], tags: LabelSet) -> str:
 
 def build_trainer(model: Any, args: Any, tokenizer: Any, train: Any, eval_data: Any, tags: LabelSet) -> Any:
     starts = [first_pieces(w) for w in eval_data["word_ids"]] if eval_data is not None else []
-    return mean_loss_trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
-                             processing_class=tokenizer, data_collator=TaggerCollator(tokenizer.pad_token_id),
-                             compute_metrics=partial(scores, tags, starts))
+    return token_loss_trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_data,
+                              processing_class=tokenizer, data_collator=TaggerCollator(tokenizer.pad_token_id),
+                              compute_metrics=partial(scores, tags, starts))
 
 
 def word_tags(logits: Any, label_ids: Any, starts: list[list[int]], tags: LabelSet) -> tuple[list, list]:

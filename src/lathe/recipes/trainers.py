@@ -22,7 +22,7 @@ from transformers import Trainer
 
 from lathe.distributed import prepare_frozen
 from lathe.model.reference import REF_ADAPTER, as_reference
-from lathe.recipes.embed import contrastive_loss, cosine_loss, pool
+from lathe.recipes.embed import across_processes, contrastive_loss, cosine_loss, pool
 from lathe.recipes.fused_loss import IGNORE_INDEX, linear_logprobs, output_layer
 from lathe.recipes.losses import average_logps, kto_loss, preference_loss, sequence_logps
 from lathe.recipes.rm import batch_pairs, pair_rewards, pairwise_loss
@@ -334,6 +334,26 @@ class PairwiseTrainer(Trainer):
         return loss, torch.stack([chosen, rejected], -1).detach(), torch.zeros_like(chosen)
 
 
+class SpanTrainer(Trainer):
+    """qa: the start and end cross-entropies over the real tokens of each feature only. The
+    model's own loss also spreads probability over the padding of the batch, so the same
+    features gave other losses in other batches (or processes); here padding is masked out, and
+    a mean over the micro-batch's features (equal micro-batches average to the batch's mean)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # a mean over the micro-batch (mean_loss_trainer's reason)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = {k: inputs[k] for k in ("start_positions", "end_positions")}
+        outputs = model(**{k: v for k, v in inputs.items() if k not in targets})
+        padding = inputs["attention_mask"] == 0
+        loss = sum(torch.nn.functional.cross_entropy(outputs[k].float().masked_fill(padding, float("-inf")),
+                                                     targets[t])
+                   for k, t in (("start_logits", "start_positions"), ("end_logits", "end_positions"))) / 2
+        return (loss, outputs) if return_outputs else loss
+
+
 class EmbeddingTrainer(Trainer):
     """embed: the bare model's token vectors, pooled per text (`pooling`), under a contrastive
     loss (in-batch negatives) or, for scored pairs, a cosine loss (lathe.recipes.embed). Its
@@ -343,20 +363,31 @@ class EmbeddingTrainer(Trainer):
     pooling = "mean"
     temperature = 0.05
 
-    def _embed(self, model: Any, inputs: dict[str, Any], name: str) -> Any:
-        ids, mask = inputs[f"{name}_input_ids"], inputs[f"{name}_attention_mask"]
+    def _embed(self, model: Any, inputs: dict[str, Any]) -> list[Any]:
+        """The pooled vectors of each block (anchor, positive, negative where given), from one
+        forward over the blocks side by side, right-padded to the widest: DDP and DeepSpeed follow
+        one forward per backward."""
+        names = [n for n in ("anchor", "positive", "negative") if f"{n}_input_ids" in inputs]
+        width = max(inputs[f"{n}_input_ids"].shape[1] for n in names)
+        pad_id = self.processing_class.pad_token_id or 0
+
+        def widen(t: Any, value: int) -> Any:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        ids = torch.cat([widen(inputs[f"{n}_input_ids"], pad_id) for n in names])
+        mask = torch.cat([widen(inputs[f"{n}_attention_mask"], 0) for n in names])
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        return pool(hidden, mask, self.pooling)
+        return list(pool(hidden, mask, self.pooling).split([inputs[f"{n}_input_ids"].shape[0] for n in names]))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        anchors, positives = self._embed(model, inputs, "anchor"), self._embed(model, inputs, "positive")
+        anchors, positives, *negatives = self._embed(model, inputs)
         if "scores" in inputs:
             loss = cosine_loss(anchors, positives, inputs["scores"])
         else:
-            candidates = positives
-            if "negative_input_ids" in inputs:
-                candidates = torch.cat([positives, self._embed(model, inputs, "negative")])
-            loss = contrastive_loss(anchors, candidates, self.temperature)
+            candidates, first = across_processes(positives)  # the global batch's, in several processes
+            if negatives:
+                candidates = torch.cat([candidates, across_processes(negatives[0])[0]])
+            loss = contrastive_loss(anchors, candidates, self.temperature, first)
         return (loss, {"vectors": torch.stack([anchors, positives], dim=1)}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
