@@ -61,6 +61,15 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_exact(tmp_path_factory) -> Path:
+    """The tiny BERT without dropout, for tests that compare two runs number for number (with
+    dropout each run draws its own masks)."""
+    from tests.tiny_encoders import build_tiny_bert
+
+    return build_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert-exact", dropout=0.0)
+
+
+@pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
     from tests.tiny_encoders import build_tiny_t5
 

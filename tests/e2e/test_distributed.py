@@ -34,15 +34,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 
 
 @pytest.fixture(scope="module")
-def stage_data(tmp_path_factory, tiny_t5) -> dict[str, Path]:
-    from tests.tiny_encoders import (
-        build_tiny_bert,
-        write_ner,
-        write_pairs,
-        write_qa,
-        write_sentiment,
-        write_translation,
-    )
+def stage_data(tmp_path_factory, tiny_t5, tiny_bert_exact) -> dict[str, Path]:
+    from tests.tiny_encoders import write_ner, write_pairs, write_qa, write_sentiment, write_translation
 
     d = tmp_path_factory.mktemp("stages")
     prompts = [f"Tell me about {t}, please ({i})." for i in range(4)
@@ -58,8 +51,7 @@ def stage_data(tmp_path_factory, tiny_t5) -> dict[str, Path]:
         ("sentiment", write_sentiment), ("ner", write_ner), ("translation", write_translation),
         ("qa", write_qa), ("pairs", write_pairs))}
     # no dropout: each process would draw its own masks (the T5 has none)
-    bert = build_tiny_bert(tmp_path_factory.mktemp("models") / "bert-no-dropout", dropout=0.0)
-    return {"pref": d, **made, "bert": bert, "t5": tiny_t5}
+    return {"pref": d, **made, "bert": tiny_bert_exact, "t5": tiny_t5}
 
 
 def stages(base: dict, data: dict[str, Path]) -> dict[str, dict]:

@@ -3,8 +3,8 @@
 Each case builds the model, TrainingArguments and Trainer the way its recipe does
 (lathe's own pieces, not a re-implementation), runs ONE optimizer step on the same
 examples of different lengths, once as a single batch and once as micro-batches, and
-captures the gradients just before the optimizer step. Token-level losses (pt, sft)
-must be normalised over the trained tokens of the whole accumulated batch
+captures the gradients just before the optimizer step. Token-level losses (pt, sft,
+tagging, seq2seq) must be normalised over the trained tokens of the whole accumulated batch
 (transformers' num_items_in_batch); rm over the pairs of the whole batch.
 
 To add a stage: write a `_<stage>_case` returning a Case and add it to CASES.
@@ -30,6 +30,8 @@ LENGTHS = (5, 11, 19, 30)  # deliberately different: a per-micro-batch mean woul
 class Case:
     rows: list[dict[str, list[int]]]  # tokenized examples, in the shape the stage's data layer makes
     build: Callable[[Any, Any], tuple[Any, Callable[[Any, Any], Any]]]  # (cfg, tokenizer) -> model, trainer(args, ds)
+    model: str = "tiny_model"  # the fixture of the model it trains
+    args: dict[str, Any] | None = None  # "args_class": "seq2seq" for Seq2SeqTrainingArguments, as the recipe
 
 
 def _ids(rng: random.Random, n: int) -> list[int]:
@@ -77,7 +79,43 @@ def _rm_case(rng: random.Random) -> Case:
     return Case(rows, build)
 
 
-CASES: dict[str, Callable[[random.Random], Case]] = {"sft": _sft_case, "pt": _pt_case, "rm": _rm_case}
+def _tagging_case(rng: random.Random) -> Case:
+    from lathe.model.load import classifier_head
+    from lathe.recipes import tagging
+    from lathe.recipes.heads import build_task_model
+
+    rows = []
+    for n in LENGTHS:  # tags on some tokens only (later word pieces and specials are -100)
+        labels = [rng.randrange(3) if k % 3 else -100 for k in range(n)]
+        rows.append({"input_ids": [rng.randrange(10, 60) for _ in range(n)], "labels": labels,
+                     "attention_mask": [1] * n, "word_ids": [None] * n})
+
+    def build(cfg, tokenizer):
+        model = build_task_model(cfg, cfg.model.model_name_or_path, tokenizer, "token_cls",
+                                 classifier_head("token_classification", ("O", "B", "I")))
+        return model, lambda args, ds: tagging.build_trainer(model, args, tokenizer, ds, None, None)
+
+    return Case(rows, build, "tiny_bert_exact")
+
+
+def _seq2seq_case(rng: random.Random) -> Case:
+    from lathe.recipes import seq2seq
+    from lathe.recipes.heads import build_task_model
+
+    rows = []
+    for n in LENGTHS:  # targets of different lengths (the model makes the decoder inputs)
+        rows.append({"input_ids": [rng.randrange(10, 60) for _ in range(n)],
+                     "labels": [rng.randrange(10, 60) for _ in range(2 + n // 2)]})
+
+    def build(cfg, tokenizer):
+        model = build_task_model(cfg, cfg.model.model_name_or_path, tokenizer, "seq2seq", {})
+        return model, lambda args, ds: seq2seq.build_trainer(model, args, tokenizer, ds, None)
+
+    return Case(rows, build, "tiny_t5", {"args_class": "seq2seq"})
+
+
+CASES: dict[str, Callable[[random.Random], Case]] = {"sft": _sft_case, "pt": _pt_case, "rm": _rm_case,
+                                                     "tagging": _tagging_case, "seq2seq": _seq2seq_case}
 
 
 def first_step_grads(stage: str, case: Case, tiny_model, tmp_path, n_rows: int, batch: int, accum: int,
@@ -98,7 +136,12 @@ def first_step_grads(stage: str, case: Case, tiny_model, tmp_path, n_rows: int, 
     fix_pad_token(tokenizer)
     torch.manual_seed(0)  # new heads and adapters start the same in both runs
     model, make_trainer = case.build(cfg, tokenizer)
-    trainer = make_trainer(build_training_args(cfg, has_eval=False), Dataset.from_list(case.rows[:n_rows]))
+    extra = {}
+    if case.args and case.args.get("args_class") == "seq2seq":
+        from transformers import Seq2SeqTrainingArguments
+
+        extra["args_class"] = Seq2SeqTrainingArguments
+    trainer = make_trainer(build_training_args(cfg, has_eval=False, **extra), Dataset.from_list(case.rows[:n_rows]))
 
     class Grab(TrainerCallback):
         grads: dict[str, torch.Tensor] = {}
@@ -121,20 +164,22 @@ def assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 
 @pytest.mark.parametrize("stage", sorted(CASES))
-def test_accumulated_micro_batches_equal_one_batch(stage, tiny_model, tmp_path):
+def test_accumulated_micro_batches_equal_one_batch(stage, tmp_path, request):
     case = CASES[stage](random.Random(0))
-    one_batch = first_step_grads(stage, case, tiny_model, tmp_path, 4, batch=4, accum=1)
-    accumulated = first_step_grads(stage, case, tiny_model, tmp_path, 4, batch=1, accum=4)
+    model = request.getfixturevalue(case.model)
+    one_batch = first_step_grads(stage, case, model, tmp_path, 4, batch=4, accum=1)
+    accumulated = first_step_grads(stage, case, model, tmp_path, 4, batch=1, accum=4)
     assert_same_grads(one_batch, accumulated)
 
 
 @pytest.mark.parametrize("stage", sorted(CASES))
-def test_a_short_last_micro_batch_weighs_its_share(stage, tiny_model, tmp_path):
+def test_a_short_last_micro_batch_weighs_its_share(stage, tmp_path, request):
     """3 examples as micro-batches of 2 and 1: a mean of micro-batch means would count the
     lone example twice as much as the others."""
     case = CASES[stage](random.Random(1))
-    one_batch = first_step_grads(stage, case, tiny_model, tmp_path, 3, batch=3, accum=1)
-    accumulated = first_step_grads(stage, case, tiny_model, tmp_path, 3, batch=2, accum=2)
+    model = request.getfixturevalue(case.model)
+    one_batch = first_step_grads(stage, case, model, tmp_path, 3, batch=3, accum=1)
+    accumulated = first_step_grads(stage, case, model, tmp_path, 3, batch=2, accum=2)
     assert_same_grads(one_batch, accumulated)
 
 
