@@ -9,6 +9,7 @@ from lathe.data.packing import pack_for_training, padding_free_for_training
 from lathe.infer import set_stop_tokens
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import load_model
+from lathe.model.varlen import use_varlen_sdpa
 from lathe.recipes.common import (
     RunResult,
     finish_run,
@@ -33,6 +34,8 @@ def run(cfg: LatheConfig) -> RunResult:
     model = load_model(cfg, o.model_path, tokenizer)
     collator = LMCollator(tokenizer.pad_token_id)
     eval_rows = data.eval  # unpacked: predict_with_generate needs each row's own prompt
+    if cfg.data.packing or padding_free_wanted(cfg):
+        use_varlen_sdpa(model)  # sdpa cut per example: one row of the batch, no padding, no mask
     if cfg.data.packing:  # refuses a model whose attention would cross example boundaries
         data, collator, note = pack_for_training(data, model, tokenizer, cfg.data.cutoff_len,
                                                  cfg.train.per_device_train_batch_size)
