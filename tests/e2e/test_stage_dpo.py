@@ -256,7 +256,7 @@ def test_padding_free_fused_dpo_trains_as_padded_pairs_do(args, keys, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = (out, proc.stdout)
     (padded, _), (free, said) = runs["padded"], runs["free"]
-    assert "padding-free batches: each side's replies in rows no longer than the longest; padding" in said
+    assert "padding-free batches: each side's replies in one row (varlen attention); padding" in said
     assert "fused loss: the output layer and log-probs" in said
 
     for key in ("loss", "rewards/margins", "eval_loss"):

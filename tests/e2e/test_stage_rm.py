@@ -188,7 +188,7 @@ def test_padding_free_pairs_train_the_reward_model_as_padded_pairs_do(tmp_path, 
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = (out, proc.stdout)
     (padded, _), (free, said) = runs["padded"], runs["free"]
-    assert "padding-free batches: each side's replies in rows no longer than the longest; padding" in said
+    assert "padding-free batches: each side's replies in one row (varlen attention); padding" in said
 
     for key in ("loss", "eval_loss", "eval_pair_accuracy"):
         assert logged(free, key) and logged(free, key) == pytest.approx(logged(padded, key), rel=1e-5, abs=1e-6), key

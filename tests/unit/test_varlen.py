@@ -112,3 +112,16 @@ def test_packed_collator_flattens_for_varlen():
     rows = [pack_row([([5, 6, 7], [5, 6, 7]), ([8, 9], [8, 9])]), pack_row([([4, 4, 4, 4], [4, 4, 4, 4])])]
     flat = PackedCollator(0, flatten=True)(rows)
     assert flat["input_ids"].shape == (1, 9) and flat["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+
+
+def test_pairs_flatten_to_one_row_a_side_and_each_side_drops_its_padding():
+    from lathe.data.packing import PaddingFreePairCollator
+    from lathe.recipes.trainers import _pair_halves
+
+    feats = [{"chosen_input_ids": [5] * c, "chosen_labels": [5] * c, "rejected_input_ids": [6] * r,
+              "rejected_labels": [6] * r} for c, r in ((9, 3), (4, 2), (7, 1))]
+    batch = PaddingFreePairCollator(0, flatten=True, pad_to_multiple_of=1)(feats)
+    assert batch["chosen_rows"] == 1 and batch["input_ids"].shape == (2, 20)  # 9 + 4 + 7 chosen tokens
+    pairs, chosen, rejected = _pair_halves(batch)
+    assert pairs == 3 and chosen["input_ids"].shape == (1, 20) and rejected["input_ids"].shape == (1, 6)
+    assert rejected["seq_index"][0].tolist() == [3, 3, 3, 4, 4, 5]  # rejected i: batch + i

@@ -221,12 +221,14 @@ class PaddingFreePairCollator:
     can go forward and backward alone), every row padded to the longest. `seq_index` says which
     sequence each token belongs to (chosen i: i, rejected i: batch + i, padding: -1), so the
     log-probs are summed per sequence as the padded batch sums them per row; `chosen_rows`: how
-    many rows the chosen side fills. Not for flash attention, whose varlen kernels read the
+    many rows the chosen side fills. `flatten=True` (VARLEN_SDPA, which cuts every row at its
+    restarts): each side in one row. Not for FlashAttention, whose varlen kernels read the
     boundaries from a single row only (the recipe keeps padded pairs there)."""
 
     pad_token_id: int
     labels: bool = True  # rm scores whole sequences: no labels in its batches
     pad_to_multiple_of: int = PAD_MULTIPLE
+    flatten: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -234,7 +236,8 @@ class PaddingFreePairCollator:
         n = len(features)
         sides = [[(list(f[f"{side}_input_ids"]), list(f.get(f"{side}_labels") or f[f"{side}_input_ids"]))
                   for f in features] for side in ("chosen", "rejected")]
-        capacity = max(len(ids) for side in sides for ids, _ in side)
+        capacity = max(sum(len(ids) for ids, _ in side) if self.flatten else max(len(ids) for ids, _ in side)
+                       for side in sides)
         rows: list[dict[str, list[int]]] = []
         chosen_rows = 0
         for offset, examples in ((0, sides[0]), (n, sides[1])):
@@ -259,10 +262,11 @@ class PaddingFreePairCollator:
         return batch
 
 
-def pair_padding(chosen: list[int], rejected: list[int], batch_size: int, shuffles: int = 8
-                 ) -> tuple[float, float]:
+def pair_padding(chosen: list[int], rejected: list[int], batch_size: int, shuffles: int = 8,
+                 flatten: bool = False) -> tuple[float, float]:
     """The padding share of dpo's padded pair batches (every row as long as the longest of either
-    side) and of PaddingFreePairCollator's, over seeded shuffles of the pairs."""
+    side) and of PaddingFreePairCollator's (`flatten`: one row a side), over seeded shuffles of
+    the pairs."""
     if not chosen or batch_size <= 0:
         return 0.0, 0.0
     tokens = sum(chosen) + sum(rejected)
@@ -277,7 +281,8 @@ def pair_padding(chosen: list[int], rejected: list[int], batch_size: int, shuffl
             longest = max(c + r)
             width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
             padded += 2 * len(c) * width
-            cb, rb = first_fit_decreasing(c, longest), first_fit_decreasing(r, longest)
+            capacity = max(sum(c), sum(r)) if flatten else longest
+            cb, rb = first_fit_decreasing(c, capacity), first_fit_decreasing(r, capacity)
             row = max([sum(c[i] for i in b) for b in cb] + [sum(r[i] for i in b) for b in rb])
             free += (len(cb) + len(rb)) * (-(-row // PAD_MULTIPLE) * PAD_MULTIPLE)
         before.append(1 - tokens / padded)
@@ -427,8 +432,9 @@ def padding_free_pairs_for_training(data: Any, model: Any, tokenizer: Any, setti
     from datasets import Dataset
 
     packed = make_collator(model, tokenizer)
+    varlen = getattr(model.config, "_attn_implementation", None) == VARLEN_SDPA
     why = "flash attention reads example boundaries from one row only, and a pair batch has two sides" \
-        if packed.flatten else None
+        if packed.flatten and not varlen else None
     if why is None:
         try:
             check_packing_support(model, packed, key="padding_free", per_token="logits" if labels else "hidden")
@@ -438,12 +444,14 @@ def padding_free_pairs_for_training(data: Any, model: Any, tokenizer: Any, setti
         if setting:
             raise ConfigError(f"padding_free: true, but {why}; set padding_free: false")
         return None, f"padding-free batches off: {why}"
-    collator = PaddingFreePairCollator(packed.pad_token_id, labels=labels)
+    collator = PaddingFreePairCollator(packed.pad_token_id, labels=labels, flatten=varlen)
+    kind = "each side's replies in one row (varlen attention)" if varlen else \
+        "each side's replies in rows no longer than the longest"
     if not isinstance(data.train, Dataset):
-        return collator, "padding-free batches: each side's replies in rows no longer than the longest"
+        return collator, f"padding-free batches: {kind}"
     before, after = pair_padding([len(x) for x in data.train["chosen_input_ids"]],
-                                 [len(x) for x in data.train["rejected_input_ids"]], batch_size)
-    return collator, (f"padding-free batches: each side's replies in rows no longer than the longest; padding "
+                                 [len(x) for x in data.train["rejected_input_ids"]], batch_size, flatten=varlen)
+    return collator, (f"padding-free batches: {kind}; padding "
                       f"{before:.1%} of the tokens of padded pair batches, {after:.1%} now (batch size "
                       f"{batch_size}, the same pairs per step)")
 

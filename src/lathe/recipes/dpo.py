@@ -18,6 +18,7 @@ from lathe.config.schema import LatheConfig
 from lathe.data.collators import PairCollator
 from lathe.data.inspect import mark_trained
 from lathe.data.packing import padding_free_pairs_for_training
+from lathe.model.varlen import use_varlen_sdpa
 from lathe.recipes.common import (
     RunResult,
     fused_loss_head,
@@ -52,6 +53,9 @@ def build(cfg: LatheConfig) -> Setup:
     notes.append(_reference_note(cfg, use_reference, ref_model))
     collator = PairCollator(tokenizer.pad_token_id)
     if padding_free_wanted(cfg):
+        for m in (model, ref_model):  # sdpa cut per example: each side of the batch in one row
+            if m is not None:
+                use_varlen_sdpa(m)
         free, note = padding_free_pairs_for_training(data, model, tokenizer, cfg.data.padding_free,
                                                      cfg.train.per_device_train_batch_size)
         collator = free or collator

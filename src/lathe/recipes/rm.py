@@ -29,6 +29,7 @@ from lathe.model.reward import (
     score_head,
     write_marker,
 )
+from lathe.model.varlen import use_varlen_sdpa
 from lathe.recipes.common import (
     RunResult,
     finish_run,
@@ -58,6 +59,7 @@ def run(cfg: LatheConfig) -> RunResult:
         notes.append(f"merged into the backbone before training: {', '.join(merged)}")
     collator = None
     if padding_free_wanted(cfg):
+        use_varlen_sdpa(model)  # sdpa cut per example: each side of the batch in one row
         collator, note = padding_free_pairs_for_training(data, model, tokenizer, cfg.data.padding_free,
                                                          cfg.train.per_device_train_batch_size, labels=False)
         notes.append(note)

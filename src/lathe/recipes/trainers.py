@@ -236,8 +236,12 @@ def _pair_halves(inputs: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str,
     if "seq_index" in inputs:
         k = int(inputs["chosen_rows"])
         tensors = {key: v for key, v in inputs.items() if torch.is_tensor(v)}
-        return (int(inputs["seq_index"].max()) + 1) // 2, \
-            {key: v[:k] for key, v in tensors.items()}, {key: v[k:] for key, v in tensors.items()}
+
+        def side(rows: slice) -> dict[str, Any]:  # without the columns that are padding in all its rows
+            used = int(torch.nonzero((inputs["seq_index"][rows] >= 0).any(0)).max()) + 1
+            return {key: v[rows, :used] for key, v in tensors.items()}
+
+        return (int(inputs["seq_index"].max()) + 1) // 2, side(slice(None, k)), side(slice(k, None))
     n = inputs["input_ids"].shape[0] // 2
     return n, {k: v[:n] for k, v in inputs.items()}, {k: v[n:] for k, v in inputs.items()}
 
