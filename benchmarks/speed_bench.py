@@ -171,6 +171,21 @@ def run(name: str, command: list[str], cfg: dict, folder: Path) -> dict:
     return {"train_runtime": metrics["train_runtime"], "peak_rss_mb": round(peak), "last_loss": losses[-1]}
 
 
+def model_flops(assets: dict[str, str], rows: int, stage: str, folder: Path) -> tuple[float, float]:
+    """(the model FLOPs of one trained token, this machine's measured matmul FLOP/s), from `lathe
+    plan` on Lathe's config: 2 per matmul weight forward plus attention's 4 x layers x tokens x
+    hidden, as much again backward through the activations, and 2 more per trained weight (no
+    recompute counted: gradient checkpointing's extra forward is not model FLOPs). The same model
+    and data in both tools, so one count serves every run's MFU."""
+    cfg = common_keys(assets, folder / "plan-out", rows, stage)
+    path = folder / "plan.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    subprocess.run([sys.executable, "-m", "lathe", "plan", str(path), "--output", str(folder / "plan.json")],
+                   check=True, capture_output=True, text=True)
+    plan = json.loads((folder / "plan.json").read_text())
+    return plan["model_flops_per_token"], plan["device_flops"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=25, help="optimizer steps (rows = steps x 4, one epoch)")
@@ -199,6 +214,9 @@ def main() -> None:
         root = Path(tmp)
         assets = build_assets(root, rows)
         tokens = non_padding_tokens(assets, rows, 4, args.stage)
+        flops, device_flops = model_flops(assets, rows, args.stage, root)
+        print(f"MFU = tokens/s x {flops / 1e6:,.1f} MFLOP per token / {device_flops / 1e9:,.0f} GFLOP/s "
+              "(this machine's matmul rate, measured by lathe plan)", flush=True)
         results: dict[str, list[dict]] = {n: [] for n in order}
         for r in range(args.repeats):
             for name in order:
@@ -213,6 +231,7 @@ def main() -> None:
     for name, rs in results.items():
         runtime = statistics.median(x["train_runtime"] for x in rs)
         summary[name] = {"tokens_per_s": round(tokens / runtime, 1), "train_runtime_s": round(runtime, 2),
+                         "mfu": round(tokens / runtime * flops / device_flops, 4),
                          "peak_rss_mb": round(statistics.median(x["peak_rss_mb"] for x in rs)), "runs": rs}
     lines = []
     for name in order:
@@ -220,12 +239,14 @@ def main() -> None:
         if args.vs_llamafactory:
             s["lathe_speedup"] = round(summary["lathe"]["tokens_per_s"] / s["tokens_per_s"], 3)
             s["lathe_memory_ratio"] = round(summary["lathe"]["peak_rss_mb"] / s["peak_rss_mb"], 3)
-            lines.append(f"{name:>20}: {s['tokens_per_s']:>7,.0f} tokens/s, peak {s['peak_rss_mb']:>6,} MB"
+            lines.append(f"{name:>20}: {s['tokens_per_s']:>7,.0f} tokens/s, MFU {s['mfu']:.1%}, "
+                         f"peak {s['peak_rss_mb']:>6,} MB"
                          f"  | Lathe: {s['lathe_speedup']:.2f}x the speed, {s['lathe_memory_ratio']:.2f}x the memory")
         else:
             s["speed_vs_" + base] = round(s["tokens_per_s"] / summary[base]["tokens_per_s"], 3)
             s["memory_vs_" + base] = round(s["peak_rss_mb"] / summary[base]["peak_rss_mb"], 3)
             lines.append(f"{name:>20}: {s['tokens_per_s']:>7,.0f} tokens/s ({s['speed_vs_' + base]:.2f}x), "
+                         f"MFU {s['mfu']:.1%}, "
                          f"peak {s['peak_rss_mb']:,} MB ({s['memory_vs_' + base]:.2f}x)")
     print("\n".join(lines))
     name = "speed_llamafactory" if args.vs_llamafactory else "speed"
@@ -233,6 +254,7 @@ def main() -> None:
     out.write_text(json.dumps({"command": "python benchmarks/speed_bench.py " + " ".join(sys.argv[1:]),
                                "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                                "rows": rows, "non_padding_tokens": tokens, "repeats": args.repeats,
+                               "model_flops_per_token": flops, "device_flops": device_flops,
                                "results": summary}, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -48,7 +48,7 @@ MiB = 2**20
 GiB = 2**30
 LOGIT_COPIES = 3  # the logits, their log-softmax, the loss's gradient of them (float32)
 SAMPLE_ROWS = 2000  # rows tokenized for the lengths when the dataset is larger
-CPU_RETAINED = 2.0  # the CPU process's peak over the step's simulated live bytes (benchmarks/plan_bench.py)
+CPU_RETAINED = 1.7  # the CPU process's peak over the step's simulated live bytes (benchmarks/plan_bench.py)
 CUDA_CONTEXT = 500 * MiB  # what a CUDA context and torch's kernels take on a GPU, typically
 # the share of a large matrix multiply's rate that a training step reaches: measured on this
 # project's CPU machines by benchmarks/plan_bench.py (LoRA SFT of a 27M Llama); a GPU's share
@@ -82,6 +82,11 @@ class Plan:
     seconds: float | None
     activation_per_token: dict[str, float]  # bytes: {"saved": .., "checkpointed": ..}
     notes: list[str] = field(default_factory=list)
+    # MFU's terms: the model FLOPs of one trained token (forward 2 per matmul weight + attention,
+    # backward through the activations as much again, 2 more per trained weight; no recompute)
+    # and this device's measured matmul rate (FLOP/s)
+    model_flops_per_token: float | None = None
+    device_flops: float | None = None
     advice: list[str] = field(default_factory=list)
 
     @property
@@ -223,10 +228,10 @@ def make_plan(cfg: LatheConfig, gpus: int | None = None, gpu_memory: float | Non
             if eager else plain
         step = (kept if gc else fused) or 0.0
         # measured: the step's freed memory stays with the process, and the kernels' workspaces add
-        # as much again; under checkpointing, at least as much as the step without it
+        # 0.7x the step again; under checkpointing, at least as much as the step without it
         held = max(CPU_RETAINED * (step + logits), (fused or 0.0) + logits if gc else 0.0) - (step + logits)
         parts.append(Part("allocator", int(held), "CPU: the step's freed memory that malloc keeps, and the kernels' "
-                          "workspaces (measured: as much again as the step; benchmarks/plan_bench.py)"))
+                          "workspaces (measured: 0.7x the step again; benchmarks/plan_bench.py)"))
     runtime, runtime_how = _runtime(on_gpu)
     parts.append(Part("runtime", int(runtime), runtime_how))
 
@@ -237,7 +242,7 @@ def make_plan(cfg: LatheConfig, gpus: int | None = None, gpu_memory: float | Non
     steps = cfg.train.max_steps if cfg.train.max_steps and cfg.train.max_steps > 0 else \
         math.ceil(cfg.train.num_train_epochs * math.ceil(examples / per_step))
     tokens_per_step = mean_tokens * per_step
-    rate = None if on_gpu and not torch.cuda.is_available() else \
+    rate, flops, device_flops = (None, None, None) if on_gpu and not torch.cuda.is_available() else \
         _tokens_per_s(cfg, model, model_config, on_gpu, gc, mean_tokens, notes)
     tokens_per_s = rate * processes if rate else None
     seconds = steps * tokens_per_step / tokens_per_s if tokens_per_s else None
@@ -251,7 +256,7 @@ def make_plan(cfg: LatheConfig, gpus: int | None = None, gpu_memory: float | Non
         dtype=str(dtype).removeprefix("torch."), parts=parts, available=available,
         tokens_per_step=tokens_per_step, peak_step_tokens=peak_tokens, steps=steps,
         tokens_per_s=tokens_per_s, seconds=seconds,
-        activation_per_token=per_token, notes=notes)
+        activation_per_token=per_token, notes=notes, model_flops_per_token=flops, device_flops=device_flops)
     if padded:
         notes.append("batches padded to their longest example (padding_free off or not applicable)")
     result.advice = _advice(cfg, result, kept, stage, on_gpu)
@@ -430,7 +435,8 @@ def _lengths(cfg: LatheConfig, path: str) -> tuple[list[int], int, bool]:
 
 def _peak_step(cfg: LatheConfig, lengths: list[int], batch: int) -> tuple[int, list[int], bool]:
     """Tokens of the micro-batch that holds the longest example (with the mean example beside it):
-    the step where a run's memory peaks; and its rows' lengths. Padded batches count the padding."""
+    the step where a run's memory peaks; and its rows' lengths. Padded batches count the padding;
+    padding-free ones are one row under varlen attention, rows as long as the longest under eager."""
     longest = max(lengths)
     mean = sum(lengths) / len(lengths)
     others = max(0, min(batch, len(lengths)) - 1)
@@ -442,6 +448,8 @@ def _peak_step(cfg: LatheConfig, lengths: list[int], batch: int) -> tuple[int, l
         width = 8 * math.ceil(longest / 8)
         return width * (others + 1), [width] * (others + 1), True
     tokens = int(longest + others * mean)
+    if cfg.model.flash_attn != "disabled":  # varlen attention (FlashAttention, Lathe's over sdpa): one row
+        return tokens, [tokens], False
     return tokens, [longest] * max(1, math.ceil(tokens / longest)), False
 
 
@@ -626,8 +634,9 @@ def _available(on_gpu: bool, gpu_memory: float | None) -> int | None:
 
 
 def _tokens_per_s(cfg: LatheConfig, model: Any, model_config: Any, gpu: bool, gc: bool,
-                  mean_tokens: float, notes: list[str]) -> float | None:
-    """Tokens/s of one process: the FLOPs of a token against this device's measured rate x MFU."""
+                  mean_tokens: float, notes: list[str]) -> tuple[float, float, float]:
+    """(tokens/s of one process: the FLOPs of a token against this device's measured rate x MFU;
+    the model FLOPs of a token without recompute; the measured rate)."""
     import torch
 
     matmul = 0
@@ -653,7 +662,7 @@ def _tokens_per_s(cfg: LatheConfig, model: Any, model_config: Any, gpu: bool, gc
     rate = _matmul_rate(device, dtype, hidden or 1024)
     notes.append(f"tokens/s: {per_token / 1e6:,.1f} MFLOP per token at {rate / 1e9:,.0f} GFLOP/s measured here "
                  f"x MFU {MFU[device]}")
-    return rate * MFU[device] / per_token
+    return rate * MFU[device] / per_token, forward * 2 + 2 * trained_matmul + attention, rate
 
 
 def _matmul_rate(device: str, dtype: Any, hidden: int) -> float:
