@@ -415,7 +415,8 @@ def _failure(e: Any) -> LauncherError:
     """The process whose failure stopped the run, in one line: the earliest. torch records a
     failure's time in whole seconds, so a killed process and the peer whose collective failed
     because of it often tie (and its own choice then names the lowest rank, the peer): among the
-    earliest, a process killed by a signal is the cause. One killed later was killed by the
+    earliest, a process killed by a signal is the cause, and one killed by another signal before
+    one that got the launcher's SIGTERM. One killed later was killed by the
     launcher itself, stopping the run after the first failure (a hung process does not answer
     its SIGTERM, and gets SIGKILL after a grace period)."""
     import signal
@@ -423,7 +424,10 @@ def _failure(e: Any) -> LauncherError:
     failures = e.failures
     first_time = min(f.timestamp for f in failures.values())
     earliest = {r: f for r, f in failures.items() if f.timestamp <= first_time}
-    pool = {r: f for r, f in earliest.items() if f.exitcode < 0} or earliest
+    signalled = {r: f for r, f in earliest.items() if f.exitcode < 0}
+    # SIGTERM is what the launcher sends the others once one has failed: in the same second as a
+    # process killed by another signal, that other one is the cause
+    pool = {r: f for r, f in signalled.items() if f.exitcode != -signal.SIGTERM} or signalled or earliest
     rank_ = min(pool)
     first = pool[rank_]
     if first.exitcode < 0:

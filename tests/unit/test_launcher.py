@@ -32,3 +32,9 @@ def test_otherwise_the_earliest_failure_and_its_exit_code():
     err = _failure(e)
     assert str(err).startswith("LaunchError: rank 1 (pid 1001) exited with code 2"), str(err)
     assert err.code == 2  # a user's mistake in that process stays exit 2
+
+
+def test_a_killed_process_is_named_over_the_one_the_launcher_terminated_in_the_same_second():
+    # rank 1 killed by SIGKILL; the launcher sent rank 0 its SIGTERM within the same second (seen in CI)
+    e = ChildFailedError("lathe", {0: _failed(0, -15, 100), 1: _failed(1, -9, 100)})
+    assert str(_failure(e)).startswith("LaunchError: rank 1 (pid 1001) was killed by SIGKILL")

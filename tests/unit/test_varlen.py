@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lathe.data.packing import VARLEN_SDPA, PackedCollator, make_collator, pack_row
+from lathe.model import varlen
 from lathe.model.varlen import use_varlen_sdpa
 
 VOCAB = 97
@@ -106,6 +107,10 @@ def test_a_padding_free_sft_run_uses_it_and_saves_plain_sdpa(tmp_path, base_args
     assert "one row per batch (varlen attention)" in r.stdout
     config = json.loads((Path(args["output_dir"]) / "config.json").read_text())
     assert VARLEN_SDPA not in json.dumps(config)
+
+
+def test_the_data_layer_names_the_attention_the_model_layer_registers():
+    assert varlen.VARLEN_SDPA == VARLEN_SDPA
 
 
 def test_packed_collator_flattens_for_varlen():

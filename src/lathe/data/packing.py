@@ -164,8 +164,9 @@ class PackedCollator:
         return batch
 
 
-# Lathe's variable-length attention over sdpa (lathe.model.varlen): like FlashAttention's varlen
-# kernels, it reads the examples' boundaries from the restarting position ids of a single row
+# Lathe's variable-length attention over sdpa, as lathe.model.varlen registers it (the same string:
+# the data layer does not import the model layer): like FlashAttention's varlen kernels, it reads
+# the examples' boundaries from the restarting position ids of a single row
 VARLEN_SDPA = "lathe_sdpa_varlen"
 
 

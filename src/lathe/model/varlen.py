@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lathe.data.packing import VARLEN_SDPA
+# the name it is registered under; lathe.data.packing holds the same string (the data layer does
+# not import the model layer), and tests/unit/test_varlen.py checks that they agree
+VARLEN_SDPA = "lathe_sdpa_varlen"
 
 
 def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,

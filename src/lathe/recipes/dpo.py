@@ -1,8 +1,9 @@
 """Direct preference optimisation (pref_loss sigmoid | hinge | ipo | orpo | simpo).
 
 tokenizer -> preference pairs -> policy (+ reference) -> trainer -> save. A batch is
-one block, chosen rows then rejected rows: padding-free by default (each side's replies side by
-side in rows no longer than the longest, PaddingFreePairCollator), else right-padded. Log-probs
+one block, chosen rows then rejected rows: padding-free by default (each side's replies in one
+row under Lathe's varlen sdpa, else side by side in rows no longer than the longest;
+PaddingFreePairCollator), else right-padded. Log-probs
 come from the final hidden states and the output layer a chunk at a time (fused_loss), so the
 batch's logits never exist whole. By default the two halves go
 forward and backward one after the other (`pref_split_backward`, see `training_step`),

@@ -19,13 +19,16 @@ the model (or ref_model) for full / freeze tuning. Dropout is switched off so th
 policy ratio is exactly 1 before the first update. No intermediate checkpoints
 (save_steps is not used).
 
-Several processes (torchrun, nproc_per_node; DDP): the batch sizes above are per process, as
-in the Trainer's stages. Each process samples, scores and trains on its share of every rollout
-batch, and the policy with its value head is wrapped in torch DDP, so every optimizer step
-follows the gradient of the whole mini-batch. What PPO computes over a batch is computed over
+Several processes (torchrun, nproc_per_node; DDP or DeepSpeed ZeRO-2/3 through lathe.loop): the
+batch sizes above are per process, as in the Trainer's stages. Each process samples, scores and
+trains on its share of every rollout batch, and the policy with its value head is trained by the
+engine (torch DDP, or a DeepSpeed engine), so every optimizer step follows the gradient of the
+whole mini-batch. Under ZeRO-3 the replies are generated with the policy's weights gathered, and
+the reference and reward models are sharded inference engines. What PPO computes over a batch is computed over
 all processes' rows: the whitening of advantages and rewards, the running score moments, the
 KL that steers kl_coef, the token weighting of the losses, and every logged figure. With greedy
-decoding, 2 processes at batch 4 train as 1 process at batch 8 (tests/e2e/test_stage_ppo.py).
+decoding, 2 processes at batch 4 train as 1 process at batch 8 under DDP, ZeRO-2, ZeRO-3 and ZeRO-3
+with offload (tests/e2e/test_stage_ppo.py).
 """
 
 from __future__ import annotations
