@@ -96,8 +96,7 @@ class DeepSpeedUpdates(Updates):
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.engine = engine
         self.peers, self.module = peers, model
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.accumulation, self.max_grad_norm = accumulation, max_grad_norm
+        self.optimizer, self.scheduler = optimizer, scheduler  # accumulation and clipping: the config's
 
     def __call__(self, *args: Any, stepping: bool = True) -> Any:
         return self.engine(*args)
@@ -140,8 +139,8 @@ class DeepSpeedUpdates(Updates):
                 if self.peers.main:
                     out[name] = p.detach().cpu().clone()
         if self.peers.main and not trainable_only:
-            out.update({name: b.detach().cpu() for name, b in module.named_buffers()
-                        if name in module.state_dict(keep_vars=True)})
+            saved = module.state_dict(keep_vars=True).keys()  # persistent buffers only
+            out.update({name: b.detach().cpu() for name, b in module.named_buffers() if name in saved})
         return out
 
 
