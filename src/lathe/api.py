@@ -27,10 +27,12 @@ def train(config: str | os.PathLike | Mapping[str, Any] | None = None,
     cfg = load_config(config, extra)
     cfg = repeat_target(cfg, set(extra))
     from lathe.distributed import several_machines, wanted_processes
+    from lathe.plan import decide_checkpointing
 
     n = wanted_processes(cfg)
     if n > 1 or several_machines():  # nproc_per_node: this process starts torchrun, which runs it n times
         return _launch(cfg, n)
+    cfg = decide_checkpointing(cfg)  # gradient_checkpointing unset: from lathe plan's estimate
     result = run(cfg)
     if cfg.finetune.quantization_aware_training and cfg.train.do_train and _is_main_process():
         result.metrics["quantized"] = convert_qat_run(cfg, result.output_dir)
@@ -78,6 +80,12 @@ def _launch(cfg: Any, n: int) -> Any:
         check_output_dir(cfg)
         resolve_model_path(cfg.model.model_name_or_path, cfg.model.model_revision, cfg.model.cache_dir)
         read_rows(cfg)
+    from lathe.plan import decide_checkpointing
+
+    decided = decide_checkpointing(cfg)  # once, here: every process gets the same answer
+    if decided is not cfg:
+        print(decided.notes[-1], flush=True)  # the processes' summaries have the key set, not the reason
+        cfg = decided
     with tempfile.TemporaryDirectory(prefix="lathe-launch-") as tmp:
         path = Path(tmp) / "config.yaml"
         save_config(cfg, path)  # nproc_per_node kept: the run's config.yaml repeats it the same way

@@ -98,9 +98,10 @@ def run_pipeline(path: str, overrides: list[str] | None = None, dry_run: bool = 
             continue
         check_inputs(stage.cfg, f"stage {stage.name}: ")
         log(f"=== stage {stage.name}: {stage.cfg.source} -> {out}")
+        from lathe.plan import decide_checkpointing
         from lathe.recipes import run
 
-        result = run(stage.cfg)
+        result = run(decide_checkpointing(stage.cfg))
         report.append(f"stage {stage.name}: done, {result.output_dir}")
     if not dry_run:  # a dry run's lines were the plan; no summary repeating them
         log("Pipeline done: " + "; ".join(report))

@@ -50,6 +50,7 @@ LOGIT_COPIES = 3  # the logits, their log-softmax, the loss's gradient of them (
 SAMPLE_ROWS = 2000  # rows tokenized for the lengths when the dataset is larger
 CPU_RETAINED = 1.7  # the CPU process's peak over the step's simulated live bytes (benchmarks/plan_bench.py)
 CUDA_CONTEXT = 500 * MiB  # what a CUDA context and torch's kernels take on a GPU, typically
+CPU_RUNTIME = 900 * MiB  # what torch and the libraries take in a CPU training process, typically
 # the share of a large matrix multiply's rate that a training step reaches: measured on this
 # project's CPU machines by benchmarks/plan_bench.py (LoRA SFT of a 27M Llama); a GPU's share
 # is of the same order for models of a few billion parameters (published MFU 0.3-0.5)
@@ -88,6 +89,8 @@ class Plan:
     model_flops_per_token: float | None = None
     device_flops: float | None = None
     advice: list[str] = field(default_factory=list)
+    checkpointing: bool = False  # gradient checkpointing in the planned run (set, or decided: decide_checkpointing)
+    checkpointing_why: str | None = None  # the decision, when gradient_checkpointing is unset
 
     @property
     def total(self) -> int:
@@ -155,7 +158,9 @@ def _load(config: Any, keys: dict[str, Any], gpus: int | None) -> LatheConfig:
 
 # --- the estimate ------------------------------------------------------------------------------
 
-def make_plan(cfg: LatheConfig, gpus: int | None = None, gpu_memory: float | None = None) -> Plan:
+def make_plan(cfg: LatheConfig, gpus: int | None = None, gpu_memory: float | None = None,
+              memory_only: bool = False) -> Plan:
+    """The plan; `memory_only`: without the tokens/s measurement (the run's own decision)."""
     import torch
 
     from lathe.distributed import engine_name, read_deepspeed, zero_stage
@@ -205,48 +210,61 @@ def make_plan(cfg: LatheConfig, gpus: int | None = None, gpu_memory: float | Non
                       opt_how + (f", sharded over {shard} (ZeRO-{stage})" if stage >= 1 and shard > 1 else ""),
                       "host" if offload_opt else "device"))
 
-    gc = bool(cfg.train.gradient_checkpointing)
     eager = cfg.model.flash_attn == "disabled"
     n_rows, width = (len(peak_rows), max(peak_rows)) if eager else (1, peak_tokens)  # fused: linear in tokens
     plain = _simulate(cfg, model, n_rows, width, checkpointed=False)
     kept = _simulate(cfg, model, n_rows, width, checkpointed=True)
-    acts = (kept if gc else plain) or 0.0
-    other = kept if not gc else plain
     per_token = {"saved": (plain or 0.0) / (n_rows * width), "checkpointed": (kept or 0.0) / (n_rows * width)}
-    if (kept if gc else plain) is None:
-        acts_how = "not simulated: this model does not run on torch's meta device"
-        notes.append("activations: not counted (the model cannot run on the meta device); the total is low")
-    else:
-        acts_how = (f"forward and backward of {n_rows} x {width} tokens simulated "
-                    f"({'with' if gc else 'without'} checkpointing"
-                    + (f"; {other / MiB:,.0f} MiB {'without' if gc else 'with'} it)" if other else ")"))
-    parts.append(Part("activations", int(acts), acts_how))
     logits, logits_how = _logit_bytes(cfg, model_config, peak_tokens, fused=stage != 3)
-    parts.append(Part("logits", int(logits), logits_how))
-    if not on_gpu and (plain or kept):
-        fused = _simulate(cfg, model, 1, peak_tokens, checkpointed=False, attention=SIMULATED_ATTENTION) \
-            if eager else plain
-        step = (kept if gc else fused) or 0.0
-        # measured: the step's freed memory stays with the process, and the kernels' workspaces add
-        # 0.7x the step again; under checkpointing, at least as much as the step without it
-        held = max(CPU_RETAINED * (step + logits), (fused or 0.0) + logits if gc else 0.0) - (step + logits)
-        parts.append(Part("allocator", int(held), "CPU: the step's freed memory that malloc keeps, and the kernels' "
-                          "workspaces (measured: 0.7x the step again; benchmarks/plan_bench.py)"))
-    runtime, runtime_how = _runtime(on_gpu)
-    parts.append(Part("runtime", int(runtime), runtime_how))
+    fused = _simulate(cfg, model, 1, peak_tokens, checkpointed=False, attention=SIMULATED_ATTENTION) \
+        if eager and not on_gpu and (plain or kept) else plain
 
-    available = _available(on_gpu, gpu_memory)
+    def step_parts(gc: bool) -> list[Part]:
+        """activations, logits and (CPU) the allocator's share: the parts checkpointing moves."""
+        acts = (kept if gc else plain) or 0.0
+        other = kept if not gc else plain
+        if (kept if gc else plain) is None:
+            acts_how = "not simulated: this model does not run on torch's meta device"
+        else:
+            acts_how = (f"forward and backward of {n_rows} x {width} tokens simulated "
+                        f"({'with' if gc else 'without'} checkpointing"
+                        + (f"; {other / MiB:,.0f} MiB {'without' if gc else 'with'} it)" if other else ")"))
+        out = [Part("activations", int(acts), acts_how), Part("logits", int(logits), logits_how)]
+        if not on_gpu and (plain or kept):
+            step = (kept if gc else fused) or 0.0
+            # measured: the step's freed memory stays with the process, and the kernels' workspaces add
+            # 0.7x the step again; under checkpointing, at least as much as the step without it
+            held = max(CPU_RETAINED * (step + logits), (fused or 0.0) + logits if gc else 0.0) - (step + logits)
+            out.append(Part("allocator", int(held), "CPU: the step's freed memory that malloc keeps, and the "
+                            "kernels' workspaces (measured: 0.7x the step again; benchmarks/plan_bench.py)"))
+        return out
+
+    if plain is None and kept is None:
+        notes.append("activations: not counted (the model cannot run on the meta device); the total is low")
+    runtime, runtime_how = _runtime(on_gpu, steady=memory_only and _ranks() > 1)
+    runtime_part = Part("runtime", int(runtime), runtime_how)
+    budget = gpu_memory if gpu_memory is not None else cfg.train.device_memory
+    available = _available(on_gpu, budget, processes)
+    gc, why = cfg.train.gradient_checkpointing, None
+    if gc is None:  # the run's own rule (decide_checkpointing): on only where it would not fit without it
+        without = sum(p.bytes for p in [*parts, *step_parts(False), runtime_part] if p.where == "device")
+        gc, why = _checkpointing_rule(without, available, budget is not None, kept is not None)
+        if gc:
+            with_it = sum(p.bytes for p in [*parts, *step_parts(True), runtime_part] if p.where == "device")
+            why += f"; {with_it / GiB:,.2f} GiB with it"
+        notes.append(why)
+    parts += [*step_parts(gc), runtime_part]
     examples = rows_total
     mean_tokens = sum(lengths) / max(1, len(lengths))  # of an example (all its sequences)
     per_step = batch * accum * processes
     steps = cfg.train.max_steps if cfg.train.max_steps and cfg.train.max_steps > 0 else \
         math.ceil(cfg.train.num_train_epochs * math.ceil(examples / per_step))
     tokens_per_step = mean_tokens * per_step
-    rate, flops, device_flops = (None, None, None) if on_gpu and not torch.cuda.is_available() else \
-        _tokens_per_s(cfg, model, model_config, on_gpu, gc, mean_tokens, notes)
+    rate, flops, device_flops = (None, None, None) if memory_only or (on_gpu and not torch.cuda.is_available()) \
+        else _tokens_per_s(cfg, model, model_config, on_gpu, gc, mean_tokens, notes)
     tokens_per_s = rate * processes if rate else None
     seconds = steps * tokens_per_step / tokens_per_s if tokens_per_s else None
-    if on_gpu and not torch.cuda.is_available():
+    if on_gpu and not torch.cuda.is_available() and not memory_only:
         notes.append("tokens/s: no GPU here to measure; planned for memory only")
 
     result = Plan(
@@ -256,11 +274,49 @@ def make_plan(cfg: LatheConfig, gpus: int | None = None, gpu_memory: float | Non
         dtype=str(dtype).removeprefix("torch."), parts=parts, available=available,
         tokens_per_step=tokens_per_step, peak_step_tokens=peak_tokens, steps=steps,
         tokens_per_s=tokens_per_s, seconds=seconds,
-        activation_per_token=per_token, notes=notes, model_flops_per_token=flops, device_flops=device_flops)
+        activation_per_token=per_token, notes=notes, model_flops_per_token=flops, device_flops=device_flops,
+        checkpointing=gc, checkpointing_why=why)
     if padded:
         notes.append("batches padded to their longest example (padding_free off or not applicable)")
     result.advice = _advice(cfg, result, kept, stage, on_gpu)
     return result
+
+
+def _checkpointing_rule(without: int, available: int | None, budget_set: bool, simulated: bool) -> tuple[bool, str]:
+    """(gradient checkpointing on?, why) for a run that leaves it unset: on only where the plan
+    without it does not fit the device's memory."""
+    head = "gradient checkpointing"
+    if available is None:
+        return False, f"{head} off: unset, and the device's memory is unknown (device_memory=GiB)"
+    if not simulated:
+        return False, f"{head} off: unset, and the activations cannot be estimated for this model"
+    where = f"the {available / GiB:,.2f} GiB {'of device_memory' if budget_set else 'of one device'}"
+    if without > available:
+        return True, f"{head} on (unset: the plan needs {without / GiB:,.2f} GiB without it, more than {where})"
+    return False, (f"{head} off (unset: the plan needs {without / GiB:,.2f} GiB without it, within {where}; "
+                   "on only where memory needs it)")
+
+
+def decide_checkpointing(cfg: LatheConfig) -> LatheConfig:
+    """The config a training run goes on with: gradient_checkpointing unset -> on only where `lathe
+    plan`'s memory estimate of this run does not fit without it (one line in the run summary says
+    which and why); set, or not training: as it is. A plan that cannot be made leaves it off."""
+    if cfg.train.gradient_checkpointing is not None or not cfg.train.do_train:
+        return cfg
+    try:
+        with _quiet():
+            p = make_plan(cfg, memory_only=True)
+        on, why = p.checkpointing, p.checkpointing_why or ""
+    except Exception as e:  # noqa: BLE001 - the run goes on without it; the line says why
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        on, why = False, f"gradient checkpointing off: unset, and the plan could not be made ({first})"
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gradient_checkpointing=on),
+                               notes=(*cfg.notes, why))
+
+
+def _ranks() -> int:
+    """The processes of a run this one belongs to (torchrun's WORLD_SIZE), 1 alone."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def _model_config(cfg: LatheConfig, path: str) -> Any:
@@ -613,24 +669,28 @@ def _logit_bytes(cfg: LatheConfig, model_config: Any, tokens: int, fused: bool) 
                                                        "(float32 logits, log-softmax, gradient)")
 
 
-def _runtime(on_gpu: bool) -> tuple[float, str]:
-    """What the process holds before the model: the libraries (CPU), or a CUDA context."""
+def _runtime(on_gpu: bool, steady: bool = False) -> tuple[float, str]:
+    """What the process holds before the model: the libraries (CPU), or a CUDA context. `steady`: a
+    fixed figure on CPU too, so that every process of a run decides alike (decide_checkpointing)."""
     import psutil
 
     if on_gpu:
         return float(CUDA_CONTEXT), "CUDA context and kernels (typical)"
+    if steady:
+        return float(CPU_RUNTIME), "torch and the libraries (typical)"
     return float(psutil.Process().memory_info().rss), "torch and the libraries, as this process holds them"
 
 
-def _available(on_gpu: bool, gpu_memory: float | None) -> int | None:
+def _available(on_gpu: bool, budget: float | None, processes: int = 1) -> int | None:
+    """Bytes one device (one process on CPU, where the processes share the RAM) may use."""
     import psutil
     import torch
 
-    if gpu_memory is not None:
-        return int(gpu_memory * GiB)
+    if budget is not None:
+        return int(budget * GiB)
     if on_gpu:
         return int(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
-    return int(psutil.virtual_memory().total)
+    return int(psutil.virtual_memory().total) // max(1, processes)
 
 
 def _tokens_per_s(cfg: LatheConfig, model: Any, model_config: Any, gpu: bool, gc: bool,
@@ -688,7 +748,7 @@ def _advice(cfg: LatheConfig, p: Plan, checkpointed: float | None, stage: int, o
     out = [f"needs {p.total / GiB:,.2f} GiB per device, {over / GiB:,.2f} GiB more than the {p.available / GiB:,.1f} "
            "GiB there; what would help:"]
     parts = {x.name: x.bytes for x in p.parts}
-    if not cfg.train.gradient_checkpointing and checkpointed is not None:
+    if not p.checkpointing and checkpointed is not None:
         saves = parts["activations"] - checkpointed
         out.append(f"gradient_checkpointing: true (saves about {saves / GiB:,.2f} GiB, costs a third more compute)")
     if cfg.finetune.finetuning_type in ("full", "freeze"):

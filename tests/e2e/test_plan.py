@@ -76,10 +76,54 @@ def test_settings_move_the_estimate_the_way_they_should(base_args, tmp_path):
 
 
 def test_a_run_that_does_not_fit_gets_what_to_change(base_args, tmp_path):
-    plan, out = _plan(tmp_path, {**base_args, "finetuning_type": "full"}, "gpus=1", "gpu_memory=0.01")
-    assert plan["fits"] is False
+    args = {**base_args, "finetuning_type": "full", "gradient_checkpointing": False}
+    plan, out = _plan(tmp_path, args, "gpus=1", "gpu_memory=0.01")
+    assert plan["fits"] is False and plan["checkpointing"] is False
     assert "does NOT fit" in out
     assert "gradient_checkpointing: true (saves about" in out and "finetuning_type: lora" in out
+
+
+def test_unset_gradient_checkpointing_is_what_the_plan_decides(base_args, tmp_path):
+    """Unset, the plan turns checkpointing on only where the run would not fit without it, and
+    then counts the activations it keeps; set, it is as set."""
+    args = {**base_args, "finetuning_type": "full"}
+    roomy, out = _plan(tmp_path, args, "gpus=1", "gpu_memory=80", name="roomy")
+    assert roomy["checkpointing"] is False
+    assert "gradient checkpointing off (unset: the plan needs" in out and "within the 80.00 GiB" in out
+    tight, out = _plan(tmp_path, args, "gpus=1", "gpu_memory=0.01", name="tight")
+    assert tight["checkpointing"] is True and "gradient checkpointing on (unset: the plan needs" in out
+    assert "gradient_checkpointing: true (saves" not in out  # not advised: already on
+    assert _parts(tight)["activations"] < _parts(roomy)["activations"]
+    kept, _ = _plan(tmp_path, {**args, "gradient_checkpointing": True}, "gpus=1", "gpu_memory=80", name="kept")
+    assert _parts(kept)["activations"] == _parts(tight)["activations"] and kept["checkpointing_why"] is None
+    budget, out = _plan(tmp_path, {**args, "device_memory": 0.01}, "gpus=1", name="budget")
+    assert budget["checkpointing"] is True and "of device_memory" in out
+    assert budget["available"] == int(0.01 * 2**30)
+
+
+def test_training_turns_checkpointing_on_only_where_the_plan_needs_it(base_args, tmp_path):
+    """`lathe train` with gradient_checkpointing unset: on where device_memory is too small for the
+    run without it (the summary says why, the run's config.yaml records it, the losses are the same
+    as without it), off where it fits."""
+    import yaml
+
+    from tests.conftest import logged
+
+    runs = {}
+    for name, keys in (("tight", {"device_memory": 0.2}), ("roomy", {}), ("off", {"gradient_checkpointing": False})):
+        out = tmp_path / name
+        args = {**base_args, **keys, "max_steps": 3, "logging_steps": 1, "output_dir": str(out)}
+        proc = run_cli("train", str(write_yaml(tmp_path / f"{name}.yaml", args)))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = (out, proc.stdout)
+    (tight, said), (_, roomy_said), (off, off_said) = runs["tight"], runs["roomy"], runs["off"]
+    assert "gradient checkpointing on (unset: the plan needs" in said and "0.20 GiB of device_memory" in said
+    assert "gradient checkpointing off (unset: the plan needs" in roomy_said
+    assert "gradient checkpointing" not in off_said
+    saved = {name: yaml.safe_load((out / "config.yaml").read_text())["gradient_checkpointing"]
+             for name, (out, _) in runs.items()}
+    assert saved == {"tight": True, "roomy": False, "off": False}
+    assert logged(tight, "loss") == pytest.approx(logged(off, "loss"), rel=1e-5)
 
 
 def test_a_model_whose_config_cannot_be_read_is_one_line(base_args, tmp_path):

@@ -391,3 +391,34 @@ def test_pair_padding_estimates_what_the_pair_collator_saves():
     assert before == pytest.approx(1 - 61 / 256) and after == pytest.approx(1 - 61 / 96)
     batch = PaddingFreePairCollator(0)(_pairs([(30, 4), (5, 4), (5, 4), (5, 4)]))
     assert batch["input_ids"].shape == (3, 32) and batch["chosen_rows"] == 2
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["rows", "varlen"])
+def test_padding_free_kto_batches_give_the_padded_log_probs(flatten):
+    """kto: the rows (sequences 0..n-1) and their KL rows (n..2n-1) of PaddingFreeKTOCollator give
+    each sequence the log-prob KTOCollator's padded batch gives it, the tags ride along, and the
+    halves hold the rows and the KL rows apart."""
+    from lathe.data.collators import KTOCollator
+    from lathe.data.packing import PaddingFreeKTOCollator
+    from lathe.model.varlen import use_varlen_sdpa
+    from lathe.recipes.trainers import PolicyReferenceTrainer, _pair_halves
+
+    model = _tiny("llama", "sdpa")
+    if flatten:
+        use_varlen_sdpa(model)
+    rows = [{"input_ids": p["chosen_input_ids"], "labels": p["chosen_labels"],
+             "kl_input_ids": p["rejected_input_ids"], "kl_labels": p["rejected_labels"], "kto_tag": i % 2 == 0}
+            for i, p in enumerate(_pairs([(9, 14), (13, 6), (5, 11)]))]
+    padded = KTOCollator(0)(rows)
+    free = PaddingFreeKTOCollator(0, flatten=flatten)(rows)
+    assert free["kto_tag"].tolist() == [True, False, True] and torch.equal(free["kto_tag"], padded["kto_tag"])
+    assert free["input_ids"].shape[0] == (2 if flatten else free["input_ids"].shape[0])
+    me = SimpleNamespace(fused=False)
+    with torch.no_grad():
+        want = torch.cat([PolicyReferenceTrainer.logps(me, model, padded)[0],
+                          PolicyReferenceTrainer.logps(me, model, padded, prefix="kl_")[0]])
+        assert torch.allclose(PolicyReferenceTrainer.logps(me, model, free)[0], want, rtol=1e-5, atol=1e-5)
+        n, main, kl = _pair_halves(free)
+        assert n == 3 and "kto_tag" not in main
+        assert torch.allclose(PolicyReferenceTrainer.logps(me, model, main)[0], want[:3], rtol=1e-5, atol=1e-5)
+        assert torch.allclose(PolicyReferenceTrainer.logps(me, model, kl)[0], want[3:], rtol=1e-5, atol=1e-5)

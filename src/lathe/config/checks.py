@@ -213,7 +213,7 @@ def packing_fits_the_method(cfg: LatheConfig) -> None:
 
 # The stages whose batches can go without padding (DataConfig.padding_free), and whose loss can
 # be fused with the output layer (TrainConfig.fused_loss).
-PADDING_FREE_STAGES = ("sft", "dpo", "rm")
+PADDING_FREE_STAGES = ("sft", "dpo", "kto", "rm")
 FUSED_LOSS_STAGES = ("pt", "sft", "dpo", "kto")
 
 

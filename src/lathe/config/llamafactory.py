@@ -100,7 +100,8 @@ KEYS: dict[str, Key] = {
     "moe_aux_loss_coef": Key("model", "no", "weight of the router loss of mixture-of-experts "
                              "models", "set router_aux_loss_coef in the model's config.json", None),
     "disable_gradient_checkpointing": Key("model", "alias", to="gradient_checkpointing", convert=_not,
-                                          note="Lathe's gradient_checkpointing is off by default"),
+                                          note="Lathe's gradient_checkpointing, unset, is on only where the "
+                                          "plan says memory needs it"),
     "use_reentrant_gc": Key("model", "accepted", note="gradient_checkpointing_kwargs (a "
                             "TrainingArguments key) chooses the variant"),
     "upcast_layernorm": Key("model", "no", "keep layer norms in float32", "use torch_dtype: "

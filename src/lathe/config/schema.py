@@ -95,8 +95,9 @@ class DataConfig:
         None, "Batches without padding: the same examples per step, side by side in a row with "
         "restarting position ids (attention never crosses them), the same loss. Unset: on where the "
         "model keeps them apart (a probe decides, as for packing) and the method allows; true: "
-        "required; false: padded batches. sft, dpo and rm (each side of the pairs in rows of its own).",
-        stage=("sft", "dpo", "rm"))
+        "required; false: padded batches. sft, dpo and rm (each side of the pairs in rows of its own), "
+        "kto (its rows, then their KL rows).",
+        stage=("sft", "dpo", "kto", "rm"))
     strip_html: bool = _f(False, "Cleaning: remove HTML tags from text.")
     strip_urls: bool = _f(False, "Cleaning: remove URLs from text.")
     normalize_whitespace: bool = _f(False, "Cleaning: collapse runs of spaces and blank lines.")
@@ -341,7 +342,14 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     bf16: bool = _f(False, "bfloat16 mixed precision.")
     fp16: bool = _f(False, "float16 mixed precision.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations to save memory.")
+    gradient_checkpointing: bool | None = _f(
+        None, "Recompute activations in the backward pass to save memory (about a third more compute). "
+        "Unset: on only where lathe plan's estimate of the run does not fit the device's memory "
+        "(device_memory) without it; the run summary says which and why. true / false: as set.")
+    device_memory: float | None = _f(
+        None, "GiB of memory one device may use (a shared GPU, a container's limit; on CPU the RAM of "
+        "each process). Unset: the device's total. lathe plan and the gradient_checkpointing decision "
+        "plan against it.")
     seed: int = _f(42, "Random seed.")
     logging_steps: int = _f(10, "Log every N optimizer steps.")
     save_steps: int = _f(500, "Checkpoint every N optimizer steps.")

@@ -230,13 +230,14 @@ class PaddingFreePairCollator:
     labels: bool = True  # rm scores whole sequences: no labels in its batches
     pad_to_multiple_of: int = PAD_MULTIPLE
     flatten: bool = False
+    sides: tuple[str, str] = ("chosen_", "rejected_")  # the prefixes of each side's columns
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
         n = len(features)
-        sides = [[(list(f[f"{side}_input_ids"]), list(f.get(f"{side}_labels") or f[f"{side}_input_ids"]))
-                  for f in features] for side in ("chosen", "rejected")]
+        sides = [[(list(f[f"{side}input_ids"]), list(f.get(f"{side}labels") or f[f"{side}input_ids"]))
+                  for f in features] for side in self.sides]
         capacity = max(sum(len(ids) for ids, _ in side) if self.flatten else max(len(ids) for ids, _ in side)
                        for side in sides)
         rows: list[dict[str, list[int]]] = []
@@ -260,6 +261,21 @@ class PaddingFreePairCollator:
             ("input_ids", "position_ids", "seq_index")
         batch: dict[str, Any] = {k: torch.tensor([r[k] for r in rows], dtype=torch.long) for k in keys}
         batch["chosen_rows"] = chosen_rows
+        return batch
+
+
+@dataclass
+class PaddingFreeKTOCollator(PaddingFreePairCollator):
+    """kto's rows without padding: the batch's rows (sequences 0..n-1) as the chosen side of
+    PaddingFreePairCollator, their mismatched KL rows (n..2n-1) as the other, and `kto_tag`."""
+
+    sides: tuple[str, str] = ("", "kl_")
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        batch = super().__call__(features)
+        batch["kto_tag"] = torch.tensor([bool(f["kto_tag"]) for f in features])
         return batch
 
 
@@ -425,11 +441,13 @@ def pack_for_training(data: Any, model: Any, tokenizer: Any, cutoff_len: int,
 
 
 def padding_free_pairs_for_training(data: Any, model: Any, tokenizer: Any, setting: bool | None,
-                                    batch_size: int, labels: bool = True
+                                    batch_size: int, labels: bool = True,
+                                    kind: type[PaddingFreePairCollator] = PaddingFreePairCollator,
                                     ) -> tuple[PaddingFreePairCollator | None, str | None]:
-    """dpo's padding_free_for_training: the pair collator and a line for the summary, or (None,
-    why not): a model whose attention would cross examples (the packing probe), or flash
-    attention (its kernels read the boundaries of one row only)."""
+    """dpo's, rm's and (`kind` PaddingFreeKTOCollator) kto's padding_free_for_training: the
+    collator and a line for the summary, or (None, why not): a model whose attention would cross
+    examples (the packing probe), or flash attention (its kernels read the boundaries of one row
+    only)."""
     from datasets import Dataset
 
     packed = make_collator(model, tokenizer)
@@ -445,16 +463,17 @@ def padding_free_pairs_for_training(data: Any, model: Any, tokenizer: Any, setti
         if setting:
             raise ConfigError(f"padding_free: true, but {why}; set padding_free: false")
         return None, f"padding-free batches off: {why}"
-    collator = PaddingFreePairCollator(packed.pad_token_id, labels=labels, flatten=varlen)
-    kind = "each side's replies in one row (varlen attention)" if varlen else \
-        "each side's replies in rows no longer than the longest"
+    collator = kind(packed.pad_token_id, labels=labels, flatten=varlen)
+    first, second = collator.sides
+    what = "each side's replies" if first else "the rows, and apart their KL rows,"
+    how = f"{what} in one row (varlen attention)" if varlen else f"{what} in rows no longer than the longest"
     if not isinstance(data.train, Dataset):
-        return collator, f"padding-free batches: {kind}"
-    before, after = pair_padding([len(x) for x in data.train["chosen_input_ids"]],
-                                 [len(x) for x in data.train["rejected_input_ids"]], batch_size, flatten=varlen)
-    return collator, (f"padding-free batches: {kind}; padding "
-                      f"{before:.1%} of the tokens of padded pair batches, {after:.1%} now (batch size "
-                      f"{batch_size}, the same pairs per step)")
+        return collator, f"padding-free batches: {how}"
+    before, after = pair_padding([len(x) for x in data.train[f"{first}input_ids"]],
+                                 [len(x) for x in data.train[f"{second}input_ids"]], batch_size, flatten=varlen)
+    return collator, (f"padding-free batches: {how}; padding "
+                      f"{before:.1%} of the tokens of padded {'pair' if first else 'row + KL row'} batches, "
+                      f"{after:.1%} now (batch size {batch_size}, the same {'pairs' if first else 'rows'} per step)")
 
 
 def padding_free_for_training(data: Any, model: Any, tokenizer: Any, setting: bool | None,

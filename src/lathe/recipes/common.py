@@ -192,7 +192,7 @@ def build_training_args(cfg: LatheConfig, has_eval: bool, **stage_overrides: Any
         max_grad_norm=t.max_grad_norm,
         bf16=t.bf16,
         fp16=t.fp16,
-        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=bool(t.gradient_checkpointing),  # unset: lathe.plan.decide_checkpointing
         dataloader_pin_memory=_has_cuda(),
         seed=t.seed,
         logging_steps=t.logging_steps,

@@ -5,6 +5,10 @@ of the data carries, beside itself, its prompt joined with the next row's reply
 (`kl_input_ids`, `kl_labels`, formed once over the whole dataset), so any batch size
 works, 1 included. Those rows are scored by the policy (no gradient) and the reference,
 and z0 = max(0, mean log-ratio over the batch), detached.
+
+Batches are padding-free by default, as dpo's pairs are (PaddingFreeKTOCollator): the rows in one
+row under Lathe's varlen sdpa, their KL rows in another, so the policy's two passes (with and
+without gradient) each read one side only and the reference reads both at once.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from typing import Any
 from lathe.config.schema import LatheConfig
 from lathe.data.collators import KTOCollator
 from lathe.data.inspect import mark_trained
+from lathe.data.packing import PaddingFreeKTOCollator, padding_free_pairs_for_training
+from lathe.model.varlen import use_varlen_sdpa
 from lathe.quiet import datasets_bars_off
 from lathe.recipes.common import (
     RunResult,
     fused_loss_head,
     install_callbacks,
     open_stage,
+    padding_free_wanted,
     print_summary,
     start_run,
 )
@@ -50,6 +57,16 @@ def build(cfg: LatheConfig) -> Setup:
     a = cfg.align
     notes.append(f"beta {a.pref_beta}, weights desirable {a.kto_chosen_weight} / "
                  f"undesirable {a.kto_rejected_weight}")
+    collator = KTOCollator(tokenizer.pad_token_id)
+    if padding_free_wanted(cfg):
+        for m in (model, ref_model):  # sdpa cut per example: the rows in one row, the KL rows in another
+            if m is not None:
+                use_varlen_sdpa(m)
+        free, note = padding_free_pairs_for_training(data, model, tokenizer, cfg.data.padding_free,
+                                                     cfg.train.per_device_train_batch_size,
+                                                     kind=PaddingFreeKTOCollator)
+        collator = free or collator
+        notes.append(note)
     head, note = fused_loss_head(cfg, model)
     if note:
         notes.append(note.replace("cross-entropy", "log-probs"))
@@ -65,7 +82,7 @@ def build(cfg: LatheConfig) -> Setup:
     trainer = KTOTrainer(
         model=model, args=o.args, train_dataset=data.train, eval_dataset=data.eval,
         processing_class=tokenizer,
-        data_collator=KTOCollator(tokenizer.pad_token_id),
+        data_collator=collator,
         ref_model=ref_model, align=cfg.align, fused=head is not None,
     )
     install_callbacks(trainer, cfg, perplexity=False)

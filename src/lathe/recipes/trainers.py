@@ -235,7 +235,8 @@ def _pair_halves(inputs: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str,
     padded one; the first `chosen_rows` rows of a padding-free one, and the rest."""
     if "seq_index" in inputs:
         k = int(inputs["chosen_rows"])
-        tensors = {key: v for key, v in inputs.items() if torch.is_tensor(v)}
+        shape = inputs["seq_index"].shape  # the per-token tensors (not kto_tag: one per row)
+        tensors = {key: v for key, v in inputs.items() if torch.is_tensor(v) and v.shape == shape}
 
         def side(rows: slice) -> dict[str, Any]:  # without the columns that are padding in all its rows
             used = int(torch.nonzero((inputs["seq_index"][rows] >= 0).any(0)).max()) + 1
@@ -287,12 +288,19 @@ class KTOTrainer(PolicyReferenceTrainer):
                      num_items_in_batch: Any = None) -> Any:
         """Mean over examples of the weighted KTO loss; metrics recorded."""
         a = self.align
-        logps, _ = self.logps(model, inputs)
-        with torch.no_grad():
-            kl_logps, _ = self.logps(model, inputs, prefix="kl_")
-        n = logps.shape[0]
-        both = {k: torch.cat([inputs[k], inputs[f"kl_{k}"]])
-                for k in ("input_ids", "attention_mask", "labels")}
+        if "seq_index" in inputs:  # padding-free (PaddingFreeKTOCollator): the rows, then the KL rows
+            n, rows, kl_rows = _pair_halves(inputs)
+            logps, _ = self.logps(model, rows)
+            with torch.no_grad():
+                kl_logps, _ = self.logps(model, kl_rows)
+            both = inputs
+        else:
+            logps, _ = self.logps(model, inputs)
+            with torch.no_grad():
+                kl_logps, _ = self.logps(model, inputs, prefix="kl_")
+            n = logps.shape[0]
+            both = {k: torch.cat([inputs[k], inputs[f"kl_{k}"]])
+                    for k in ("input_ids", "attention_mask", "labels")}
         ref_all, _ = self.reference_logps(model, both)  # one pass: rows and KL rows share a width
         ref_logps, ref_kl_logps = ref_all[:n], ref_all[n:]
         tags = inputs["kto_tag"].bool()

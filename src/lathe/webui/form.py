@@ -70,6 +70,8 @@ def _shape(tp: Any) -> tuple[str, list[str] | None, bool]:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         nullable = len(args) < len(typing.get_args(tp))
         tp = args[0] if len(args) == 1 else str
+        if tp is bool and nullable:  # unset, true or false (unset: Lathe decides, e.g. gradient_checkpointing)
+            return "select", ["true", "false"], True
     if typing.get_origin(tp) is typing.Literal:
         return "select", [str(a) for a in typing.get_args(tp)], nullable
     if typing.get_origin(tp) is list:
@@ -150,6 +152,8 @@ def to_keys(form: str, values: dict[str, Any], extra_yaml: str = "") -> dict[str
         kind, _, _ = _shape(_TYPES[key])
         if kind == "list":
             out[key] = [p.strip() for p in text.split(",") if p.strip()]
+        elif kind == "select" and _TYPES[key] == bool | None:
+            out[key] = text == "true"
         elif kind in ("text", "select"):
             out[key] = text
         else:  # a number as the CLI reads key=value, typed as the schema declares it (2e-4 -> 0.0002)

@@ -56,7 +56,10 @@ KEYS_ZH: dict[str, tuple[str, str]] = {
     "weight_decay": ("权重衰减", "AdamW 权重衰减。"),
     "max_grad_norm": ("梯度裁剪", "梯度裁剪的范数上限。"),
     "bf16": ("bf16 混合精度", "使用 bfloat16 混合精度训练。"),
-    "gradient_checkpointing": ("梯度检查点", "重新计算激活以节省显存。"),
+    "gradient_checkpointing": ("梯度检查点", "在反向传播中重新计算激活以节省显存（约多三分之一计算）。不设置：仅当 "
+                               "lathe plan 估计不开启就放不下设备内存（device_memory）时开启，运行摘要会说明原因。"),
+    "device_memory": ("设备内存上限", "每个设备可用的内存（GiB，如共享 GPU 或容器限制；CPU 上为每个进程的内存）。"
+                      "不设置：设备总内存。"),
     "seed": ("随机种子", "随机种子。"),
     "lora_rank": ("LoRA 秩", "LoRA 的秩 r。"),
     "lora_alpha": ("LoRA alpha", "LoRA 缩放系数 alpha（默认 2 倍秩）。"),
