@@ -50,6 +50,7 @@ LATHE_CONFIGS = {
     "lathe": {},  # Lathe's defaults: padding-free batches and the fused loss
     "lathe_bf16": {"bf16": True},  # and bf16 autocast (CPUs that compute it natively)
     "lathe_compile": {"torch_compile": True},  # and torch.compile (inductor; its compile time counted)
+    "lathe_padded_compile": {"padding_free": False, "fused_loss": False, "torch_compile": True},
     "lathe_joint": {"pref_split_backward": False},  # --stage dpo: both sides in one backward (more memory)
 }
 # LLaMA-Factory names an alpaca ranking set's reply columns only when told (Lathe reads these by default)
@@ -168,7 +169,29 @@ def run(name: str, command: list[str], cfg: dict, folder: Path) -> dict:
     metrics = json.loads((out / "train_results.json").read_text())
     state = json.loads((out / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
-    return {"train_runtime": metrics["train_runtime"], "peak_rss_mb": round(peak), "last_loss": losses[-1]}
+    result = {"train_runtime": metrics["train_runtime"], "peak_rss_mb": round(peak), "last_loss": losses[-1]}
+    steady = steady_rate(out / "trainer_log.jsonl")
+    if steady:
+        result["steady_tokens_per_s"] = steady
+    return result
+
+
+def steady_rate(log: Path) -> float | None:
+    """Lathe's runs: the non-padding tokens per second of the second half of the steps, from the
+    logged step records (elapsed seconds, tokens seen): the rate once one-time costs (compiling,
+    warming the allocator) are paid."""
+    if not log.is_file():
+        return None
+    steps = [r for r in map(json.loads, log.read_text().splitlines())
+             if "loss" in r and "elapsed_s" in r and "num_input_tokens_seen" in r]
+    if len(steps) < 3:
+        return None
+    last = steps[-1]
+    mid = next(r for r in steps if r["step"] >= last["step"] / 2)
+    if mid is last or last["elapsed_s"] <= mid["elapsed_s"]:
+        return None
+    seen = last["num_input_tokens_seen"] - mid["num_input_tokens_seen"]
+    return round(seen / (last["elapsed_s"] - mid["elapsed_s"]), 1)
 
 
 def model_flops(assets: dict[str, str], rows: int, stage: str, folder: Path) -> tuple[float, float]:
@@ -224,7 +247,9 @@ def main() -> None:
                 cfg = {**common_keys(assets, root / f"{name}-{r}", rows, args.stage), **keys}
                 result = run(name, command, cfg, root)
                 results[name].append(result)
-                print(f"{name} #{r + 1}: {tokens / result['train_runtime']:,.0f} tokens/s, "
+                steady = f" ({result['steady_tokens_per_s']:,.0f} over the second half)" \
+                    if "steady_tokens_per_s" in result else ""
+                print(f"{name} #{r + 1}: {tokens / result['train_runtime']:,.0f} tokens/s{steady}, "
                       f"peak {result['peak_rss_mb']:,} MB, last loss {result['last_loss']}", flush=True)
     base = order[0] if not args.vs_llamafactory else "lathe"
     summary = {}
@@ -233,6 +258,8 @@ def main() -> None:
         summary[name] = {"tokens_per_s": round(tokens / runtime, 1), "train_runtime_s": round(runtime, 2),
                          "mfu": round(tokens / runtime * flops / device_flops, 4),
                          "peak_rss_mb": round(statistics.median(x["peak_rss_mb"] for x in rs)), "runs": rs}
+        if all("steady_tokens_per_s" in x for x in rs):
+            summary[name]["steady_tokens_per_s"] = statistics.median(x["steady_tokens_per_s"] for x in rs)
     lines = []
     for name in order:
         s = summary[name]
@@ -245,7 +272,8 @@ def main() -> None:
         else:
             s["speed_vs_" + base] = round(s["tokens_per_s"] / summary[base]["tokens_per_s"], 3)
             s["memory_vs_" + base] = round(s["peak_rss_mb"] / summary[base]["peak_rss_mb"], 3)
-            lines.append(f"{name:>20}: {s['tokens_per_s']:>7,.0f} tokens/s ({s['speed_vs_' + base]:.2f}x), "
+            steady = f"; second half {s['steady_tokens_per_s']:,.0f}" if "steady_tokens_per_s" in s else ""
+            lines.append(f"{name:>20}: {s['tokens_per_s']:>7,.0f} tokens/s ({s['speed_vs_' + base]:.2f}x{steady}), "
                          f"MFU {s['mfu']:.1%}, "
                          f"peak {s['peak_rss_mb']:,} MB ({s['memory_vs_' + base]:.2f}x)")
     print("\n".join(lines))

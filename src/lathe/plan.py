@@ -167,7 +167,7 @@ def make_plan(cfg: LatheConfig, gpus: int | None = None, gpu_memory: float | Non
     from lathe.model.load import resolve_model_path
 
     on_gpu = gpus is not None or torch.cuda.is_available()
-    processes = gpus or max(1, cfg.train.nproc_per_node)
+    processes = gpus or max(1, cfg.train.nproc_per_node, _ranks())  # _ranks: inside a run torchrun started
     extra = cfg.train.extra
     notes: list[str] = []
 
@@ -244,11 +244,12 @@ def make_plan(cfg: LatheConfig, gpus: int | None = None, gpu_memory: float | Non
     runtime, runtime_how = _runtime(on_gpu, steady=memory_only and _ranks() > 1)
     runtime_part = Part("runtime", int(runtime), runtime_how)
     budget = gpu_memory if gpu_memory is not None else cfg.train.device_memory
-    available = _available(on_gpu, budget, processes)
+    available = _available(on_gpu, budget, int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
     gc, why = cfg.train.gradient_checkpointing, None
     if gc is None:  # the run's own rule (decide_checkpointing): on only where it would not fit without it
         without = sum(p.bytes for p in [*parts, *step_parts(False), runtime_part] if p.where == "device")
-        gc, why = _checkpointing_rule(without, available, budget is not None, kept is not None)
+        given = None if budget is None else "gpu_memory" if gpu_memory is not None else "device_memory"
+        gc, why = _checkpointing_rule(without, available, given, kept is not None)
         if gc:
             with_it = sum(p.bytes for p in [*parts, *step_parts(True), runtime_part] if p.where == "device")
             why += f"; {with_it / GiB:,.2f} GiB with it"
@@ -282,15 +283,16 @@ def make_plan(cfg: LatheConfig, gpus: int | None = None, gpu_memory: float | Non
     return result
 
 
-def _checkpointing_rule(without: int, available: int | None, budget_set: bool, simulated: bool) -> tuple[bool, str]:
+def _checkpointing_rule(without: int, available: int | None, given: str | None, simulated: bool
+                        ) -> tuple[bool, str]:
     """(gradient checkpointing on?, why) for a run that leaves it unset: on only where the plan
-    without it does not fit the device's memory."""
+    without it does not fit the device's memory (`given`: the key that set it, if one did)."""
     head = "gradient checkpointing"
     if available is None:
         return False, f"{head} off: unset, and the device's memory is unknown (device_memory=GiB)"
     if not simulated:
         return False, f"{head} off: unset, and the activations cannot be estimated for this model"
-    where = f"the {available / GiB:,.2f} GiB {'of device_memory' if budget_set else 'of one device'}"
+    where = f"the {available / GiB:,.2f} GiB {f'of {given}' if given else 'of one device'}"
     if without > available:
         return True, f"{head} on (unset: the plan needs {without / GiB:,.2f} GiB without it, more than {where})"
     return False, (f"{head} off (unset: the plan needs {without / GiB:,.2f} GiB without it, within {where}; "

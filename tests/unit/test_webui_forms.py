@@ -42,6 +42,12 @@ def test_field_kinds_follow_the_declared_types():
     assert spec["lora_rank"]["methods"] == ["lora"] and spec["lora_alpha"]["methods"] == ["lora", "adalora"]
     assert spec["pref_beta"]["stages"] == ["dpo", "kto"] and spec["pref_loss"]["stages"] == ["dpo"]
     assert "chatml" in spec["template"]["suggest"]
+    # a bool that may be left unset (Lathe decides) is unset / true / false, not a checkbox
+    gc = spec["gradient_checkpointing"]
+    assert (gc["kind"], gc["choices"], gc["nullable"], gc["default"]) == ("select", ["true", "false"], True, "")
+    assert forms.to_keys("train", {"gradient_checkpointing": ""}) == {}
+    assert forms.to_keys("train", {"gradient_checkpointing": "true"}) == {"gradient_checkpointing": True}
+    assert forms.to_keys("train", {"gradient_checkpointing": "false"}) == {"gradient_checkpointing": False}
 
 
 def test_every_word_of_the_page_has_english_and_chinese():
