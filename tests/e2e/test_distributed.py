@@ -196,16 +196,20 @@ def test_two_processes_train_every_stage_as_one_process_does(engine, single, sta
 def test_nproc_per_node_starts_the_processes_and_a_zero3_checkpoint_resumes(single, tmp_path):
     """`lathe train cfg nproc_per_node=2`: Lathe runs torchrun itself; the run's config records the
     key (repeating it starts two processes again); a ZeRO-3 run cut after its step-2 checkpoint
-    resumes to the weights of the run that was not cut."""
+    resumes to the weights of the run that was not cut. gradient_checkpointing is unset and
+    device_memory too small: the launching process decides once (on), every process trains so,
+    and the losses are those of the one-process run without it."""
     base, runs = single
     out = tmp_path / "run"
     keys = {**base, "lora_target": "all", "per_device_train_batch_size": 4, "save_steps": 2,
-            "output_dir": str(out), "deepspeed": "ds_z3"}
+            "output_dir": str(out), "deepspeed": "ds_z3", "device_memory": 0.2}
     proc = run_cli("train", str(write_yaml(tmp_path / "cfg.yaml", keys)), "nproc_per_node=2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 process(es) (DeepSpeed ZeRO-3)" in proc.stdout
     assert proc.stdout.count("Lathe | stage sft") == 1 and "Traceback" not in proc.stderr
+    assert proc.stdout.count("gradient checkpointing on (unset: the plan needs") == 1
     assert "nproc_per_node: 2" in (out / "config.yaml").read_text()
+    assert "gradient_checkpointing: true" in (out / "config.yaml").read_text()
     uncut = _weights(out)
     # cut: the last checkpoint and the final weights gone, the log back to step 2
     import shutil
