@@ -6,7 +6,8 @@
 The setting is speed_bench's: a Llama of hidden 512, 8 layers (28.5M parameters with the 2k
 vocabulary of the tiny tokenizer), alpaca-shaped rows up to 512 tokens, batch 4, fp32. Each
 variant (a method, or LoRA with a setting that moves memory: gradient checkpointing, eager
-attention, padded batches with the model's own loss) is planned with `lathe plan --output` and
+attention, padded batches with the model's own loss; LoRA dpo with its split backward and
+without) is planned with `lathe plan --output` and
 then trained with `lathe train` for --steps steps, each in a fresh process; the peak is the
 training process's peak resident memory (ru_maxrss). The estimate holds when it is within 20%
 of the peak. A chart of both goes beside the JSON (plan_memory.png).
@@ -42,6 +43,10 @@ VARIANTS = {
     "lora_eager": {"flash_attn": "disabled"},
     "lora_padded": {"padding_free": False, "fused_loss": False},
     "full_padded": {"finetuning_type": "full", "learning_rate": 1e-5, "padding_free": False, "fused_loss": False},
+    # stages with two sequences an example (speed_bench's preference pairs)
+    "dpo": {"stage": "dpo", "dataset": "pairs", "pref_beta": 0.1, "pref_loss": "sigmoid"},
+    "dpo_joint": {"stage": "dpo", "dataset": "pairs", "pref_beta": 0.1, "pref_loss": "sigmoid",
+                  "pref_split_backward": False},
 }
 LORA_KEYS = ("lora_rank", "lora_target")
 

@@ -180,12 +180,12 @@ def make_plan(cfg: LatheConfig, gpus: int | None = None, gpu_memory: float | Non
     trainable, total = count_parameters(model)
     weight_bytes = _weight_bytes(cfg, model, dtype)
 
-    lengths, rows_total, sampled = _lengths(cfg, path)
+    lengths, kept_lengths, rows_total, sampled = _lengths(cfg, path)
     if sampled:
         notes.append(f"data: lengths from a sample of {len(lengths):,} of {rows_total:,} rows")
     batch = cfg.train.per_device_train_batch_size
     accum = int(extra.get("gradient_accumulation_steps", 1) or 1)
-    peak_tokens, peak_rows, padded = _peak_step(cfg, lengths, batch)
+    peak_tokens, peak_rows, padded = _peak_step(cfg, kept_lengths, batch)
 
     ds = read_deepspeed(extra["deepspeed"]) if extra.get("deepspeed") else None
     stage = zero_stage(ds) if ds else (3 if extra.get("fsdp") else 0)
@@ -367,8 +367,13 @@ def _meta_model(cfg: LatheConfig, model_config: Any, dtype: Any) -> tuple[Any, i
     model_config._attn_implementation = "eager" if cfg.model.flash_attn == "disabled" else fused
     for k, v in kwargs.items():
         setattr(model_config, k, v)
+    from transformers.modeling_utils import set_zero3_state
+
     try:
-        with torch.device("meta"), _quiet():
+        # set_zero3_state: never deepspeed.zero.Init here, even where a ZeRO-3 run earlier in this process left
+        # its config live (a sweep, a pipeline): that would partition and gather across the processes, and the
+        # plan of a process in a group must not wait for the others
+        with torch.device("meta"), _quiet(), set_zero3_state():
             model = auto.from_config(model_config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     except (ValueError, TypeError, KeyError) as e:
         raise ModelError(f"model_name_or_path {cfg.model.model_name_or_path}: {auto.__name__} cannot be built "
@@ -462,9 +467,10 @@ def _optimizer_bytes(cfg: LatheConfig, trainable: int, size: int, deepspeed: boo
     return total, f"{how} for {trainable:,} parameters"
 
 
-def _lengths(cfg: LatheConfig, path: str) -> tuple[list[int], int, bool]:
+def _lengths(cfg: LatheConfig, path: str) -> tuple[list[int], list[int], int, bool]:
     """Tokens of each training example (all its sequences: chosen and rejected ...), as the run
-    tokenizes them; a sample of SAMPLE_ROWS rows of a larger dataset; and the rows in all."""
+    tokenizes them; of those, the tokens whose activations a backward pass keeps at once
+    (`_kept_columns`); a sample of SAMPLE_ROWS rows of a larger dataset; and the rows in all."""
     from lathe.data.loader import load_conversations, load_stage_data, stage_kind
     from lathe.data.templates import get_template
     from lathe.model.load import load_tokenizer
@@ -483,12 +489,28 @@ def _lengths(cfg: LatheConfig, path: str) -> tuple[list[int], int, bool]:
     columns = [c for c in train.column_names if c.endswith("input_ids")]
     if not columns:
         raise ConfigError(f"stage {cfg.finetune.stage}: lathe plan does not know this stage's token columns yet")
-    lengths = [sum(len(train[i][c]) for c in columns) for i in range(len(train))]
+    sizes = {c: [len(x) for x in train[c]] for c in columns}
+    lengths = [sum(per) for per in zip(*sizes.values())]
     if not lengths:
         raise ConfigError("the training split has no examples left after cutoff_len and cleaning; see lathe "
                           "data inspect")
+    together = _kept_columns(cfg, columns)
+    kept = [max(sum(sizes[c][i] for c in group) for group in together) for i in range(len(lengths))]
     scale = len(rows) / SAMPLE_ROWS if sampled else 1.0
-    return lengths, int(round(len(lengths) * scale)), sampled
+    return lengths, kept, int(round(len(lengths) * scale)), sampled
+
+
+def _kept_columns(cfg: LatheConfig, columns: list[str]) -> list[list[str]]:
+    """The token columns whose activations one backward pass keeps together, as groups (the peak is
+    the largest group): dpo's split backward pushes the chosen side, then the rejected one; kto's
+    KL rows run without gradient; everything else goes forward and backward at once."""
+    stage, extra = cfg.finetune.stage, cfg.train.extra
+    split = cfg.align.pref_split_backward and not (extra.get("deepspeed") or extra.get("fsdp"))  # DPOTrainer._can_split
+    if stage == "dpo" and split and {"chosen_input_ids", "rejected_input_ids"} <= set(columns):
+        return [["chosen_input_ids"], ["rejected_input_ids"]]
+    if stage == "kto" and "input_ids" in columns:
+        return [["input_ids"]]
+    return [columns]
 
 
 def _peak_step(cfg: LatheConfig, lengths: list[int], batch: int) -> tuple[int, list[int], bool]:

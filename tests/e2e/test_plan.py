@@ -150,7 +150,8 @@ def test_bad_plan_input_is_one_line(keys, says, base_args, tmp_path):
 
 def test_preference_stages_count_both_replies_and_the_reference(base_args, tmp_path):
     """dpo plans from its pairs; full tuning keeps a frozen reference copy beside
-    the policy (an adapter method switches its adapter off instead: no copy)."""
+    the policy (an adapter method switches its adapter off instead: no copy); the split backward
+    counts one side's activations."""
     from tests.conftest import write_pref_pairs
 
     pairs = write_pref_pairs(tmp_path / "pairs")
@@ -160,3 +161,8 @@ def test_preference_stages_count_both_replies_and_the_reference(base_args, tmp_p
     assert _parts(full)["reference model"] == _parts(full)["weights"]
     assert "reference model" not in _parts(lora)
     assert full["parts"][0]["bytes"] > 0 and full["steps"] == lora["steps"] == 12
+    # the split backward (the default) keeps one side's activations at a time; both sides at once keep more
+    joint, _ = _plan(tmp_path, {**args, "pref_split_backward": False}, name="dpo-joint")
+    assert lora["peak_step_tokens"] < joint["peak_step_tokens"]
+    assert _parts(lora)["activations"] < _parts(joint)["activations"]
+    assert lora["tokens_per_step"] == joint["tokens_per_step"]  # both sides are still computed
