@@ -40,6 +40,9 @@ CHART = "cv_results.png"
 # difference between two configs.
 _RECORDED = {"label_names", "problem_type", "num_labels", "pooling", "overwrite_output_dir",
              "resume_from_checkpoint"}
+# Keys a run decides when they are unset (lathe.plan.decide_checkpointing) and records as decided: a
+# difference only where this config sets them.
+_DECIDED = {"gradient_checkpointing"}
 _PLUMBING = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
 
 
@@ -135,7 +138,8 @@ def _check_folder(out: Path, folds: list[LatheConfig], cfg: LatheConfig) -> None
             recorded = read_run_config(f.train.output_dir)
             ours_now = to_flat_dict(f)
             changed = [k for k, v in ours_now.items()
-                       if k in recorded and k not in _RECORDED and _plain(recorded[k]) != _plain(v)]
+                       if k in recorded and k not in _RECORDED and not (k in _DECIDED and v is None)
+                       and _plain(recorded[k]) != _plain(v)]
             if changed:
                 k = changed[0]
                 raise OutputError(
