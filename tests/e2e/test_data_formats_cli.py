@@ -16,7 +16,9 @@ def test_sharegpt_multi_turn_mixed_with_alpaca(tmp_path, base_args):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "identity_sharegpt: 16, identity_jsonl: 16 rows" in proc.stdout
     # every assistant turn is trained: the second reply of the chat shows up in brackets
-    assert "[[You are welcome.<|im_end|>" in proc.stdout and "cache miss" in proc.stdout
+    assert "[[You are welcome.<|im_end|>" in proc.stdout
+    # tokenized once, by the plan that decides gradient checkpointing; the run reads that cache
+    assert "(tokenized data: cache hit)" in proc.stdout
     state = json.loads((Path(args["output_dir"]) / "trainer_state.json").read_text())
     assert state["global_step"] == 4
 
