@@ -596,6 +596,25 @@ def padding_free_wanted(cfg: LatheConfig) -> bool:
     return cfg.data.padding_free
 
 
+def padding_free_pairs(cfg: LatheConfig, data: Any, models: tuple[Any, ...], tokenizer: Any, notes: list[str],
+                       **kwargs: Any) -> Any | None:
+    """dpo's, kto's and rm's padding-free collator (lathe.data.packing.padding_free_pairs_for_training;
+    `kwargs`: its labels / kind) where padding_free_wanted and the probe passes, else None; the given
+    models (policy, reference) switched to Lathe's varlen sdpa first, the summary's line added to `notes`."""
+    if not padding_free_wanted(cfg):
+        return None
+    from lathe.data.packing import padding_free_pairs_for_training
+    from lathe.model.varlen import use_varlen_sdpa
+
+    for m in models:  # sdpa cut per example: each side of the batch in one row
+        if m is not None:
+            use_varlen_sdpa(m)
+    collator, note = padding_free_pairs_for_training(data, models[0], tokenizer, cfg.data.padding_free,
+                                                     cfg.train.per_device_train_batch_size, **kwargs)
+    notes.append(note)
+    return collator
+
+
 def fused_loss_head(cfg: LatheConfig, model: Any) -> tuple[Any, str | None]:
     """(the output layer the fused loss reads, or None; a line for the summary). `fused_loss`
     unset: fused where the probe reproduces the model's own loss; true: that, or one line."""

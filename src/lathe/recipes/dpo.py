@@ -18,14 +18,12 @@ from typing import Any
 from lathe.config.schema import LatheConfig
 from lathe.data.collators import PairCollator
 from lathe.data.inspect import mark_trained
-from lathe.data.packing import padding_free_pairs_for_training
-from lathe.model.varlen import use_varlen_sdpa
 from lathe.recipes.common import (
     RunResult,
     fused_loss_head,
     install_callbacks,
     open_stage,
-    padding_free_wanted,
+    padding_free_pairs,
     print_summary,
     start_run,
 )
@@ -52,15 +50,8 @@ def build(cfg: LatheConfig) -> Setup:
     use_reference = cfg.align.pref_loss not in REFERENCE_FREE
     model, ref_model = load_policy_and_reference(cfg, o.model_path, tokenizer, use_reference)
     notes.append(_reference_note(cfg, use_reference, ref_model))
-    collator = PairCollator(tokenizer.pad_token_id)
-    if padding_free_wanted(cfg):
-        for m in (model, ref_model):  # sdpa cut per example: each side of the batch in one row
-            if m is not None:
-                use_varlen_sdpa(m)
-        free, note = padding_free_pairs_for_training(data, model, tokenizer, cfg.data.padding_free,
-                                                     cfg.train.per_device_train_batch_size)
-        collator = free or collator
-        notes.append(note)
+    collator = padding_free_pairs(cfg, data, (model, ref_model), tokenizer, notes) \
+        or PairCollator(tokenizer.pad_token_id)  # padding-free: each side of the batch in one row
     head, note = fused_loss_head(cfg, model)
     if note:
         notes.append(note.replace("cross-entropy", "log-probs"))

@@ -19,15 +19,14 @@ from typing import Any
 from lathe.config.schema import LatheConfig
 from lathe.data.collators import KTOCollator
 from lathe.data.inspect import mark_trained
-from lathe.data.packing import PaddingFreeKTOCollator, padding_free_pairs_for_training
-from lathe.model.varlen import use_varlen_sdpa
+from lathe.data.packing import PaddingFreeKTOCollator
 from lathe.quiet import datasets_bars_off
 from lathe.recipes.common import (
     RunResult,
     fused_loss_head,
     install_callbacks,
     open_stage,
-    padding_free_wanted,
+    padding_free_pairs,
     print_summary,
     start_run,
 )
@@ -57,16 +56,8 @@ def build(cfg: LatheConfig) -> Setup:
     a = cfg.align
     notes.append(f"beta {a.pref_beta}, weights desirable {a.kto_chosen_weight} / "
                  f"undesirable {a.kto_rejected_weight}")
-    collator = KTOCollator(tokenizer.pad_token_id)
-    if padding_free_wanted(cfg):
-        for m in (model, ref_model):  # sdpa cut per example: the rows in one row, the KL rows in another
-            if m is not None:
-                use_varlen_sdpa(m)
-        free, note = padding_free_pairs_for_training(data, model, tokenizer, cfg.data.padding_free,
-                                                     cfg.train.per_device_train_batch_size,
-                                                     kind=PaddingFreeKTOCollator)
-        collator = free or collator
-        notes.append(note)
+    collator = padding_free_pairs(cfg, data, (model, ref_model), tokenizer, notes, kind=PaddingFreeKTOCollator) \
+        or KTOCollator(tokenizer.pad_token_id)  # padding-free: the rows in one row, the KL rows in another
     head, note = fused_loss_head(cfg, model)
     if note:
         notes.append(note.replace("cross-entropy", "log-probs"))

@@ -18,7 +18,6 @@ from typing import Any
 from lathe.config.schema import LatheConfig
 from lathe.data.collators import PairwiseCollator
 from lathe.data.inspect import mark_trained
-from lathe.data.packing import padding_free_pairs_for_training
 from lathe.errors import ConfigError
 from lathe.model.adapters import apply_finetuning
 from lathe.model.load import pick_dtype, quantization_kwargs
@@ -29,14 +28,13 @@ from lathe.model.reward import (
     score_head,
     write_marker,
 )
-from lathe.model.varlen import use_varlen_sdpa
 from lathe.recipes.common import (
     RunResult,
     finish_run,
     install_callbacks,
     log,
     open_stage,
-    padding_free_wanted,
+    padding_free_pairs,
     print_summary,
     ready_for_training,
     run_eval,
@@ -57,12 +55,7 @@ def run(cfg: LatheConfig) -> RunResult:
     model, merged = build_model(cfg, o.model_path, tokenizer)
     if merged:
         notes.append(f"merged into the backbone before training: {', '.join(merged)}")
-    collator = None
-    if padding_free_wanted(cfg):
-        use_varlen_sdpa(model)  # sdpa cut per example: each side of the batch in one row
-        collator, note = padding_free_pairs_for_training(data, model, tokenizer, cfg.data.padding_free,
-                                                         cfg.train.per_device_train_batch_size, labels=False)
-        notes.append(note)
+    collator = padding_free_pairs(cfg, data, (model,), tokenizer, notes, labels=False)
 
     start_run(cfg, o)
     print_summary(cfg, model, o.model_path, data, _show_pair(example, tokenizer), notes,
